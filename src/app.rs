@@ -1,0 +1,251 @@
+//! Application assembly: `AppState`, `build_router`, and `App` (bind, serve, drain).
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::api;
+use crate::auth::{require_api_key, ApiKeys};
+use crate::cache::{memory::MemoryCache, redis::RedisCache, Cache};
+use crate::chat::service::{ChatConfig, ChatService, Providers};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::providers::{gemini::Gemini, http_client, ollama::Ollama, RetryPolicy};
+use crate::ratelimit::layer::enforce_rate_limit;
+use crate::ratelimit::{
+    memory::MemoryLimiter, redis::RedisLimiter, BucketPolicy, LimiterBackend, RateLimiter,
+};
+use crate::redis_conn::RedisConn;
+use crate::settings::Settings;
+use crate::telemetry;
+
+/// Everything a handler needs; cheap to clone (all `Arc`s or handles).
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated settings.
+    pub settings: Arc<Settings>,
+    /// Configured client keys.
+    pub api_keys: Arc<ApiKeys>,
+    /// Bucket policy of keys without a tier.
+    pub default_policy: Arc<BucketPolicy>,
+    /// The limiter with its failure policy.
+    pub limiter: Arc<RateLimiter>,
+    /// The chat use case.
+    pub chat: Arc<ChatService>,
+    /// Metrics registry and handles.
+    pub metrics: Metrics,
+}
+
+/// Cached bodies the in-process cache holds at most.
+const MEMORY_CACHE_ENTRIES: usize = 10_000;
+
+/// An error while assembling the app; its `Display` is one line for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The Redis URL could not be turned into a client.
+    #[error("REDIS_URL: {0}")]
+    Redis(String),
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Http(String),
+    /// The listener could not bind.
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        error: std::io::Error,
+    },
+}
+
+impl AppState {
+    /// Builds every collaborator from settings. Does not contact Redis: connections are
+    /// lazy, so the gateway starts (and limits under its failure policy) while Redis is down.
+    pub fn new(settings: Settings) -> Result<AppState, StartupError> {
+        let metrics = Metrics::new();
+        let store = settings
+            .store_url()
+            .map_err(|e| StartupError::Redis(e.to_string()))?;
+        let conn = RedisConn::open(&store, settings.limiter_timeout())
+            .map_err(|e| StartupError::Redis(e.to_string()))?;
+        let (backend, cache): (Arc<dyn LimiterBackend>, Arc<dyn Cache>) = match &conn {
+            Some(conn) => (
+                Arc::new(RedisLimiter::new(conn.clone(), metrics.clone())),
+                Arc::new(RedisCache::new(conn.clone())),
+            ),
+            None => (
+                Arc::new(MemoryLimiter::new()),
+                Arc::new(MemoryCache::new(MEMORY_CACHE_ENTRIES)),
+            ),
+        };
+        let limiter = RateLimiter::new(
+            backend,
+            conn.is_some(),
+            settings.rate_limiter_failure_mode,
+            settings.limiter_timeout(),
+            metrics.clone(),
+        );
+
+        let client = http_client(Duration::from_secs(10).min(settings.provider_timeout()))
+            .map_err(|e| StartupError::Http(e.to_string()))?;
+        let providers = Providers {
+            gemini: Arc::new(Gemini::new(
+                client.clone(),
+                &settings.gemini_base_url,
+                settings.gemini_api_key.clone(),
+            )),
+            ollama: Arc::new(Ollama::new(client, &settings.ollama_base_url)),
+        };
+        let chat = ChatService::new(
+            cache,
+            providers,
+            ChatConfig {
+                cache_ttl: Duration::from_secs(settings.cache_ttl_seconds),
+                retry: RetryPolicy {
+                    attempt_timeout: settings.provider_timeout(),
+                    max_retries: settings.provider_max_retries,
+                    base_delay: Duration::from_millis(settings.provider_retry_base_ms),
+                    max_delay: Duration::from_millis(settings.provider_retry_max_ms),
+                },
+                gemini_model: settings.gemini_model.clone(),
+                ollama_model: settings.ollama_model.clone(),
+            },
+            metrics.clone(),
+        );
+        Ok(AppState {
+            api_keys: Arc::new(ApiKeys::new(&settings.api_key_list())),
+            default_policy: Arc::new(BucketPolicy {
+                tier: "default".into(),
+                capacity: settings.rate_limiter_capacity,
+                refill_rate: settings.rate_limiter_refill_rate,
+            }),
+            limiter: Arc::new(limiter),
+            chat: Arc::new(chat),
+            metrics,
+            settings: Arc::new(settings),
+        })
+    }
+}
+
+/// The router. Layer order matters and is the order of checks in CONTRACT §2:
+/// observe (request id, log, metrics) -> [chat only] auth (401) -> limiter (429) ->
+/// handler, which reads the body (413) and validates it (422).
+pub fn build_router(state: AppState) -> Router {
+    // `route_layer` on the method router: a wrong method is a plain 405, as in FastAPI,
+    // without authentication or a limiter call.
+    let chat = post(api::chat::chat)
+        .route_layer(from_fn_with_state(state.clone(), enforce_rate_limit))
+        .route_layer(from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .route("/api/v1/chat", chat.clone())
+        .route("/v1/chat", chat)
+        .route("/api/v1/health", get(api::health::health))
+        .route("/health", get(api::health::health))
+        .route("/api/v1/ready", get(api::health::ready))
+        .route("/ready", get(api::health::ready))
+        .route("/api/v1/metrics", get(api::metrics::metrics))
+        .route("/metrics", get(api::metrics::metrics))
+        .route("/openapi.json", get(api::openapi::openapi))
+        .fallback(|| async { ApiError::NotFound.into_response() })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
+        .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(from_fn_with_state(state.clone(), telemetry::observe))
+        .with_state(state)
+}
+
+/// A bound, ready-to-serve gateway.
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl App {
+    /// Builds the state and binds `HOST:PORT` (port 0 picks a free port; see
+    /// [`App::local_addr`]).
+    pub async fn build(settings: Settings) -> Result<App, StartupError> {
+        let addr = format!("{}:{}", settings.host, settings.port);
+        let state = AppState::new(settings)?;
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|error| StartupError::Bind { addr, error })?;
+        Ok(App { listener, state })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The shared state (tests read metrics through it).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets requests in flight
+    /// finish for at most `SHUTDOWN_GRACE_SECONDS`, and returns.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let grace = self.state.settings.shutdown_grace();
+        let router = build_router(self.state);
+        let signalled = Arc::new(Notify::new());
+        let notify = signalled.clone();
+        let server = axum::serve(
+            self.listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            notify.notify_one();
+        })
+        .into_future();
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            result = &mut server => return result,
+            () = signalled.notified() => {}
+        }
+        tracing::info!(
+            grace_seconds = grace.as_secs_f64(),
+            "shutting down: draining requests in flight"
+        );
+        match tokio::time::timeout(grace, server).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!("drain took longer than the grace period; exiting anyway");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn stop_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

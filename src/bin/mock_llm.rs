@@ -1,0 +1,375 @@
+//! `mock-llm`: an upstream simulator speaking the Ollama, Gemini and OpenAI wire formats.
+//!
+//! Answers echo the last user message. Faults can be injected for every request with
+//! flags, or per request with headers (when calling the mock directly):
+//!
+//! ```text
+//! mock-llm --port 11434 [--host 127.0.0.1] [--latency-ms N] [--fail-status CODE]
+//!          [--fail-rate 0..1] [--hang-rate 0..1]
+//! headers: x-mock-latency-ms: N   x-mock-status: CODE   x-mock-hang: 1
+//! ```
+//! `--fail-status` alone fails every request; with `--fail-rate` only that fraction
+//! (default status 500). A hang never answers; the client's timeout must end it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Default)]
+struct Faults {
+    latency: Duration,
+    fail_status: Option<u16>,
+    fail_rate: f64,
+    hang_rate: f64,
+}
+
+#[derive(Debug)]
+struct Options {
+    host: String,
+    port: u16,
+    faults: Faults,
+}
+
+const USAGE: &str = "usage: mock-llm [--host ADDR] [--port N] [--latency-ms N] [--fail-status CODE] [--fail-rate 0..1] [--hang-rate 0..1]";
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
+    let mut options = Options {
+        host: "127.0.0.1".into(),
+        port: 11434,
+        faults: Faults::default(),
+    };
+    let mut args = args.peekable();
+    while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            return Err(USAGE.into());
+        }
+        let value = args
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let bad = |what: &str| format!("{flag}: '{value}' is not {what}\n{USAGE}");
+        match flag.as_str() {
+            "--host" => options.host = value.clone(),
+            "--port" => options.port = value.parse().map_err(|_| bad("a port"))?,
+            "--latency-ms" => {
+                options.faults.latency =
+                    Duration::from_millis(value.parse().map_err(|_| bad("milliseconds"))?)
+            }
+            "--fail-status" => {
+                let status: u16 = value.parse().map_err(|_| bad("an HTTP status"))?;
+                if StatusCode::from_u16(status).is_err() {
+                    return Err(bad("an HTTP status"));
+                }
+                options.faults.fail_status = Some(status);
+            }
+            "--fail-rate" => {
+                options.faults.fail_rate =
+                    parse_rate(&value).ok_or_else(|| bad("a rate in 0..1"))?
+            }
+            "--hang-rate" => {
+                options.faults.hang_rate =
+                    parse_rate(&value).ok_or_else(|| bad("a rate in 0..1"))?
+            }
+            _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
+        }
+    }
+    if options.faults.fail_status.is_some() && options.faults.fail_rate == 0.0 {
+        options.faults.fail_rate = 1.0;
+    }
+    Ok(options)
+}
+
+fn parse_rate(value: &str) -> Option<f64> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|r| (0.0..=1.0).contains(r))
+}
+
+/// The text to echo and a rough token count of the whole conversation.
+fn echo(messages: &[(String, String)]) -> (String, u64) {
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|(role, _)| role == "user")
+        .or(messages.last())
+        .map(|(_, text)| text.as_str())
+        .unwrap_or("");
+    let prompt_tokens = messages
+        .iter()
+        .map(|(_, t)| t.split_whitespace().count() as u64)
+        .sum();
+    (format!("Echo: {last_user}"), prompt_tokens)
+}
+
+fn words(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Applies latency, hangs and failures; `Some(response)` ends the request early.
+async fn inject_faults(faults: &Faults, headers: &HeaderMap) -> Option<Response> {
+    let latency = header_number(headers, "x-mock-latency-ms")
+        .map(Duration::from_millis)
+        .unwrap_or(faults.latency);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let hang = headers.contains_key("x-mock-hang")
+        || (faults.hang_rate > 0.0 && rand::random::<f64>() < faults.hang_rate);
+    if hang {
+        std::future::pending::<()>().await;
+    }
+    let status = header_number(headers, "x-mock-status")
+        .and_then(|s| u16::try_from(s).ok())
+        .or_else(|| {
+            (faults.fail_rate > 0.0 && rand::random::<f64>() < faults.fail_rate)
+                .then(|| faults.fail_status.unwrap_or(500))
+        });
+    let status = status.and_then(|s| StatusCode::from_u16(s).ok())?;
+    if status.is_success() {
+        return None;
+    }
+    Some((status, Json(json!({ "error": { "code": status.as_u16(), "message": "mock-llm injected failure" } }))).into_response())
+}
+
+fn pairs(
+    messages: Option<&Value>,
+    role_key: &str,
+    text: impl Fn(&Value) -> String,
+) -> Vec<(String, String)> {
+    messages
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .map(|m| {
+                    (
+                        m.get(role_key)
+                            .and_then(Value::as_str)
+                            .unwrap_or("user")
+                            .to_owned(),
+                        text(m),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn bad_request(why: &str) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": why }))).into_response()
+}
+
+async fn ollama_chat(
+    State(faults): State<Arc<Faults>>,
+    headers: HeaderMap,
+    body: Json<Value>,
+) -> Response {
+    if let Some(r) = inject_faults(&faults, &headers).await {
+        return r;
+    }
+    let Some(model) = body.get("model").and_then(Value::as_str) else {
+        return bad_request("model is required");
+    };
+    let messages = pairs(body.get("messages"), "role", |m| {
+        m.get("content")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    });
+    let (content, prompt_tokens) = echo(&messages);
+    Json(json!({
+        "model": model,
+        "created_at": format!("{}", now_secs()),
+        "message": { "role": "assistant", "content": content },
+        "done": true,
+        "done_reason": "stop",
+        "total_duration": 1000,
+        "prompt_eval_count": prompt_tokens,
+        "eval_count": words(&content),
+    }))
+    .into_response()
+}
+
+async fn gemini_generate(
+    State(faults): State<Arc<Faults>>,
+    Path(model_action): Path<String>,
+    headers: HeaderMap,
+    body: Json<Value>,
+) -> Response {
+    if let Some(r) = inject_faults(&faults, &headers).await {
+        return r;
+    }
+    let Some(model) = model_action.strip_suffix(":generateContent") else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "unknown action" })),
+        )
+            .into_response();
+    };
+    if !headers.contains_key("x-goog-api-key") {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": { "code": 403, "message": "API key missing" } })),
+        )
+            .into_response();
+    }
+    let messages = pairs(body.get("contents"), "role", |m| {
+        m.get("parts")
+            .and_then(Value::as_array)
+            .map(|parts| {
+                parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<String>()
+            })
+            .unwrap_or_default()
+    });
+    let (content, prompt_tokens) = echo(&messages);
+    let completion_tokens = words(&content);
+    Json(json!({
+        "candidates": [{
+            "content": { "role": "model", "parts": [{ "text": content }] },
+            "finishReason": "STOP",
+            "index": 0,
+        }],
+        "usageMetadata": {
+            "promptTokenCount": prompt_tokens,
+            "candidatesTokenCount": completion_tokens,
+            "totalTokenCount": prompt_tokens + completion_tokens,
+        },
+        "modelVersion": model,
+    }))
+    .into_response()
+}
+
+async fn openai_chat(
+    State(faults): State<Arc<Faults>>,
+    headers: HeaderMap,
+    body: Json<Value>,
+) -> Response {
+    if let Some(r) = inject_faults(&faults, &headers).await {
+        return r;
+    }
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("gpt-mock")
+        .to_owned();
+    let messages = pairs(body.get("messages"), "role", |m| {
+        m.get("content")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    });
+    let (content, prompt_tokens) = echo(&messages);
+    let completion_tokens = words(&content);
+    Json(json!({
+        "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        "object": "chat.completion",
+        "created": now_secs(),
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": content },
+            "finish_reason": "stop",
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }))
+    .into_response()
+}
+
+fn router(faults: Faults) -> Router {
+    Router::new()
+        .route("/api/chat", post(ollama_chat))
+        .route("/v1beta/models/{model_action}", post(gemini_generate))
+        .route("/v1/chat/completions", post(openai_chat))
+        .with_state(Arc::new(faults))
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let options = match parse_args(std::env::args().skip(1)) {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("mock-llm: {message}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let addr = format!("{}:{}", options.host, options.port);
+    let listener = match tokio::net::TcpListener::bind(&addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("mock-llm: cannot listen on {addr}: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let bound: Option<SocketAddr> = listener.local_addr().ok();
+    // Tests and scripts read this line to learn the port when started with --port 0.
+    println!(
+        "mock-llm listening on {}",
+        bound.map(|a| a.to_string()).unwrap_or(addr)
+    );
+    let server = axum::serve(listener, router(options.faults)).with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    match server.await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("mock-llm: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_and_bad_values_are_refused() {
+        let o = parse_args(
+            ["--port", "0", "--fail-status", "503"]
+                .iter()
+                .map(|s| s.to_string()),
+        )
+        .unwrap();
+        assert_eq!(o.port, 0);
+        assert_eq!(o.faults.fail_status, Some(503));
+        assert_eq!(o.faults.fail_rate, 1.0);
+        assert!(parse_args(["--fail-rate", "2"].iter().map(|s| s.to_string())).is_err());
+        assert!(parse_args(["--bogus", "1"].iter().map(|s| s.to_string())).is_err());
+    }
+
+    #[test]
+    fn echo_repeats_the_last_user_message() {
+        let (text, tokens) = echo(&[
+            ("user".into(), "first one".into()),
+            ("assistant".into(), "x".into()),
+            ("user".into(), "second".into()),
+        ]);
+        assert_eq!(text, "Echo: second");
+        assert_eq!(tokens, 4);
+    }
+}

@@ -1,0 +1,4 @@
+//! The chat use case: cache lookup, routing, the provider call, and the cache store.
+
+pub mod routing;
+pub mod service;

@@ -1,0 +1,226 @@
+//! `ChatService`: answers a validated request from the cache or from the routed provider,
+//! with one provider call for concurrent identical misses.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::OnceCell;
+
+use super::routing::{route, ProviderKind};
+use crate::api::schemas::{ChatRequest, ChatResponse};
+use crate::cache::{cache_key, Cache};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::providers::{complete_with_retries, Provider, RetryPolicy};
+
+/// Whether an answer came from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Served from the cache.
+    Hit,
+    /// Asked a provider (or shared a concurrent identical call).
+    Miss,
+}
+
+impl CacheStatus {
+    /// `HIT` or `MISS`, as in the `X-Cache` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+        }
+    }
+}
+
+/// A chat answer: the JSON body, ready to send, and how it was produced.
+#[derive(Debug, Clone)]
+pub struct ChatOutcome {
+    /// The serialised `ChatResponse`.
+    pub body: Bytes,
+    /// Hit or miss.
+    pub cache: CacheStatus,
+    /// The provider the request was routed to.
+    pub provider: ProviderKind,
+}
+
+/// The providers, one per kind.
+pub struct Providers {
+    /// Gemini.
+    pub gemini: Arc<dyn Provider>,
+    /// Ollama.
+    pub ollama: Arc<dyn Provider>,
+}
+
+impl Providers {
+    fn get(&self, kind: ProviderKind) -> &dyn Provider {
+        match kind {
+            ProviderKind::Gemini => self.gemini.as_ref(),
+            ProviderKind::Ollama => self.ollama.as_ref(),
+        }
+    }
+}
+
+type Shared = Arc<OnceCell<Result<Bytes, ApiError>>>;
+
+/// Answers chat requests.
+pub struct ChatService {
+    cache: Option<Arc<dyn Cache>>,
+    cache_ttl: Duration,
+    providers: Providers,
+    retry: RetryPolicy,
+    gemini_model: String,
+    ollama_model: String,
+    metrics: Metrics,
+    /// Provider calls under way, by cache key, so identical misses share one call.
+    in_flight: Arc<Mutex<HashMap<String, Shared>>>,
+}
+
+/// Settings of the chat service that are not its collaborators.
+pub struct ChatConfig {
+    /// Cache TTL; zero disables the cache.
+    pub cache_ttl: Duration,
+    /// Retry policy for provider calls.
+    pub retry: RetryPolicy,
+    /// Gemini model for routing words.
+    pub gemini_model: String,
+    /// Ollama model when the request names none.
+    pub ollama_model: String,
+}
+
+impl ChatService {
+    /// A service over `cache` (ignored when the TTL is zero) and `providers`.
+    pub fn new(
+        cache: Arc<dyn Cache>,
+        providers: Providers,
+        config: ChatConfig,
+        metrics: Metrics,
+    ) -> ChatService {
+        ChatService {
+            cache: (!config.cache_ttl.is_zero()).then_some(cache),
+            cache_ttl: config.cache_ttl,
+            providers,
+            retry: config.retry,
+            gemini_model: config.gemini_model,
+            ollama_model: config.ollama_model,
+            metrics,
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Answers `request`.
+    pub async fn chat(&self, request: ChatRequest) -> Result<ChatOutcome, ApiError> {
+        let routed = route(&request, &self.gemini_model, &self.ollama_model);
+        let provider = routed.provider;
+        let Some(cache) = &self.cache else {
+            let body = self.ask_provider(&request, provider, &routed.model).await?;
+            return Ok(ChatOutcome {
+                body,
+                cache: CacheStatus::Miss,
+                provider,
+            });
+        };
+
+        let key = cache_key(&request);
+        match cache.get(&key).await {
+            Ok(Some(body)) => {
+                self.metrics.cache_hits.inc();
+                return Ok(ChatOutcome {
+                    body,
+                    cache: CacheStatus::Hit,
+                    provider,
+                });
+            }
+            Ok(None) => {}
+            Err(error) => {
+                self.metrics.cache_errors.inc();
+                tracing::warn!(%error, "cache read failed; treating as a miss");
+            }
+        }
+        self.metrics.cache_misses.inc();
+
+        let shared: Shared = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            in_flight.entry(key.clone()).or_default().clone()
+        };
+        // If the caller running the call goes away (client disconnect), OnceCell hands
+        // the call to the next waiter, so followers never hang on an abandoned call.
+        let result = shared
+            .get_or_init(|| async {
+                let result = self.ask_provider(&request, provider, &routed.model).await;
+                self.finish_call(cache.clone(), &key, &shared, &result);
+                result
+            })
+            .await
+            .clone();
+        result.map(|body| ChatOutcome {
+            body,
+            cache: CacheStatus::Miss,
+            provider,
+        })
+    }
+
+    /// Stores a success in the background (the response never waits for Redis) and ends
+    /// the shared call once the entry is readable, so later requests hit the cache.
+    fn finish_call(
+        &self,
+        cache: Arc<dyn Cache>,
+        key: &str,
+        shared: &Shared,
+        result: &Result<Bytes, ApiError>,
+    ) {
+        let in_flight = self.in_flight.clone();
+        let shared = shared.clone();
+        let key = key.to_owned();
+        let forget = move |in_flight: &Mutex<HashMap<String, Shared>>, key: &str| {
+            let mut map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            if map.get(key).is_some_and(|s| Arc::ptr_eq(s, &shared)) {
+                map.remove(key);
+            }
+        };
+        match result {
+            Ok(body) => {
+                let body = body.clone();
+                let ttl = self.cache_ttl;
+                let metrics = self.metrics.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = cache.set(&key, body, ttl).await {
+                        metrics.cache_errors.inc();
+                        tracing::warn!(%error, "cache write failed");
+                    }
+                    forget(&in_flight, &key);
+                });
+            }
+            Err(_) => forget(&in_flight, &key),
+        }
+    }
+
+    async fn ask_provider(
+        &self,
+        request: &ChatRequest,
+        kind: ProviderKind,
+        model: &str,
+    ) -> Result<Bytes, ApiError> {
+        let completion = complete_with_retries(
+            self.providers.get(kind),
+            request,
+            model,
+            &self.retry,
+            &self.metrics,
+        )
+        .await?;
+        let response = ChatResponse {
+            id: uuid::Uuid::new_v4().to_string(),
+            provider: kind.as_str().to_owned(),
+            content: completion.content,
+            usage: completion.usage,
+        };
+        serde_json::to_vec(&response).map(Bytes::from).map_err(|_| {
+            ApiError::BadGateway(format!(
+                "Provider '{}' answer could not be encoded",
+                kind.as_str()
+            ))
+        })
+    }
+}

@@ -1,0 +1,112 @@
+//! `ApiError`: every error a client can see, rendered once as FastAPI's `{"detail": ...}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+/// One field-level validation failure, in pydantic's shape.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FieldError {
+    /// Machine-readable kind, e.g. `missing`, `int_parsing`, `json_invalid`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Where the error is: `["body", "messages", 0, "content"]`.
+    pub loc: Vec<Value>,
+    /// Human-readable message. Unlike pydantic we never echo the input: it may hold
+    /// message text or keys.
+    pub msg: String,
+}
+
+/// Errors answered to clients. Each variant's doc names its status.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// 401: no `X-API-Key`, or not a configured key.
+    #[error("Invalid or missing API Key")]
+    Unauthorized,
+    /// 429: the client's bucket is empty. Limit headers are added by the limiter layer.
+    #[error("Too many requests. Please wait before trying again.")]
+    RateLimited,
+    /// 413: the body is larger than `MAX_BODY_BYTES`.
+    #[error("Request body too large: the limit is {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 400: the body could not be read (client aborted, bad chunking).
+    #[error("Could not read the request body")]
+    BadBody,
+    /// 422: the body is not JSON or fails the schema.
+    #[error("Request validation failed")]
+    Validation(Vec<FieldError>),
+    /// 502: the provider failed after its retries. The message names the provider.
+    #[error("{0}")]
+    BadGateway(String),
+    /// 504: the provider timed out. The message names the provider.
+    #[error("{0}")]
+    GatewayTimeout(String),
+    /// 503: a dependency is down (limiter failing closed) or the gateway is overloaded.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 404: no such route.
+    #[error("Not Found")]
+    NotFound,
+    /// 405: the route exists but not for this method.
+    #[error("Method Not Allowed")]
+    MethodNotAllowed,
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BadBody => StatusCode::BAD_REQUEST,
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    /// The `detail` value: a list of field errors for 422, a sentence otherwise.
+    pub fn detail(&self) -> Value {
+        match self {
+            ApiError::Validation(errors) => json!(errors),
+            other => Value::String(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = json!({ "detail": self.detail() }).to_string();
+        let mut response = (status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response.extensions_mut().insert(ErrorKind(status));
+        response
+    }
+}
+
+/// Marker left on error responses so the logging layer can tell them apart.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorKind(pub StatusCode);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn errors_render_fastapi_detail_bodies() {
+        let response = ApiError::Unauthorized.into_response();
+        assert_eq!(response.status(), 401);
+        let bytes = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(&bytes[..], br#"{"detail":"Invalid or missing API Key"}"#);
+    }
+}

@@ -1,0 +1,15 @@
+//! llm-gateway: a self-hosted LLM API gateway (auth, distributed rate limiting, response
+//! cache, provider routing, metrics). See README.md and CONTRACT.md.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod cache;
+pub mod chat;
+pub mod error;
+pub mod metrics;
+pub mod providers;
+pub mod ratelimit;
+pub mod redis_conn;
+pub mod settings;
+pub mod telemetry;

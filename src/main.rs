@@ -1,0 +1,50 @@
+//! The `llm-gateway` binary: load settings, install logging, serve until stopped.
+
+use std::process::ExitCode;
+
+use llm_gateway::app::{stop_signal, App};
+use llm_gateway::settings::{Settings, SHIPPED_DEFAULT_API_KEY};
+use llm_gateway::telemetry;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let settings = match Settings::load() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("llm-gateway: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&settings);
+    if settings
+        .api_key_list()
+        .iter()
+        .any(|k| k == SHIPPED_DEFAULT_API_KEY)
+    {
+        tracing::warn!("API_KEYS contains the shipped default key; set your own keys before exposing the gateway");
+    }
+    if settings.api_key_list().is_empty() {
+        tracing::warn!("API_KEYS is empty: every chat request will be refused with 401");
+    }
+    let app = match App::build(settings).await {
+        Ok(app) => app,
+        Err(error) => {
+            eprintln!("llm-gateway: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match app.local_addr() {
+        Ok(addr) => tracing::info!(%addr, "llm-gateway listening"),
+        Err(error) => tracing::warn!(%error, "listening on an unknown address"),
+    }
+    match app.run_until(stop_signal()).await {
+        Ok(()) => {
+            tracing::info!("llm-gateway stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(%error, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The one Prometheus registry and every metric handle. Labels come from closed sets only.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Provider label values: the closed set of providers plus `none` (answered before one).
+pub const PROVIDER_LABELS: [&str; 3] = ["gemini", "ollama", "none"];
+
+/// Every metric the gateway exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Requests admitted by the limiter (orig).
+    pub rate_limit_allowed: IntCounter,
+    /// Requests refused by the limiter (orig).
+    pub rate_limit_blocked: IntCounter,
+    /// Cache hits (orig).
+    pub cache_hits: IntCounter,
+    /// Cache misses (orig).
+    pub cache_misses: IntCounter,
+    /// Cache reads or writes that failed and were treated as misses.
+    pub cache_errors: IntCounter,
+    /// Provider attempts by provider (orig).
+    pub provider_calls: IntCounterVec,
+    /// Provider attempts that failed, by provider (orig).
+    pub provider_failures: IntCounterVec,
+    /// Chat requests by status class.
+    pub chat_requests: IntCounterVec,
+    /// Requests being served right now.
+    pub active_requests: IntGauge,
+    /// End-to-end latency of chat requests, by provider.
+    pub request_latency: HistogramVec,
+    /// Latency of one provider attempt, by provider.
+    pub provider_latency: HistogramVec,
+    /// Limiter calls to Redis that failed, by kind (`error`, `timeout`, `unavailable`).
+    pub limiter_redis_errors: IntCounterVec,
+    /// Times the limiter script was loaded again after NOSCRIPT.
+    pub limiter_script_reloads: IntCounter,
+    /// Decisions made by the failure policy instead of Redis, by mode.
+    pub limiter_fallback_decisions: IntCounterVec,
+    /// Latency of one limiter decision, including any fallback.
+    pub limiter_call_latency: Histogram,
+    /// 1 while the limiter's Redis is considered down, by state.
+    pub limiter_backend_state: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic_metric(name, e));
+    register(registry, name, Box::new(c.clone()));
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c =
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic_metric(name, e));
+    register(registry, name, Box::new(c.clone()));
+    c
+}
+
+fn histogram_vec(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        &["provider"],
+    )
+    .unwrap_or_else(|e| panic_metric(name, e));
+    register(registry, name, Box::new(h.clone()));
+    h
+}
+
+fn register(registry: &Registry, name: &str, collector: Box<dyn prometheus::core::Collector>) {
+    registry
+        .register(collector)
+        .unwrap_or_else(|e| panic_metric(name, e));
+}
+
+/// Metric definitions are static; a failure here is a programming error caught by tests.
+#[allow(clippy::panic)]
+fn panic_metric(name: &str, e: prometheus::Error) -> ! {
+    panic!("metric {name} is malformed: {e}")
+}
+
+const REQUEST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+const LIMITER_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+impl Metrics {
+    /// Creates the registry and every metric, with label series pre-created so dashboards
+    /// show zeros rather than gaps.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let r = &registry;
+        let metrics = Metrics {
+            rate_limit_allowed: counter(
+                r,
+                "rate_limit_allowed_total",
+                "Total number of requests allowed by rate limiter",
+            ),
+            rate_limit_blocked: counter(
+                r,
+                "rate_limit_blocked_total",
+                "Total number of requests blocked by rate limiter",
+            ),
+            cache_hits: counter(r, "cache_hits_total", "Total number of cache hits"),
+            cache_misses: counter(r, "cache_misses_total", "Total number of cache misses"),
+            cache_errors: counter(
+                r,
+                "cache_errors_total",
+                "Cache reads and writes that failed and were treated as misses",
+            ),
+            provider_calls: counter_vec(
+                r,
+                "provider_calls_total",
+                "Total number of calls to LLM providers",
+                &["provider"],
+            ),
+            provider_failures: counter_vec(
+                r,
+                "provider_failures_total",
+                "Total number of failed calls to LLM providers",
+                &["provider"],
+            ),
+            chat_requests: counter_vec(
+                r,
+                "chat_requests_total",
+                "Total number of chat requests, by status class",
+                &["status"],
+            ),
+            active_requests: {
+                let g = IntGauge::new("active_requests", "Number of requests being served")
+                    .unwrap_or_else(|e| panic_metric("active_requests", e));
+                register(r, "active_requests", Box::new(g.clone()));
+                g
+            },
+            request_latency: histogram_vec(
+                r,
+                "request_latency_seconds",
+                "End-to-end latency of chat requests in seconds, by provider",
+                REQUEST_BUCKETS,
+            ),
+            provider_latency: histogram_vec(
+                r,
+                "provider_latency_seconds",
+                "Latency of one provider attempt in seconds, by provider",
+                REQUEST_BUCKETS,
+            ),
+            limiter_redis_errors: counter_vec(
+                r,
+                "rate_limiter_redis_errors_total",
+                "Limiter calls to Redis that failed, by kind",
+                &["kind"],
+            ),
+            limiter_script_reloads: counter(
+                r,
+                "rate_limiter_script_reloads_total",
+                "Times the limiter script was loaded again after NOSCRIPT",
+            ),
+            limiter_fallback_decisions: counter_vec(
+                r,
+                "rate_limiter_fallback_decisions_total",
+                "Limiter decisions made by the failure policy instead of Redis, by mode",
+                &["mode"],
+            ),
+            limiter_call_latency: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "rate_limiter_call_duration_seconds",
+                        "Latency of one rate limiter decision in seconds",
+                    )
+                    .buckets(LIMITER_BUCKETS.to_vec()),
+                )
+                .unwrap_or_else(|e| panic_metric("rate_limiter_call_duration_seconds", e));
+                register(r, "rate_limiter_call_duration_seconds", Box::new(h.clone()));
+                h
+            },
+            limiter_backend_state: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "rate_limiter_backend_up",
+                        "1 when the limiter's last Redis call succeeded, 0 while it fails",
+                    ),
+                    &["backend"],
+                )
+                .unwrap_or_else(|e| panic_metric("rate_limiter_backend_up", e));
+                register(r, "rate_limiter_backend_up", Box::new(g.clone()));
+                g
+            },
+            registry,
+        };
+        for provider in ["gemini", "ollama"] {
+            metrics.provider_calls.with_label_values(&[provider]);
+            metrics.provider_failures.with_label_values(&[provider]);
+            metrics.provider_latency.with_label_values(&[provider]);
+        }
+        for provider in PROVIDER_LABELS {
+            metrics.request_latency.with_label_values(&[provider]);
+        }
+        for class in STATUS_CLASSES {
+            metrics.chat_requests.with_label_values(&[class]);
+        }
+        for kind in ["error", "timeout", "unavailable"] {
+            metrics.limiter_redis_errors.with_label_values(&[kind]);
+        }
+        for mode in ["local", "open", "closed"] {
+            metrics
+                .limiter_fallback_decisions
+                .with_label_values(&[mode]);
+        }
+        metrics
+    }
+
+    /// The registry in Prometheus text format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Status class label values.
+pub const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+
+/// The closed-set label for an HTTP status.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        0..=399 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_metric_names_and_help_texts_are_exported() {
+        let m = Metrics::new();
+        m.rate_limit_allowed.inc();
+        let text = m.render();
+        assert!(text.contains(
+            "# HELP rate_limit_allowed_total Total number of requests allowed by rate limiter"
+        ));
+        assert!(text.contains(
+            "# HELP rate_limit_blocked_total Total number of requests blocked by rate limiter"
+        ));
+        assert!(text.contains("rate_limit_allowed_total 1"));
+        for name in [
+            "cache_hits_total",
+            "cache_misses_total",
+            "provider_calls_total{provider=\"gemini\"}",
+            "provider_failures_total{provider=\"ollama\"}",
+            "chat_requests_total",
+            "active_requests",
+            "request_latency_seconds_bucket",
+            "provider_latency_seconds_bucket",
+            "rate_limiter_call_duration_seconds_bucket",
+        ] {
+            assert!(text.contains(name), "{name} missing");
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Gemini: `POST {base}/v1beta/models/{model}:generateContent` with `x-goog-api-key`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{Completion, Provider, ProviderError};
+use crate::api::schemas::{ChatRequest, Usage};
+
+/// The Gemini API.
+pub struct Gemini {
+    client: reqwest::Client,
+    base_url: String,
+    api_key: SecretString,
+}
+
+impl Gemini {
+    /// Gemini at `base_url` with `api_key`.
+    pub fn new(client: reqwest::Client, base_url: &str, api_key: SecretString) -> Gemini {
+        Gemini {
+            client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+        }
+    }
+}
+
+/// Gemini's body for a chat: assistant turns become role `model`, system turns become
+/// `systemInstruction`, everything else is a `user` turn.
+pub fn request_body(request: &ChatRequest) -> Value {
+    let mut system = Vec::new();
+    let mut contents = Vec::new();
+    for message in &request.messages {
+        match message.role.as_str() {
+            "system" => system.push(json!({ "text": message.content })),
+            role => contents.push(json!({
+                "role": if role == "assistant" || role == "model" { "model" } else { "user" },
+                "parts": [{ "text": message.content }],
+            })),
+        }
+    }
+    let mut body = json!({
+        "contents": contents,
+        "generationConfig": {
+            "temperature": request.temperature,
+            "maxOutputTokens": request.max_tokens,
+        },
+    });
+    if !system.is_empty() {
+        body["systemInstruction"] = json!({ "parts": system });
+    }
+    body
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiReply {
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+    #[serde(default)]
+    usage_metadata: UsageMetadata,
+}
+
+#[derive(Deserialize)]
+struct Candidate {
+    #[serde(default)]
+    content: Option<CandidateContent>,
+}
+
+#[derive(Deserialize)]
+struct CandidateContent {
+    #[serde(default)]
+    parts: Vec<Part>,
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct UsageMetadata {
+    #[serde(default)]
+    prompt_token_count: u64,
+    #[serde(default)]
+    candidates_token_count: u64,
+    #[serde(default)]
+    total_token_count: u64,
+}
+
+#[async_trait]
+impl Provider for Gemini {
+    fn name(&self) -> &'static str {
+        "gemini"
+    }
+
+    async fn complete(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<Completion, ProviderError> {
+        let key = self.api_key.expose_secret();
+        if key.is_empty() {
+            return Err(ProviderError::NotConfigured("GEMINI_API_KEY is empty"));
+        }
+        // Model names are path segments; reject anything that could change the path.
+        if model.is_empty()
+            || !model
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        {
+            return Err(ProviderError::Invalid(
+                "model name is not a Gemini model id".into(),
+            ));
+        }
+        let url = format!("{}/v1beta/models/{model}:generateContent", self.base_url);
+        let response = self
+            .client
+            .post(url)
+            .timeout(timeout)
+            .header("x-goog-api-key", key)
+            .json(&request_body(request))
+            .send()
+            .await
+            .map_err(|e| ProviderError::from_reqwest(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(ProviderError::Status(status.as_u16()));
+        }
+        let reply: GeminiReply = response
+            .json()
+            .await
+            .map_err(|e| ProviderError::from_reqwest(&e))?;
+        let content: String = reply
+            .candidates
+            .into_iter()
+            .next()
+            .and_then(|c| c.content)
+            .map(|c| c.parts.into_iter().filter_map(|p| p.text).collect())
+            .unwrap_or_default();
+        let usage = reply.usage_metadata;
+        let total = if usage.total_token_count > 0 {
+            usage.total_token_count
+        } else {
+            usage.prompt_token_count + usage.candidates_token_count
+        };
+        Ok(Completion {
+            content,
+            usage: Usage {
+                prompt_tokens: usage.prompt_token_count,
+                completion_tokens: usage.candidates_token_count,
+                total_tokens: total,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::schemas::Message;
+
+    #[test]
+    fn roles_map_to_gemini_turns_and_system_instruction() {
+        let request = ChatRequest {
+            messages: vec![
+                Message {
+                    role: "system".into(),
+                    content: "be brief".into(),
+                },
+                Message {
+                    role: "user".into(),
+                    content: "hi".into(),
+                },
+                Message {
+                    role: "assistant".into(),
+                    content: "hello".into(),
+                },
+            ],
+            model: None,
+            model_hint: None,
+            max_tokens: 32,
+            temperature: 0.5,
+            stream: false,
+        };
+        assert_eq!(
+            request_body(&request),
+            json!({
+                "contents": [
+                    {"role": "user", "parts": [{"text": "hi"}]},
+                    {"role": "model", "parts": [{"text": "hello"}]},
+                ],
+                "systemInstruction": {"parts": [{"text": "be brief"}]},
+                "generationConfig": {"temperature": 0.5, "maxOutputTokens": 32},
+            })
+        );
+    }
+}

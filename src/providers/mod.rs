@@ -1,0 +1,204 @@
+//! Upstream LLM providers: the `Provider` trait, their errors, and the retry policy that
+//! wraps every call (per-attempt timeout, exponential backoff with full jitter,
+//! transient errors only).
+
+pub mod gemini;
+pub mod ollama;
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::api::schemas::{ChatRequest, Usage};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// What a provider answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The generated text.
+    pub content: String,
+    /// Token counts as the provider reported them.
+    pub usage: Usage,
+}
+
+/// Why one provider attempt failed. Messages never hold keys or upstream bodies.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The attempt did not finish within the provider timeout.
+    #[error("timed out")]
+    Timeout,
+    /// No connection could be made or it broke mid-request.
+    #[error("connection failed")]
+    Connect,
+    /// The upstream answered with a non-success status.
+    #[error("upstream answered HTTP {0}")]
+    Status(u16),
+    /// The upstream's body was not what its API documents.
+    #[error("invalid upstream response: {0}")]
+    Invalid(String),
+    /// The provider lacks configuration (e.g. no API key).
+    #[error("not configured: {0}")]
+    NotConfigured(&'static str),
+}
+
+impl ProviderError {
+    /// Connection errors, timeouts, 5xx and 429 may succeed on another try.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ProviderError::Timeout | ProviderError::Connect => true,
+            ProviderError::Status(status) => *status == 429 || *status >= 500,
+            ProviderError::Invalid(_) | ProviderError::NotConfigured(_) => false,
+        }
+    }
+
+    /// Classifies a reqwest error without keeping its text (it may include the URL).
+    pub fn from_reqwest(error: &reqwest::Error) -> ProviderError {
+        if error.is_timeout() {
+            ProviderError::Timeout
+        } else if let Some(status) = error.status() {
+            ProviderError::Status(status.as_u16())
+        } else if error.is_decode() {
+            ProviderError::Invalid("body is not the expected JSON".into())
+        } else {
+            ProviderError::Connect
+        }
+    }
+}
+
+/// One upstream API.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// `gemini` or `ollama`.
+    fn name(&self) -> &'static str;
+    /// One attempt at completing `request` with `model`, bounded by `timeout`.
+    async fn complete(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<Completion, ProviderError>;
+}
+
+/// How provider calls are retried.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Timeout of one attempt.
+    pub attempt_timeout: Duration,
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// First backoff delay.
+    pub base_delay: Duration,
+    /// Largest backoff delay.
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// Full jitter: a uniform delay in [0, min(max, base * 2^retry)] spreads retries of
+    /// many clients instead of synchronising them.
+    fn backoff(&self, retry: u32) -> Duration {
+        let ceiling = self
+            .base_delay
+            .saturating_mul(2u32.saturating_pow(retry))
+            .min(self.max_delay);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+}
+
+/// Calls `provider` with retries and records the provider metrics. Maps the final
+/// failure to 504 (timed out) or 502 (anything else).
+pub async fn complete_with_retries(
+    provider: &dyn Provider,
+    request: &ChatRequest,
+    model: &str,
+    policy: &RetryPolicy,
+    metrics: &Metrics,
+) -> Result<Completion, ApiError> {
+    let name = provider.name();
+    let mut attempt = 0;
+    loop {
+        let started = Instant::now();
+        metrics.provider_calls.with_label_values(&[name]).inc();
+        // The outer timeout is a backstop: the provider also sets it on the request, but
+        // nothing (DNS, a stuck body) may make an attempt outlive it.
+        let result = tokio::time::timeout(
+            policy.attempt_timeout,
+            provider.complete(request, model, policy.attempt_timeout),
+        )
+        .await
+        .unwrap_or(Err(ProviderError::Timeout));
+        metrics
+            .provider_latency
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        let error = match result {
+            Ok(completion) => return Ok(completion),
+            Err(error) => error,
+        };
+        metrics.provider_failures.with_label_values(&[name]).inc();
+        let attempts = attempt + 1;
+        if !error.is_transient() || attempt >= policy.max_retries {
+            tracing::warn!(provider = name, attempts, %error, "provider call failed");
+            return Err(match error {
+                ProviderError::Timeout => ApiError::GatewayTimeout(format!(
+                    "Provider '{name}' timed out after {attempts} attempt(s) of {}s",
+                    policy.attempt_timeout.as_secs_f64()
+                )),
+                other => ApiError::BadGateway(format!(
+                    "Provider '{name}' failed after {attempts} attempt(s): {other}"
+                )),
+            });
+        }
+        let delay = policy.backoff(attempt);
+        tracing::info!(provider = name, attempt = attempts, %error, delay_ms = delay.as_millis() as u64,
+            "provider call failed; retrying");
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
+}
+
+/// The one HTTP client all providers share: pooled keep-alive connections, explicit
+/// connect timeout. Per-attempt timeouts are set on each request.
+pub fn http_client(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transient_errors_are_retried() {
+        assert!(ProviderError::Timeout.is_transient());
+        assert!(ProviderError::Connect.is_transient());
+        assert!(ProviderError::Status(500).is_transient());
+        assert!(ProviderError::Status(503).is_transient());
+        assert!(ProviderError::Status(429).is_transient());
+        assert!(!ProviderError::Status(400).is_transient());
+        assert!(!ProviderError::Status(404).is_transient());
+        assert!(!ProviderError::Invalid("x".into()).is_transient());
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_and_is_capped() {
+        let policy = RetryPolicy {
+            attempt_timeout: Duration::from_secs(1),
+            max_retries: 10,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(350),
+        };
+        for _ in 0..200 {
+            assert!(policy.backoff(0) <= Duration::from_millis(100));
+            assert!(policy.backoff(1) <= Duration::from_millis(200));
+            assert!(policy.backoff(9) <= Duration::from_millis(350));
+        }
+        let spread: std::collections::HashSet<_> = (0..50).map(|_| policy.backoff(2)).collect();
+        assert!(spread.len() > 1, "delays are jittered");
+    }
+}

@@ -1,0 +1,89 @@
+//! Ollama: `POST {base}/api/chat` with `stream: false`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Completion, Provider, ProviderError};
+use crate::api::schemas::{ChatRequest, Usage};
+
+/// An Ollama server.
+pub struct Ollama {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl Ollama {
+    /// Ollama at `base_url`, e.g. `http://localhost:11434`.
+    pub fn new(client: reqwest::Client, base_url: &str) -> Ollama {
+        Ollama {
+            client,
+            url: format!("{}/api/chat", base_url.trim_end_matches('/')),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct OllamaReply {
+    message: OllamaMessage,
+    #[serde(default)]
+    prompt_eval_count: u64,
+    #[serde(default)]
+    eval_count: u64,
+}
+
+#[derive(Deserialize)]
+struct OllamaMessage {
+    #[serde(default)]
+    content: String,
+}
+
+#[async_trait]
+impl Provider for Ollama {
+    fn name(&self) -> &'static str {
+        "ollama"
+    }
+
+    async fn complete(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+        timeout: Duration,
+    ) -> Result<Completion, ProviderError> {
+        let body = json!({
+            "model": model,
+            "messages": request.messages,
+            "stream": false,
+            "options": {
+                "temperature": request.temperature,
+                "num_predict": request.max_tokens,
+            },
+        });
+        let response = self
+            .client
+            .post(&self.url)
+            .timeout(timeout)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| ProviderError::from_reqwest(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(ProviderError::Status(status.as_u16()));
+        }
+        let reply: OllamaReply = response
+            .json()
+            .await
+            .map_err(|e| ProviderError::from_reqwest(&e))?;
+        Ok(Completion {
+            content: reply.message.content,
+            usage: Usage {
+                prompt_tokens: reply.prompt_eval_count,
+                completion_tokens: reply.eval_count,
+                total_tokens: reply.prompt_eval_count + reply.eval_count,
+            },
+        })
+    }
+}

@@ -1,0 +1,242 @@
+//! The per-client token-bucket limiter: backends, the failure policy around them, and
+//! the decision the HTTP layer turns into a 429 or into headers.
+
+pub mod headers;
+pub mod layer;
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::settings::FailureMode;
+
+/// Capacity and refill rate of one client's bucket, with the tier's name for headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BucketPolicy {
+    /// Tier name shown in `RateLimit-Policy`; `default` for keys without a tier.
+    pub tier: Arc<str>,
+    /// Bucket size.
+    pub capacity: u64,
+    /// Tokens per second.
+    pub refill_rate: f64,
+}
+
+impl BucketPolicy {
+    /// Seconds an empty bucket takes to fill.
+    pub fn seconds_to_fill(&self) -> u64 {
+        (self.capacity as f64 / self.refill_rate).ceil() as u64
+    }
+}
+
+/// The outcome of one limiter call, with everything the response headers need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Whether the request may proceed.
+    pub allowed: bool,
+    /// Whole tokens left after this request.
+    pub remaining: u64,
+    /// Milliseconds until the bucket is full again.
+    pub reset_ms: u64,
+    /// Milliseconds until one token is available (0 when allowed).
+    pub retry_after_ms: u64,
+}
+
+impl Decision {
+    /// Builds a decision from milli-tokens and millisecond durations, the units the Lua
+    /// script and the in-process bucket both report.
+    pub fn from_millis(allowed: bool, milli_tokens: u64, reset_ms: u64, retry_ms: u64) -> Self {
+        Decision {
+            allowed,
+            remaining: milli_tokens / 1000,
+            reset_ms,
+            retry_after_ms: if allowed { 0 } else { retry_ms.max(1) },
+        }
+    }
+}
+
+/// Why a backend could not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The call did not answer within the limiter timeout.
+    #[error("timed out")]
+    Timeout,
+    /// Redis answered with an error or the connection failed.
+    #[error("{0}")]
+    Redis(String),
+}
+
+impl BackendError {
+    /// Label for the errors metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Timeout => "timeout",
+            BackendError::Redis(_) => "error",
+        }
+    }
+}
+
+/// A store that applies the token bucket atomically.
+#[async_trait]
+pub trait LimiterBackend: Send + Sync {
+    /// Takes one token from the bucket at `key` if there is one.
+    async fn check(&self, key: &str, policy: &BucketPolicy) -> Result<Decision, BackendError>;
+    /// Checks that the store answers (for readiness).
+    async fn ping(&self) -> Result<(), BackendError>;
+    /// Name used in readiness bodies and logs.
+    fn name(&self) -> &'static str;
+}
+
+/// The Redis key of a client's bucket: the prefix, a version (so a future algorithm
+/// cannot misread old state), and a digest of the identity inside a Cluster hash tag (so
+/// a client's keys share a slot). The raw identity never reaches Redis.
+pub fn bucket_key(identity: &str) -> String {
+    let digest = Sha256::digest(identity.as_bytes());
+    format!("ratelimit:v1:{{{}}}", hex::encode(&digest[..16]))
+}
+
+/// The limiter as the HTTP layer sees it: a backend plus the failure policy.
+pub struct RateLimiter {
+    backend: Arc<dyn LimiterBackend>,
+    /// Set when the backend is remote: the in-process bucket the `local` policy uses.
+    fallback: Option<memory::MemoryLimiter>,
+    mode: FailureMode,
+    timeout: Duration,
+    metrics: Metrics,
+}
+
+impl RateLimiter {
+    /// A limiter over `backend`. `remote` says whether the backend can fail (Redis) and so
+    /// needs the failure policy; the in-process backend cannot.
+    pub fn new(
+        backend: Arc<dyn LimiterBackend>,
+        remote: bool,
+        mode: FailureMode,
+        timeout: Duration,
+        metrics: Metrics,
+    ) -> RateLimiter {
+        metrics
+            .limiter_backend_state
+            .with_label_values(&[backend.name()])
+            .set(1);
+        RateLimiter {
+            backend,
+            fallback: remote.then(memory::MemoryLimiter::new),
+            mode,
+            timeout,
+            metrics,
+        }
+    }
+
+    /// Decides one request for the bucket at `key`. Never waits on Redis longer than the
+    /// limiter timeout, and is never retried: a timed-out script may have run.
+    pub async fn check(&self, key: &str, policy: &BucketPolicy) -> Result<Decision, ApiError> {
+        let started = Instant::now();
+        let outcome = match &self.fallback {
+            None => self.backend.check(key, policy).await,
+            Some(_) => tokio::time::timeout(self.timeout, self.backend.check(key, policy))
+                .await
+                .unwrap_or(Err(BackendError::Timeout)),
+        };
+        let state = self
+            .metrics
+            .limiter_backend_state
+            .with_label_values(&[self.backend.name()]);
+        let decision = match outcome {
+            Ok(decision) => {
+                state.set(1);
+                Ok(decision)
+            }
+            Err(error) => {
+                state.set(0);
+                self.metrics
+                    .limiter_redis_errors
+                    .with_label_values(&[error.kind()])
+                    .inc();
+                tracing::warn!(backend = self.backend.name(), %error, mode = self.mode.as_str(),
+                    "rate limiter backend failed; applying failure mode");
+                self.on_backend_failure(key, policy)
+            }
+        };
+        self.metrics
+            .limiter_call_latency
+            .observe(started.elapsed().as_secs_f64());
+        match &decision {
+            Ok(d) if d.allowed => self.metrics.rate_limit_allowed.inc(),
+            Ok(_) => self.metrics.rate_limit_blocked.inc(),
+            Err(_) => {}
+        }
+        decision
+    }
+
+    fn on_backend_failure(&self, key: &str, policy: &BucketPolicy) -> Result<Decision, ApiError> {
+        self.metrics
+            .limiter_fallback_decisions
+            .with_label_values(&[self.mode.as_str()])
+            .inc();
+        match (self.mode, &self.fallback) {
+            (FailureMode::Local, Some(local)) => Ok(local.take(key, policy)),
+            (FailureMode::Closed, _) => Err(ApiError::Unavailable(
+                "Rate limiter backend (redis) is unavailable".into(),
+            )),
+            // `open`, or a local backend that cannot fail in the first place.
+            _ => Ok(Decision {
+                allowed: true,
+                remaining: policy.capacity,
+                reset_ms: 0,
+                retry_after_ms: 0,
+            }),
+        }
+    }
+
+    /// Whether the backend answers, for readiness.
+    pub async fn ping(&self) -> Result<(), BackendError> {
+        tokio::time::timeout(
+            self.timeout.max(Duration::from_millis(500)),
+            self.backend.ping(),
+        )
+        .await
+        .unwrap_or(Err(BackendError::Timeout))
+    }
+
+    /// Name of the backend, for readiness bodies.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_keys_hide_the_identity_and_carry_a_hash_tag() {
+        let key = bucket_key("key:sk-secret");
+        assert!(key.starts_with("ratelimit:v1:{"));
+        assert!(key.ends_with('}'));
+        assert!(!key.contains("sk-secret"));
+        assert_eq!(key, bucket_key("key:sk-secret"));
+        assert_ne!(key, bucket_key("key:sk-other"));
+    }
+
+    #[test]
+    fn seconds_to_fill_rounds_up() {
+        let p = BucketPolicy {
+            tier: "default".into(),
+            capacity: 5,
+            refill_rate: 0.5,
+        };
+        assert_eq!(p.seconds_to_fill(), 10);
+        let p = BucketPolicy {
+            capacity: 5,
+            refill_rate: 3.0,
+            ..p
+        };
+        assert_eq!(p.seconds_to_fill(), 2);
+    }
+}

@@ -1,0 +1,111 @@
+//! The one Redis connection the limiter and the cache share: a multiplexed, self-healing
+//! `ConnectionManager` for a single server, or the cluster client for Redis Cluster.
+//!
+//! Both pipeline concurrent requests on one socket per node, so the hot path never waits
+//! for a pool. Both connect lazily and reconnect by themselves, so the gateway starts
+//! and keeps serving (under the limiter's failure policy) while Redis is down.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use tokio::sync::OnceCell;
+
+use crate::settings::StoreUrl;
+
+/// A cheap-to-clone handle on the shared Redis connection.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// One server.
+    Single(ConnectionManager),
+    /// A Redis Cluster; commands are routed by key slot.
+    Cluster(ClusterHandle),
+}
+
+/// A cluster connection made on first use: the cluster client must reach a seed node to
+/// learn the slot map, and start-up must not wait for that.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    client: std::sync::Arc<ClusterClient>,
+    conn: std::sync::Arc<OnceCell<ClusterConnection>>,
+}
+
+impl ClusterHandle {
+    async fn get(&self) -> redis::RedisResult<ClusterConnection> {
+        self.conn
+            .get_or_try_init(|| async { self.client.get_async_connection().await })
+            .await
+            .cloned()
+    }
+}
+
+impl RedisConn {
+    /// Prepares a connection to the store named by `url` without connecting yet.
+    /// `timeout` bounds every connect and every response.
+    pub fn open(url: &StoreUrl, timeout: Duration) -> redis::RedisResult<Option<RedisConn>> {
+        match url {
+            StoreUrl::Memory => Ok(None),
+            StoreUrl::Redis(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    // Reconnect attempts are cheap and the limiter has its own fallback,
+                    // so keep trying in the background rather than giving up.
+                    .set_number_of_retries(usize::MAX)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_secs(1));
+                Ok(Some(RedisConn::Single(
+                    ConnectionManager::new_lazy_with_config(client, config)?,
+                )))
+            }
+            StoreUrl::Cluster(nodes) => {
+                let client = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(2)
+                    .build()?;
+                Ok(Some(RedisConn::Cluster(ClusterHandle {
+                    client: std::sync::Arc::new(client),
+                    conn: std::sync::Arc::new(OnceCell::new()),
+                })))
+            }
+        }
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(conn) => conn.req_packed_command(cmd),
+            RedisConn::Cluster(handle) => Box::pin(async move {
+                let mut conn = handle.get().await?;
+                conn.req_packed_command(cmd).await
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(handle) => Box::pin(async move {
+                let mut conn = handle.get().await?;
+                conn.req_packed_commands(pipeline, offset, count).await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(conn) => conn.get_db(),
+            RedisConn::Cluster(_) => 0,
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! Typed settings: built-in defaults, an optional TOML file, `.env`, then the environment.
+//!
+//! Every setting is documented in `config/default.toml`, which is compiled in so the
+//! defaults hold wherever the binary runs. Validation happens once, at start-up, and
+//! every error names the setting it is about.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The defaults file, compiled into the binary.
+const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
+
+/// The client key the original service shipped with; start-up warns while it is in use.
+pub const SHIPPED_DEFAULT_API_KEY: &str = "sk-gateway-123";
+
+/// What the limiter does when Redis is unreachable, slow or erroring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Keep limiting with an in-process bucket of the same capacity and refill rate.
+    Local,
+    /// Admit every request.
+    Open,
+    /// Refuse every request with 503.
+    Closed,
+}
+
+impl FailureMode {
+    /// The label used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::Local => "local",
+            FailureMode::Open => "open",
+            FailureMode::Closed => "closed",
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Which store backs the limiter and the cache, parsed from `REDIS_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `memory://`: limiter and cache in process, one instance only.
+    Memory,
+    /// `redis://` or `rediss://`: one Redis server.
+    Redis(String),
+    /// `redis+cluster://h:p,h:p`: the seed nodes of a Redis Cluster, as `redis://` URLs.
+    Cluster(Vec<String>),
+}
+
+/// All settings of the gateway, validated.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// Address to listen on.
+    pub host: String,
+    /// Port to listen on; 0 picks a free one.
+    pub port: u16,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Bound on the drain after SIGTERM/Ctrl-C, in seconds.
+    pub shutdown_grace_seconds: f64,
+    /// Comma-separated client keys, as configured (see [`Settings::api_key_list`]).
+    pub api_keys: SecretString,
+    /// Bucket size per client.
+    pub rate_limiter_capacity: u64,
+    /// Tokens per second per client.
+    pub rate_limiter_refill_rate: f64,
+    /// Policy when Redis fails.
+    pub rate_limiter_failure_mode: FailureMode,
+    /// Bound on one limiter call to Redis, in milliseconds.
+    pub rate_limiter_redis_timeout_ms: u64,
+    /// Store URL, see [`StoreUrl`].
+    pub redis_url: String,
+    /// Cache TTL in seconds; 0 disables the cache.
+    pub cache_ttl_seconds: u64,
+    /// Timeout of one provider attempt, in seconds.
+    pub provider_timeout_seconds: f64,
+    /// Retries after the first attempt, transient errors only.
+    pub provider_max_retries: u32,
+    /// First backoff delay, in milliseconds.
+    pub provider_retry_base_ms: u64,
+    /// Largest backoff delay, in milliseconds.
+    pub provider_retry_max_ms: u64,
+    /// Gemini API key.
+    pub gemini_api_key: SecretString,
+    /// Gemini API base URL.
+    pub gemini_base_url: String,
+    /// Default Gemini model.
+    pub gemini_model: String,
+    /// Ollama base URL.
+    pub ollama_base_url: String,
+    /// Default Ollama model.
+    pub ollama_model: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+/// A setting that could not be loaded or is out of range. Its `Display` is one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsError(String);
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+fn invalid(name: &str, problem: impl fmt::Display) -> SettingsError {
+    SettingsError(format!("{}: {problem}", name.to_uppercase()))
+}
+
+impl Settings {
+    /// Loads settings the way the binary does: defaults, `GATEWAY_CONFIG`, `./.env`, then
+    /// the process environment.
+    pub fn load() -> Result<Settings, SettingsError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let config_file = lookup(&env, "GATEWAY_CONFIG").map(PathBuf::from);
+        Settings::from_sources(config_file.as_deref(), Some(Path::new(".env")), env)
+    }
+
+    /// Loads settings from explicit sources: an optional TOML file, an optional `.env`
+    /// file (a missing one is fine), and an environment map that wins over both.
+    pub fn from_sources(
+        config_file: Option<&Path>,
+        dotenv_file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Settings, SettingsError> {
+        let mut merged: HashMap<String, String> = HashMap::new();
+        if let Some(path) = dotenv_file.filter(|p| p.exists()) {
+            let entries = dotenvy::from_path_iter(path)
+                .map_err(|e| SettingsError(format!("{}: {e}", path.display())))?;
+            for entry in entries {
+                let (key, value) =
+                    entry.map_err(|e| SettingsError(format!("{}: {e}", path.display())))?;
+                merged.insert(key.to_lowercase(), value);
+            }
+        }
+        for (key, value) in env {
+            merged.insert(key.to_lowercase(), value);
+        }
+        // Only our own names are taken from the environment, so unrelated variables
+        // (PATH, HOME, ...) can never be misread as settings.
+        let known = known_keys()?;
+        merged.retain(|key, _| known.iter().any(|k| k == key));
+
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULTS_TOML, FileFormat::Toml));
+        if let Some(path) = config_file {
+            if !path.exists() {
+                return Err(invalid(
+                    "GATEWAY_CONFIG",
+                    format!("file {} does not exist", path.display()),
+                ));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        let built = builder
+            .add_source(
+                Environment::default()
+                    .source(Some(merged))
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(|e| SettingsError(e.to_string()))?;
+        let settings: Settings = built
+            .try_deserialize()
+            .map_err(|e| SettingsError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Defaults overridden by the given pairs only (no files, no process environment).
+    /// Tests and embedders use this.
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let env = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_sources(None, None, env)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        if self.rate_limiter_capacity == 0 {
+            return Err(invalid("rate_limiter_capacity", "must be at least 1"));
+        }
+        if !(self.rate_limiter_refill_rate.is_finite() && self.rate_limiter_refill_rate > 0.0) {
+            return Err(invalid(
+                "rate_limiter_refill_rate",
+                "must be a number greater than 0",
+            ));
+        }
+        if self.rate_limiter_redis_timeout_ms == 0 {
+            return Err(invalid(
+                "rate_limiter_redis_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        if !(self.provider_timeout_seconds.is_finite() && self.provider_timeout_seconds > 0.0) {
+            return Err(invalid(
+                "provider_timeout_seconds",
+                "must be a number greater than 0",
+            ));
+        }
+        if !(self.shutdown_grace_seconds.is_finite() && self.shutdown_grace_seconds >= 0.0) {
+            return Err(invalid(
+                "shutdown_grace_seconds",
+                "must be a number of seconds, 0 or more",
+            ));
+        }
+        if self.provider_max_retries > 20 {
+            return Err(invalid("provider_max_retries", "must be at most 20"));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(invalid("max_body_bytes", "must be at least 1"));
+        }
+        if self.provider_retry_max_ms < self.provider_retry_base_ms {
+            return Err(invalid(
+                "provider_retry_max_ms",
+                "must not be below PROVIDER_RETRY_BASE_MS",
+            ));
+        }
+        for (name, url) in [
+            ("gemini_base_url", &self.gemini_base_url),
+            ("ollama_base_url", &self.ollama_base_url),
+        ] {
+            let ok = reqwest::Url::parse(url)
+                .map(|u| matches!(u.scheme(), "http" | "https"))
+                .unwrap_or(false);
+            if !ok {
+                return Err(invalid(name, format!("'{url}' is not an http(s) URL")));
+            }
+        }
+        if self.host.parse::<std::net::IpAddr>().is_err() && self.host != "localhost" {
+            return Err(invalid(
+                "host",
+                format!("'{}' is not an IP address", self.host),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(invalid("log_level", e));
+        }
+        self.store_url()?;
+        Ok(())
+    }
+
+    /// The configured client keys: comma-separated, each trimmed, empties dropped.
+    pub fn api_key_list(&self) -> Vec<String> {
+        use secrecy::ExposeSecret;
+        self.api_keys
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Parses `REDIS_URL` into the store it names.
+    pub fn store_url(&self) -> Result<StoreUrl, SettingsError> {
+        parse_store_url(&self.redis_url)
+    }
+
+    /// Timeout of one provider attempt.
+    pub fn provider_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.provider_timeout_seconds)
+    }
+
+    /// Bound on one limiter call to Redis.
+    pub fn limiter_timeout(&self) -> Duration {
+        Duration::from_millis(self.rate_limiter_redis_timeout_ms)
+    }
+
+    /// Bound on the drain after a stop signal.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_grace_seconds)
+    }
+}
+
+/// Every key of `config/default.toml` plus `gateway_config`.
+fn known_keys() -> Result<Vec<String>, SettingsError> {
+    let table: HashMap<String, config::Value> = Config::builder()
+        .add_source(File::from_str(DEFAULTS_TOML, FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| SettingsError(format!("built-in defaults: {e}")))?;
+    Ok(table.into_keys().collect())
+}
+
+/// Case-insensitive lookup in an environment map.
+fn lookup<'a>(env: &'a HashMap<String, String>, name: &str) -> Option<&'a String> {
+    env.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+        .filter(|v| !v.trim().is_empty())
+}
+
+fn parse_store_url(url: &str) -> Result<StoreUrl, SettingsError> {
+    let url = url.trim();
+    let scheme = url.split("://").next().unwrap_or_default().to_lowercase();
+    match scheme.as_str() {
+        "memory" => Ok(StoreUrl::Memory),
+        "redis" | "rediss" => {
+            redis::parse_redis_url(url)
+                .ok_or_else(|| invalid("redis_url", "is not a valid redis:// URL"))?;
+            Ok(StoreUrl::Redis(url.to_owned()))
+        }
+        "redis+cluster" | "rediss+cluster" => {
+            let tls = scheme.starts_with("rediss");
+            let rest = &url[scheme.len() + 3..];
+            let (auth, hosts) = match rest.rsplit_once('@') {
+                Some((auth, hosts)) => (format!("{auth}@"), hosts),
+                None => (String::new(), rest),
+            };
+            let base = if tls { "rediss" } else { "redis" };
+            let nodes: Vec<String> = hosts
+                .trim_end_matches('/')
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("{base}://{auth}{h}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err(invalid("redis_url", "names no cluster node"));
+            }
+            for node in &nodes {
+                redis::parse_redis_url(node).ok_or_else(|| {
+                    invalid("redis_url", "a cluster node is not a valid host:port")
+                })?;
+            }
+            Ok(StoreUrl::Cluster(nodes))
+        }
+        _ => Err(invalid(
+            "redis_url",
+            "must start with redis://, rediss://, redis+cluster:// or memory://",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn defaults_match_the_original_service() {
+        let s = Settings::from_pairs(&[]).unwrap();
+        assert_eq!(s.provider_timeout_seconds, 60.0);
+        assert_eq!(s.provider_max_retries, 3);
+        assert_eq!(s.cache_ttl_seconds, 60);
+        assert_eq!(s.rate_limiter_capacity, 5);
+        assert_eq!(s.rate_limiter_refill_rate, 1.0);
+        assert_eq!(s.redis_url, "redis://127.0.0.1:6380/0");
+        assert_eq!(s.gemini_api_key.expose_secret(), "");
+        assert_eq!(s.ollama_base_url, "http://localhost:11434");
+        assert_eq!(s.api_key_list(), vec!["sk-gateway-123"]);
+        assert_eq!(s.port, 8000);
+        assert_eq!(s.host, "0.0.0.0");
+        assert_eq!(s.rate_limiter_failure_mode, FailureMode::Local);
+        assert_eq!(s.max_body_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn environment_names_are_case_insensitive_and_fractions_accepted() {
+        let s = Settings::from_pairs(&[
+            ("rate_limiter_refill_rate", "0.5"),
+            ("Cache_TTL_Seconds", "0"),
+            ("API_KEYS", " a , ,b,"),
+        ])
+        .unwrap();
+        assert_eq!(s.rate_limiter_refill_rate, 0.5);
+        assert_eq!(s.cache_ttl_seconds, 0);
+        assert_eq!(s.api_key_list(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn numeric_looking_keys_stay_strings() {
+        let s = Settings::from_pairs(&[("API_KEYS", "12345"), ("GEMINI_API_KEY", "42")]).unwrap();
+        assert_eq!(s.api_key_list(), vec!["12345"]);
+        assert_eq!(s.gemini_api_key.expose_secret(), "42");
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting_in_one_line() {
+        let cases = [
+            ("RATE_LIMITER_CAPACITY", "lots", "rate_limiter_capacity"),
+            ("RATE_LIMITER_CAPACITY", "0", "RATE_LIMITER_CAPACITY"),
+            ("RATE_LIMITER_REFILL_RATE", "-1", "RATE_LIMITER_REFILL_RATE"),
+            (
+                "RATE_LIMITER_FAILURE_MODE",
+                "maybe",
+                "rate_limiter_failure_mode",
+            ),
+            ("PORT", "99999", "port"),
+            ("REDIS_URL", "mysql://x", "REDIS_URL"),
+            ("OLLAMA_BASE_URL", "not a url", "OLLAMA_BASE_URL"),
+            ("PROVIDER_TIMEOUT_SECONDS", "0", "PROVIDER_TIMEOUT_SECONDS"),
+        ];
+        for (name, value, expected) in cases {
+            let err = Settings::from_pairs(&[(name, value)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.to_lowercase().contains(&expected.to_lowercase()),
+                "{name}={value}: {err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn precedence_is_defaults_then_file_then_dotenv_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("gw.toml");
+        std::fs::write(
+            &toml,
+            "rate_limiter_capacity = 7\ncache_ttl_seconds = 9\nport = 1\n",
+        )
+        .unwrap();
+        let dotenv = dir.path().join(".env");
+        std::fs::write(&dotenv, "CACHE_TTL_SECONDS=11\nPORT=2\n").unwrap();
+        let env = HashMap::from([("PORT".to_string(), "3".to_string())]);
+        let s = Settings::from_sources(Some(&toml), Some(&dotenv), env).unwrap();
+        assert_eq!(s.rate_limiter_capacity, 7);
+        assert_eq!(s.cache_ttl_seconds, 11);
+        assert_eq!(s.port, 3);
+    }
+
+    #[test]
+    fn store_urls_are_recognised() {
+        assert_eq!(parse_store_url("memory://").unwrap(), StoreUrl::Memory);
+        assert_eq!(
+            parse_store_url("redis+cluster://a:1, b:2").unwrap(),
+            StoreUrl::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
+        assert!(matches!(
+            parse_store_url("redis://127.0.0.1:6379/0").unwrap(),
+            StoreUrl::Redis(_)
+        ));
+        assert!(parse_store_url("redis+cluster://").is_err());
+    }
+}
