@@ -75,12 +75,12 @@ impl AppState {
         let store = settings
             .store_url()
             .map_err(|e| StartupError::Redis(e.to_string()))?;
-        let conn = RedisConn::open(&store, settings.limiter_timeout())
+        let conn = RedisConn::open(&store, settings.redis_timeout())
             .map_err(|e| StartupError::Redis(e.to_string()))?;
         let (backend, cache): (Arc<dyn LimiterBackend>, Arc<dyn Cache>) = match &conn {
             Some(conn) => (
                 Arc::new(RedisLimiter::new(conn.clone(), metrics.clone())),
-                Arc::new(RedisCache::new(conn.clone())),
+                Arc::new(RedisCache::new(conn.clone(), settings.redis_timeout())),
             ),
             None => (
                 Arc::new(MemoryLimiter::new()),
@@ -91,7 +91,7 @@ impl AppState {
             backend,
             conn.is_some(),
             settings.rate_limiter_failure_mode,
-            settings.limiter_timeout(),
+            settings.redis_timeout(),
             metrics.clone(),
         );
 

@@ -2,7 +2,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// One field-level validation failure, in pydantic's shape.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -68,20 +68,26 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
+}
 
-    /// The `detail` value: a list of field errors for 422, a sentence otherwise.
-    pub fn detail(&self) -> Value {
-        match self {
-            ApiError::Validation(errors) => json!(errors),
-            other => Value::String(other.to_string()),
-        }
-    }
+/// FastAPI's error envelope.
+#[derive(serde::Serialize)]
+struct Detail<T> {
+    detail: T,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = json!({ "detail": self.detail() }).to_string();
+        // Field errors are serialised from the struct, not a `Value`, so their keys keep
+        // FastAPI's order (type, loc, msg).
+        let body = match &self {
+            ApiError::Validation(errors) => serde_json::to_string(&Detail { detail: errors }),
+            other => serde_json::to_string(&Detail {
+                detail: other.to_string(),
+            }),
+        }
+        .unwrap_or_else(|_| r#"{"detail":"Internal error"}"#.to_owned());
         let mut response = (status, body).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -52,11 +52,12 @@ impl RedisConn {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout))
-                    // Reconnect attempts are cheap and the limiter has its own fallback,
-                    // so keep trying in the background rather than giving up.
-                    .set_number_of_retries(usize::MAX)
-                    .set_min_delay(Duration::from_millis(50))
-                    .set_max_delay(Duration::from_secs(1));
+                    // Calls made while reconnecting wait on the reconnect itself, so it must
+                    // give up quickly; the next call starts a new one. Retrying without end
+                    // here would park every cache call for as long as Redis is down.
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(20))
+                    .set_max_delay(Duration::from_millis(100));
                 Ok(Some(RedisConn::Single(
                     ConnectionManager::new_lazy_with_config(client, config)?,
                 )))

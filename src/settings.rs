@@ -82,8 +82,8 @@ pub struct Settings {
     pub rate_limiter_refill_rate: f64,
     /// Policy when Redis fails.
     pub rate_limiter_failure_mode: FailureMode,
-    /// Bound on one limiter call to Redis, in milliseconds.
-    pub rate_limiter_redis_timeout_ms: u64,
+    /// Bound on every Redis call (limiter and cache), in milliseconds.
+    pub redis_timeout_ms: u64,
     /// Store URL, see [`StoreUrl`].
     pub redis_url: String,
     /// Cache TTL in seconds; 0 disables the cache.
@@ -208,11 +208,8 @@ impl Settings {
                 "must be a number greater than 0",
             ));
         }
-        if self.rate_limiter_redis_timeout_ms == 0 {
-            return Err(invalid(
-                "rate_limiter_redis_timeout_ms",
-                "must be at least 1",
-            ));
+        if self.redis_timeout_ms == 0 {
+            return Err(invalid("redis_timeout_ms", "must be at least 1"));
         }
         if !(self.provider_timeout_seconds.is_finite() && self.provider_timeout_seconds > 0.0) {
             return Err(invalid(
@@ -284,9 +281,9 @@ impl Settings {
         Duration::from_secs_f64(self.provider_timeout_seconds)
     }
 
-    /// Bound on one limiter call to Redis.
-    pub fn limiter_timeout(&self) -> Duration {
-        Duration::from_millis(self.rate_limiter_redis_timeout_ms)
+    /// Bound on every Redis call (limiter and cache).
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
     }
 
     /// Bound on the drain after a stop signal.

@@ -1,0 +1,173 @@
+//! The response cache on real Redis: identical hits, the key's fields, single flight,
+//! TTL, and fail-open when Redis is gone.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use wiremock::matchers::path;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::common::{chat_body, ollama_reply, upstream_ok, RedisServer, TestApp};
+
+const KEY: &str = "sk-cache-test";
+
+async fn app(redis_url: &str, upstream: &MockServer, extra: &[(&str, &str)]) -> TestApp {
+    let uri = upstream.uri();
+    let mut pairs = vec![
+        ("REDIS_URL", redis_url),
+        ("API_KEYS", KEY),
+        ("OLLAMA_BASE_URL", uri.as_str()),
+        ("RATE_LIMITER_CAPACITY", "1000"),
+    ];
+    pairs.extend_from_slice(extra);
+    TestApp::spawn(&pairs).await
+}
+
+#[tokio::test]
+async fn a_hit_returns_the_identical_body() {
+    let redis = RedisServer::start();
+    let upstream = upstream_ok().await;
+    let app = app(&redis.url(), &upstream, &[("CACHE_TTL_SECONDS", "30")]).await;
+    let first = app.chat(KEY, &chat_body("same")).await;
+    assert_eq!(first.headers()["x-cache"], "MISS");
+    let first = first.bytes().await.unwrap();
+    // Let the background store land.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = app.chat_at("/v1/chat", Some(KEY), &chat_body("same")).await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(second.headers()["x-cache"], "HIT");
+    assert_eq!(second.bytes().await.unwrap(), first, "same bytes, same id");
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 1);
+    assert_eq!(app.metric("cache_hits_total").await, 1.0);
+    assert_eq!(app.metric("cache_misses_total").await, 1.0);
+
+    let cache_key = redis
+        .keys()
+        .into_iter()
+        .find(|k| k.starts_with("cache:"))
+        .unwrap();
+    assert_eq!(cache_key.len(), "cache:".len() + 64);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&cache_key)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!((1..=30).contains(&ttl), "{ttl}");
+}
+
+#[tokio::test]
+async fn model_temperature_and_tokens_are_part_of_the_key() {
+    let redis = RedisServer::start();
+    let upstream = upstream_ok().await;
+    let app = app(&redis.url(), &upstream, &[]).await;
+    let base = json!({"messages": [{"role": "user", "content": "q"}]});
+    let variants = [
+        base.clone(),
+        json!({"messages": [{"role": "user", "content": "q"}], "model": "mistral"}),
+        json!({"messages": [{"role": "user", "content": "q"}], "temperature": 0.1}),
+        json!({"messages": [{"role": "user", "content": "q"}], "max_tokens": 5}),
+        json!({"messages": [{"role": "user", "content": "q"}], "model_hint": "secure"}),
+    ];
+    for body in &variants {
+        let response = app.chat(KEY, body).await;
+        assert_eq!(response.headers()["x-cache"], "MISS", "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        upstream.received_requests().await.unwrap().len(),
+        variants.len()
+    );
+    // Unknown fields and `stream` do not change the answer, so they share the entry.
+    let same = json!({"messages": [{"role": "user", "content": "q"}], "stream": true, "x": 1});
+    assert_eq!(app.chat(KEY, &same).await.headers()["x-cache"], "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_misses_make_one_provider_call() {
+    let redis = RedisServer::start();
+    let upstream = MockServer::start().await;
+    Mock::given(path("/api/chat"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(ollama_reply("shared"))
+                .set_delay(Duration::from_millis(400)),
+        )
+        .mount(&upstream)
+        .await;
+    let app = std::sync::Arc::new(app(&redis.url(), &upstream, &[]).await);
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let response = app.chat(KEY, &chat_body("stampede")).await;
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        ids.insert(t.await.unwrap()["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 1);
+    assert_eq!(ids.len(), 1, "everyone got the one answer");
+}
+
+#[tokio::test]
+async fn ttl_zero_disables_the_cache() {
+    let redis = RedisServer::start();
+    let upstream = upstream_ok().await;
+    let app = app(&redis.url(), &upstream, &[("CACHE_TTL_SECONDS", "0")]).await;
+    for _ in 0..2 {
+        let response = app.chat(KEY, &chat_body("nocache")).await;
+        assert_eq!(response.headers()["x-cache"], "MISS");
+    }
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 2);
+    assert!(!redis.keys().iter().any(|k| k.starts_with("cache:")));
+}
+
+#[tokio::test]
+async fn entries_expire_after_the_ttl() {
+    let redis = RedisServer::start();
+    let upstream = upstream_ok().await;
+    let app = app(&redis.url(), &upstream, &[("CACHE_TTL_SECONDS", "1")]).await;
+    app.chat(KEY, &chat_body("ttl")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        app.chat(KEY, &chat_body("ttl")).await.headers()["x-cache"],
+        "HIT"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        app.chat(KEY, &chat_body("ttl")).await.headers()["x-cache"],
+        "MISS"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_redis_makes_the_cache_a_miss_not_a_failure() {
+    let mut redis = RedisServer::start();
+    let upstream = upstream_ok().await;
+    let app = app(&redis.url(), &upstream, &[("REDIS_TIMEOUT_MS", "100")]).await;
+    redis.stop();
+    for _ in 0..2 {
+        let response = app.chat(KEY, &chat_body("down")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-cache"], "MISS");
+    }
+    assert!(app.metric("cache_errors_total").await >= 2.0);
+}
+
+#[tokio::test]
+async fn memory_mode_caches_in_process() {
+    let upstream = upstream_ok().await;
+    let app = app("memory://", &upstream, &[]).await;
+    let first = app
+        .chat(KEY, &chat_body("mem"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = app.chat(KEY, &chat_body("mem")).await;
+    assert_eq!(second.headers()["x-cache"], "HIT");
+    assert_eq!(second.bytes().await.unwrap(), first);
+}

@@ -1,0 +1,326 @@
+//! Spawn helpers for black-box tests: a private `redis-server` on a free port, the real
+//! gateway on port 0 (in process or as the real binary), and HTTP helpers.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use llm_gateway::app::App;
+use llm_gateway::settings::Settings;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// A `redis-server` of our own, in a temp dir, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a fresh server on a free port and waits until it answers PING.
+    pub fn start() -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = RedisServer {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start redis-server ({e}); install it with `apt-get install redis-server`")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.try_ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "redis-server on port {} did not answer PING within 10 s",
+            self.port
+        );
+    }
+
+    fn try_ping(&self) -> bool {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_ok()
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A plain synchronous connection for inspecting and poking the server.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .expect("connect to test redis")
+    }
+
+    /// Kills the server (like a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts the server on the same port: all state (scripts too) is gone.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Every key in the server.
+    pub fn keys(&self) -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg("*")
+            .query(&mut self.conn())
+            .expect("KEYS")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The gateway running in this process on a free port.
+pub struct TestApp {
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+    pub client: reqwest::Client,
+}
+
+impl TestApp {
+    /// Starts the gateway with defaults overridden by `pairs` (plus HOST/PORT for tests).
+    pub async fn spawn(pairs: &[(&str, &str)]) -> TestApp {
+        let mut all = vec![
+            ("HOST", "127.0.0.1"),
+            ("PORT", "0"),
+            ("PROVIDER_RETRY_BASE_MS", "10"),
+        ];
+        all.extend_from_slice(pairs);
+        let settings = Settings::from_pairs(&all).expect("test settings");
+        let app = App::build(settings).await.expect("build app");
+        let url = format!("http://{}", app.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(app.run_until(async move {
+            let _ = stopped.await;
+        }));
+        TestApp {
+            url,
+            stop: Some(stop),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// POSTs a chat body to `path` with `key` (None sends no key).
+    pub async fn chat_at(&self, path: &str, key: Option<&str>, body: &Value) -> reqwest::Response {
+        let mut request = self.client.post(format!("{}{path}", self.url)).json(body);
+        if let Some(key) = key {
+            request = request.header("X-API-Key", key);
+        }
+        request.send().await.expect("request")
+    }
+
+    /// POSTs a chat body to `/api/v1/chat` with `key`.
+    pub async fn chat(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.chat_at("/api/v1/chat", Some(key), body).await
+    }
+
+    /// GETs `path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// The value of one metric line (`name{labels}`) in `/metrics`, 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .get("/metrics")
+            .await
+            .text()
+            .await
+            .expect("metrics body");
+        metric_value(&text, series)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The value of `series` in Prometheus text, 0 if absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A chat body with one user message.
+pub fn chat_body(content: &str) -> Value {
+    json!({ "messages": [{ "role": "user", "content": content }] })
+}
+
+/// An Ollama reply as the real server sends it.
+pub fn ollama_reply(content: &str) -> Value {
+    json!({
+        "model": "llama3.1",
+        "created_at": "2026-01-01T00:00:00Z",
+        "message": { "role": "assistant", "content": content },
+        "done": true,
+        "prompt_eval_count": 7,
+        "eval_count": 3,
+    })
+}
+
+/// A Gemini reply as the real API sends it.
+pub fn gemini_reply(content: &str) -> Value {
+    json!({
+        "candidates": [{ "content": { "role": "model", "parts": [{ "text": content }] }, "finishReason": "STOP" }],
+        "usageMetadata": { "promptTokenCount": 11, "candidatesTokenCount": 4, "totalTokenCount": 15 },
+    })
+}
+
+/// A wiremock server answering Ollama and Gemini successfully.
+pub async fn upstream_ok() -> wiremock::MockServer {
+    use wiremock::matchers::{method, path, path_regex};
+    use wiremock::{Mock, ResponseTemplate};
+    let server = wiremock::MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/chat"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ollama_reply("hi from ollama")))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/v1beta/models/[^/]+:generateContent$"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(gemini_reply("hi from gemini")))
+        .mount(&server)
+        .await;
+    server
+}
+
+/// The real `llm-gateway` binary, with its output captured to a file.
+pub struct GatewayProcess {
+    pub child: Child,
+    pub url: String,
+    pub log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Starts the binary with exactly `env` (plus HOST/PORT/LOG_FORMAT) in a temp dir,
+    /// and waits for its "listening" line.
+    pub fn start(env: &[(&str, &str)]) -> GatewayProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("gateway.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
+            .current_dir(dir.path())
+            .env_clear()
+            .envs([("HOST", "127.0.0.1"), ("PORT", "0"), ("LOG_FORMAT", "json")])
+            .envs(env.iter().copied())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn llm-gateway");
+        let addr = wait_for_line(&log, "llm-gateway listening")
+            .and_then(|line| serde_json::from_str::<Value>(&line).ok())
+            .and_then(|v| v["addr"].as_str().map(str::to_owned))
+            .expect("gateway did not report its address");
+        GatewayProcess {
+            child,
+            url: format!("http://{addr}"),
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Everything the process wrote so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (10 s at most) for a line containing `needle` in the file at `path`.
+pub fn wait_for_line(path: &Path, needle: &str) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return Some(line.to_owned());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}

@@ -1,0 +1,10 @@
+//! Black-box tests: the real gateway on port 0, a private redis-server, and upstreams
+//! over real HTTP (wiremock or mock-llm).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod api;
+mod cache;
+mod common;
+mod limiter;
+mod ops;
+mod providers;

@@ -1,0 +1,319 @@
+//! Operations: metrics that match what happened, secret-free logs, graceful shutdown,
+//! and start-up errors, using the real binaries.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::{
+    chat_body, metric_value, upstream_ok, wait_for_line, GatewayProcess, RedisServer, TestApp,
+};
+
+#[tokio::test]
+async fn metrics_count_what_the_test_did() {
+    let redis = RedisServer::start();
+    let upstream = upstream_ok().await;
+    let uri = upstream.uri();
+    let redis_url = redis.url();
+    let app = TestApp::spawn(&[
+        ("REDIS_URL", redis_url.as_str()),
+        ("API_KEYS", "sk-m"),
+        ("OLLAMA_BASE_URL", uri.as_str()),
+        ("RATE_LIMITER_CAPACITY", "3"),
+        ("RATE_LIMITER_REFILL_RATE", "0.01"),
+    ])
+    .await;
+    app.chat("sk-m", &chat_body("one")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.chat("sk-m", &chat_body("one")).await; // hit
+    app.chat(
+        "sk-m",
+        &json!({"messages": [{"role": "user", "content": "two"}], "model": "client-chosen-label"}),
+    )
+    .await;
+    app.chat("sk-m", &chat_body("x")).await; // 429
+    app.chat("sk-m", &chat_body("x")).await; // 429
+    app.chat("sk-nope", &chat_body("x")).await; // 401
+
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric_value(&text, "rate_limit_allowed_total"), 3.0);
+    assert_eq!(metric_value(&text, "rate_limit_blocked_total"), 2.0);
+    assert_eq!(metric_value(&text, "cache_hits_total"), 1.0);
+    assert_eq!(metric_value(&text, "cache_misses_total"), 2.0);
+    assert_eq!(
+        metric_value(&text, "provider_calls_total{provider=\"ollama\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&text, "provider_failures_total{provider=\"ollama\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric_value(&text, "chat_requests_total{status=\"2xx\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric_value(&text, "chat_requests_total{status=\"4xx\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric_value(&text, "request_latency_seconds_count{provider=\"ollama\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric_value(&text, "provider_latency_seconds_count{provider=\"ollama\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric_value(&text, "active_requests"),
+        1.0,
+        "only the /metrics request itself"
+    );
+    assert!(metric_value(&text, "rate_limiter_call_duration_seconds_count") >= 5.0);
+    assert!(
+        !text.contains("client-chosen-label"),
+        "clients cannot create series"
+    );
+    assert!(!text.contains("sk-m"));
+}
+
+#[tokio::test]
+async fn logs_hold_request_lines_but_no_keys_or_message_text() {
+    let upstream = upstream_ok().await;
+    let uri = upstream.uri();
+    let gateway = GatewayProcess::start(&[
+        ("REDIS_URL", "memory://"),
+        ("API_KEYS", "sk-live-SECRETKEY-1"),
+        ("GEMINI_API_KEY", "AIza-PROVIDER-SECRET"),
+        ("GEMINI_BASE_URL", "http://127.0.0.1:9"),
+        ("OLLAMA_BASE_URL", uri.as_str()),
+        ("PROVIDER_MAX_RETRIES", "1"),
+        ("PROVIDER_RETRY_BASE_MS", "10"),
+        ("LOG_LEVEL", "debug"),
+    ]);
+    let client = reqwest::Client::new();
+    let send = |key: &'static str, body: Value| {
+        client
+            .post(format!("{}/api/v1/chat", gateway.url))
+            .header("X-API-Key", key)
+            .json(&body)
+            .send()
+    };
+    let secret_text = "MESSAGE-TEXT-NEVER-LOGGED";
+    let ok = send("sk-live-SECRETKEY-1", chat_body(secret_text))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let request_id = ok.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(
+        send("sk-wrong-WRONGKEY-2", chat_body(secret_text))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        send(
+            "sk-live-SECRETKEY-1",
+            json!({"messages": [{"role": "user"}], "c": secret_text})
+        )
+        .await
+        .unwrap()
+        .status(),
+        422
+    );
+    // Gemini is unreachable: the failure is logged, without the provider key.
+    let failed = send(
+        "sk-live-SECRETKEY-1",
+        json!({"messages": [{"role": "user", "content": secret_text}], "model_hint": "fast"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(failed.status(), 502);
+    assert!(!failed.text().await.unwrap().contains("AIza"));
+
+    wait_for_line(&gateway.log, "\"status\":502").expect("request lines are logged");
+    let output = gateway.output();
+    for secret in ["SECRETKEY", "WRONGKEY", "PROVIDER-SECRET", secret_text] {
+        assert!(
+            !output.contains(secret),
+            "{secret} leaked into the logs:\n{output}"
+        );
+    }
+    let line = output
+        .lines()
+        .find(|l| l.contains(&request_id))
+        .expect("request id in the log");
+    let record: Value = serde_json::from_str(line).expect("JSON log line");
+    assert_eq!(record["status"], 200);
+    assert_eq!(record["provider"], "ollama");
+    assert_eq!(record["cache"], "MISS");
+    assert!(record["latency_ms"].is_number());
+    assert!(output.contains("provider call failed"));
+}
+
+#[tokio::test]
+async fn the_shipped_default_key_triggers_a_startup_warning() {
+    let gateway = GatewayProcess::start(&[("REDIS_URL", "memory://")]);
+    let warning = wait_for_line(&gateway.log, "shipped default key").expect("warning");
+    assert!(warning.contains("WARN"));
+    assert!(
+        !warning.contains("sk-gateway-123"),
+        "the warning does not print the key"
+    );
+}
+
+#[test]
+fn a_bad_setting_stops_startup_with_one_clear_line() {
+    for (name, value, expected) in [
+        ("RATE_LIMITER_CAPACITY", "many", "rate_limiter_capacity"),
+        (
+            "RATE_LIMITER_FAILURE_MODE",
+            "sometimes",
+            "rate_limiter_failure_mode",
+        ),
+        ("REDIS_URL", "ftp://x", "REDIS_URL"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
+            .env_clear()
+            .env(name, value)
+            .env("PORT", "0")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{name}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.to_lowercase().contains(&expected.to_lowercase()),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"));
+    }
+}
+
+/// Starts `mock-llm` on a free port with `args`, waiting until it listens.
+fn start_mock(args: &[&str]) -> (std::process::Child, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mock.log");
+    let port = crate::common::free_port().to_string();
+    let child = Command::new(env!("CARGO_BIN_EXE_mock-llm"))
+        .args(["--port", &port])
+        .args(args)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_line(&log, "listening").expect("mock-llm started");
+    (child, format!("http://127.0.0.1:{port}"), dir)
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_request_in_flight_finish_then_exits_zero() {
+    let (mut mock, mock_url, _dir) = start_mock(&["--latency-ms", "1500"]);
+    let mut gateway = GatewayProcess::start(&[
+        ("REDIS_URL", "memory://"),
+        ("API_KEYS", "sk-drain"),
+        ("OLLAMA_BASE_URL", mock_url.as_str()),
+    ]);
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/v1/chat", gateway.url);
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            client
+                .post(url)
+                .header("X-API-Key", "sk-drain")
+                .json(&chat_body("drain me"))
+                .send()
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    gateway.terminate();
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight got an answer");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["content"], "Echo: drain me");
+    let started = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = gateway.wait_exit(Duration::from_secs(10));
+        (status, gateway)
+    })
+    .await
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        status.0.and_then(|s| s.code()),
+        Some(0),
+        "exit code after SIGTERM"
+    );
+    let refused = client
+        .post(url)
+        .header("X-API-Key", "sk-drain")
+        .json(&chat_body("late"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "no new connections after shutdown");
+    let _ = mock.kill();
+}
+
+#[tokio::test]
+async fn mock_llm_speaks_all_three_wire_formats_and_injects_faults() {
+    let (mut mock, url, _dir) = start_mock(&[]);
+    let client = reqwest::Client::new();
+    let ollama: Value = client
+        .post(format!("{url}/api/chat"))
+        .json(&json!({"model": "m", "messages": [{"role": "user", "content": "ping"}], "stream": false}))
+        .send().await.unwrap().json().await.unwrap();
+    assert_eq!(ollama["message"]["content"], "Echo: ping");
+    assert!(ollama["eval_count"].as_u64().unwrap() > 0);
+    let gemini: Value = client
+        .post(format!(
+            "{url}/v1beta/models/gemini-2.5-flash:generateContent"
+        ))
+        .header("x-goog-api-key", "k")
+        .json(&json!({"contents": [{"role": "user", "parts": [{"text": "ping"}]}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        gemini["candidates"][0]["content"]["parts"][0]["text"],
+        "Echo: ping"
+    );
+    assert!(gemini["usageMetadata"]["totalTokenCount"].as_u64().unwrap() > 0);
+    let openai: Value = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"model": "gpt", "messages": [{"role": "user", "content": "ping"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(openai["choices"][0]["message"]["content"], "Echo: ping");
+    let failed = client
+        .post(format!("{url}/api/chat"))
+        .header("x-mock-status", "503")
+        .json(&json!({"model": "m", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 503);
+    let hung = client
+        .post(format!("{url}/api/chat"))
+        .header("x-mock-hang", "1")
+        .timeout(Duration::from_millis(300))
+        .json(&json!({"model": "m", "messages": []}))
+        .send()
+        .await;
+    assert!(hung.unwrap_err().is_timeout());
+    let _ = mock.kill();
+}
