@@ -6,6 +6,7 @@ pub mod layer;
 pub mod memory;
 pub mod redis;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,9 @@ pub struct RateLimiter {
     mode: FailureMode,
     timeout: Duration,
     metrics: Metrics,
+    /// Whether the last backend call succeeded; logs are written on changes only, so a
+    /// Redis outage is one warning, not one per request.
+    backend_up: AtomicBool,
 }
 
 impl RateLimiter {
@@ -130,6 +134,7 @@ impl RateLimiter {
             mode,
             timeout,
             metrics,
+            backend_up: AtomicBool::new(true),
         }
     }
 
@@ -150,6 +155,12 @@ impl RateLimiter {
         let decision = match outcome {
             Ok(decision) => {
                 state.set(1);
+                if !self.backend_up.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        backend = self.backend.name(),
+                        "rate limiter backend recovered"
+                    );
+                }
                 Ok(decision)
             }
             Err(error) => {
@@ -158,8 +169,10 @@ impl RateLimiter {
                     .limiter_redis_errors
                     .with_label_values(&[error.kind()])
                     .inc();
-                tracing::warn!(backend = self.backend.name(), %error, mode = self.mode.as_str(),
-                    "rate limiter backend failed; applying failure mode");
+                if self.backend_up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(backend = self.backend.name(), %error, mode = self.mode.as_str(),
+                        "rate limiter backend failed; applying the failure mode until it recovers");
+                }
                 self.on_backend_failure(key, policy)
             }
         };

@@ -317,3 +317,48 @@ async fn mock_llm_speaks_all_three_wire_formats_and_injects_faults() {
     assert!(hung.unwrap_err().is_timeout());
     let _ = mock.kill();
 }
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_gateway_exports() {
+    let exported = llm_gateway::metrics::Metrics::new().render();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/grafana/dashboards/llm-gateway.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    let titles: Vec<&str> = panels
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    for wanted in [
+        "requests",
+        "allowed vs blocked",
+        "hit ratio",
+        "p50 / p99",
+        "failures",
+        "Active requests",
+    ] {
+        assert!(
+            titles.iter().any(|t| t.contains(wanted)),
+            "no panel for {wanted}: {titles:?}"
+        );
+    }
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for token in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if token.ends_with("_total")
+                    || token.ends_with("_bucket")
+                    || token == "active_requests"
+                {
+                    assert!(
+                        exported.contains(token),
+                        "{token} in panel '{}' is not exported",
+                        panel["title"]
+                    );
+                }
+            }
+        }
+    }
+}
