@@ -18,5 +18,7 @@ COPY --from=build /src/target/release/llm-gateway /src/target/release/mock-llm /
 USER 10001:10001
 ENV HOST=0.0.0.0 PORT=8000 LOG_FORMAT=json
 EXPOSE 8000
-HEALTHCHECK --interval=10s --timeout=2s --retries=3 CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/8000"]
+# No curl in the slim image: bash's /dev/tcp sends a plain GET /health.
+HEALTHCHECK --interval=10s --timeout=2s --retries=3 CMD ["/bin/bash", "-c", \
+    "exec 3<>/dev/tcp/127.0.0.1/${PORT:-8000} && printf 'GET /health HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q '\"ok\"' <&3"]
 ENTRYPOINT ["/usr/local/bin/llm-gateway"]
