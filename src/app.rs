@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
@@ -14,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::api;
-use crate::auth::{require_api_key, ApiKeys};
+use crate::auth::{require_api_key, AuthConfig};
 use crate::cache::{memory::MemoryCache, redis::RedisCache, Cache};
 use crate::chat::service::{ChatConfig, ChatService, Providers};
 use crate::error::ApiError;
@@ -22,10 +23,10 @@ use crate::metrics::Metrics;
 use crate::providers::{gemini::Gemini, http_client, ollama::Ollama, RetryPolicy};
 use crate::ratelimit::layer::enforce_rate_limit;
 use crate::ratelimit::{
-    memory::MemoryLimiter, redis::RedisLimiter, BucketPolicy, LimiterBackend, RateLimiter,
+    memory::MemoryLimiter, redis::RedisLimiter, LimiterBackend, LimiterConfig, RateLimiter,
 };
 use crate::redis_conn::RedisConn;
-use crate::settings::Settings;
+use crate::settings::{Settings, SettingsError};
 use crate::telemetry;
 
 /// Everything a handler needs; cheap to clone (all `Arc`s or handles).
@@ -33,10 +34,8 @@ use crate::telemetry;
 pub struct AppState {
     /// Validated settings.
     pub settings: Arc<Settings>,
-    /// Configured client keys.
-    pub api_keys: Arc<ApiKeys>,
-    /// Bucket policy of keys without a tier.
-    pub default_policy: Arc<BucketPolicy>,
+    /// Keys, tiers and anonymous rules; swapped atomically on reload (SIGHUP).
+    pub auth: Arc<ArcSwap<AuthConfig>>,
     /// The limiter with its failure policy.
     pub limiter: Arc<RateLimiter>,
     /// The chat use case.
@@ -51,6 +50,9 @@ const MEMORY_CACHE_ENTRIES: usize = 10_000;
 /// An error while assembling the app; its `Display` is one line for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    /// A setting could not be applied.
+    #[error("{0}")]
+    Settings(String),
     /// The Redis URL could not be turned into a client.
     #[error("REDIS_URL: {0}")]
     Redis(String),
@@ -90,8 +92,12 @@ impl AppState {
         let limiter = RateLimiter::new(
             backend,
             conn.is_some(),
-            settings.rate_limiter_failure_mode,
-            settings.redis_timeout(),
+            LimiterConfig {
+                mode: settings.rate_limiter_failure_mode,
+                timeout: settings.redis_timeout(),
+                breaker_threshold: settings.rate_limiter_breaker_threshold,
+                breaker_cooldown: Duration::from_millis(settings.rate_limiter_breaker_cooldown_ms),
+            },
             metrics.clone(),
         );
 
@@ -121,19 +127,50 @@ impl AppState {
             },
             metrics.clone(),
         );
+        let auth = AuthConfig::from_settings(&settings)
+            .map_err(|e| StartupError::Settings(e.to_string()))?;
         Ok(AppState {
-            api_keys: Arc::new(ApiKeys::new(&settings.api_key_list())),
-            default_policy: Arc::new(BucketPolicy {
-                tier: "default".into(),
-                capacity: settings.rate_limiter_capacity,
-                refill_rate: settings.rate_limiter_refill_rate,
-            }),
+            auth: Arc::new(ArcSwap::from_pointee(auth)),
             limiter: Arc::new(limiter),
             chat: Arc::new(chat),
             metrics,
             settings: Arc::new(settings),
         })
     }
+
+    /// Applies the reloadable part of `settings` (API_KEYS, tiers, anonymous access) to
+    /// the running gateway. Requests in flight keep the configuration they started with.
+    pub fn reload(&self, settings: &Settings) -> Result<(), SettingsError> {
+        let auth = AuthConfig::from_settings(settings)?;
+        self.auth.store(Arc::new(auth));
+        self.limiter.policies_changed();
+        Ok(())
+    }
+}
+
+/// Reloads keys and tiers whenever the process gets SIGHUP. A bad configuration is
+/// logged and the running one kept.
+pub async fn reload_on_sighup(state: AppState) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; configuration reload is disabled");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match Settings::load().and_then(|settings| state.reload(&settings)) {
+                Ok(()) => {
+                    tracing::info!("configuration reloaded (API_KEYS, tiers, anonymous access)")
+                }
+                Err(error) => {
+                    tracing::error!(%error, "configuration reload failed; keeping the running configuration")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = state;
 }
 
 /// The router. Layer order matters and is the order of checks in CONTRACT §2:

@@ -1,52 +1,27 @@
-//! API key authentication (constant time) and the client identity it yields.
+//! Who is calling: API key authentication (constant time), per-key tiers, and the
+//! anonymous per-IP identity (with trusted-proxy `X-Forwarded-For` handling).
+//!
+//! `AuthConfig` is rebuilt from settings on SIGHUP and swapped in atomically, so a
+//! reload never drops a request in flight.
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use ipnet::IpNet;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::ratelimit::{bucket_key, BucketPolicy};
+use crate::settings::{Settings, SettingsError};
 
 /// Longer presented keys are refused before hashing; no real key comes near this.
 const MAX_KEY_BYTES: usize = 4096;
-
-/// The configured client keys, held only as SHA-256 digests.
-pub struct ApiKeys {
-    digests: Vec<[u8; 32]>,
-}
-
-impl ApiKeys {
-    /// Keys from their plain forms.
-    pub fn new<S: AsRef<str>>(keys: &[S]) -> ApiKeys {
-        ApiKeys {
-            digests: keys
-                .iter()
-                .map(|k| Sha256::digest(k.as_ref().as_bytes()).into())
-                .collect(),
-        }
-    }
-
-    /// Whether `presented` is a configured key. Compares fixed-size digests against every
-    /// configured key without stopping early, so timing reveals neither which key matched
-    /// nor how much of one did.
-    pub fn contains(&self, presented: &str) -> bool {
-        if presented.len() > MAX_KEY_BYTES {
-            return false;
-        }
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let mut found = subtle::Choice::from(0);
-        for known in &self.digests {
-            found |= known.ct_eq(&digest);
-        }
-        found.into()
-    }
-}
 
 /// Who is calling, decided by authentication and read by the limiter.
 #[derive(Debug, Clone)]
@@ -57,24 +32,175 @@ pub struct ClientIdentity {
     pub policy: Arc<BucketPolicy>,
 }
 
-/// The `X-API-Key` value, if present and printable.
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    headers.get("x-api-key")?.to_str().ok()
+/// Anonymous access settings.
+struct Anonymous {
+    policy: Arc<BucketPolicy>,
+    trusted_proxies: Vec<IpNet>,
 }
 
-/// Middleware: 401 unless `X-API-Key` is a configured key; otherwise attaches the
-/// client's identity for the limiter.
+/// Keys (as SHA-256 digests) with their policies, and the anonymous rules.
+pub struct AuthConfig {
+    keys: Vec<([u8; 32], Arc<BucketPolicy>)>,
+    anonymous: Option<Anonymous>,
+}
+
+impl AuthConfig {
+    /// Builds the configuration from validated settings.
+    pub fn from_settings(settings: &Settings) -> Result<AuthConfig, SettingsError> {
+        let default = Arc::new(BucketPolicy {
+            tier: "default".into(),
+            capacity: settings.rate_limiter_capacity,
+            refill_rate: settings.rate_limiter_refill_rate,
+        });
+        let tiers: Vec<Arc<BucketPolicy>> = settings
+            .tiers()?
+            .into_iter()
+            .map(|t| {
+                Arc::new(BucketPolicy {
+                    tier: t.name.into(),
+                    capacity: t.capacity,
+                    refill_rate: t.refill_rate,
+                })
+            })
+            .collect();
+        let tier = |name: &str| tiers.iter().find(|t| &*t.tier == name).cloned();
+        let assignments = settings.key_tiers()?;
+        let keys = settings
+            .api_key_list()
+            .into_iter()
+            .map(|key| {
+                let policy = assignments
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .and_then(|(_, name)| tier(name))
+                    .unwrap_or_else(|| default.clone());
+                (Sha256::digest(key.as_bytes()).into(), policy)
+            })
+            .collect();
+        let anonymous = match settings.allow_anonymous {
+            true => Some(Anonymous {
+                policy: tier("anonymous").unwrap_or_else(|| default.clone()),
+                trusted_proxies: settings.trusted_proxy_nets()?,
+            }),
+            false => None,
+        };
+        Ok(AuthConfig { keys, anonymous })
+    }
+
+    /// The policy of `presented` if it is a configured key. Compares fixed-size digests
+    /// against every key without stopping early, so timing reveals neither which key
+    /// matched nor how much of one did.
+    pub fn policy_for_key(&self, presented: &str) -> Option<Arc<BucketPolicy>> {
+        if presented.len() > MAX_KEY_BYTES {
+            return None;
+        }
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = subtle::Choice::from(0);
+        let mut index = 0u32;
+        for (i, (known, _)) in self.keys.iter().enumerate() {
+            let matched = known.ct_eq(&digest);
+            index.conditional_assign(&(i as u32), matched);
+            found |= matched;
+        }
+        bool::from(found).then(|| self.keys[index as usize].1.clone())
+    }
+
+    /// The identity of a request: its key's, or with anonymous access and no key at all,
+    /// its client IP's. `None` means 401.
+    pub fn identify(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<ClientIdentity> {
+        match headers.get("x-api-key") {
+            Some(value) => {
+                let key = value.to_str().ok()?;
+                let policy = self.policy_for_key(key)?;
+                Some(ClientIdentity {
+                    bucket_key: bucket_key(&format!("key:{key}")),
+                    policy,
+                })
+            }
+            None => {
+                let anonymous = self.anonymous.as_ref()?;
+                let ip = client_ip(headers, peer?, &anonymous.trusted_proxies);
+                Some(ClientIdentity {
+                    bucket_key: bucket_key(&format!("ip:{}", group(ip))),
+                    policy: anonymous.policy.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// The client's address: the peer, unless the peer is a trusted proxy, in which case
+/// `X-Forwarded-For` is walked from the right past trusted proxies to the first
+/// address that is not one (an unparsable entry stops the walk).
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(&canonical(*ip)));
+    let mut client = peer;
+    if !is_trusted(&client) {
+        return canonical(client);
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    for hop in hops.into_iter().rev() {
+        let Some(ip) = parse_hop(hop) else { break };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    canonical(client)
+}
+
+/// Parses an `X-Forwarded-For` entry: an address, optionally with a port or brackets.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            hop.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .ok()
+        })
+}
+
+/// IPv4-mapped IPv6 addresses are their IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// The limiting group of an address: itself for IPv4, its /64 for IPv6 (one host
+/// usually holds a whole /64, so per-address limits would be trivial to dodge).
+fn group(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
+/// Middleware: 401 unless the request has a configured key (or anonymous access
+/// applies); otherwise attaches the client's identity for the limiter.
 pub async fn require_api_key(
     State(state): State<AppState>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let Some(key) = presented_key(request.headers()).filter(|k| state.api_keys.contains(k)) else {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let Some(identity) = state.auth.load().identify(request.headers(), peer) else {
         return ApiError::Unauthorized.into_response();
-    };
-    let identity = ClientIdentity {
-        bucket_key: bucket_key(&format!("key:{key}")),
-        policy: state.default_policy.clone(),
     };
     request.extensions_mut().insert(identity);
     next.run(request).await
@@ -84,15 +210,82 @@ pub async fn require_api_key(
 mod tests {
     use super::*;
 
+    fn config(pairs: &[(&str, &str)]) -> AuthConfig {
+        AuthConfig::from_settings(&Settings::from_pairs(pairs).unwrap()).unwrap()
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
     #[test]
-    fn only_configured_keys_are_accepted() {
-        let keys = ApiKeys::new(&["sk-a", "sk-b"]);
-        assert!(keys.contains("sk-a"));
-        assert!(keys.contains("sk-b"));
-        assert!(!keys.contains("sk-c"));
-        assert!(!keys.contains(""));
-        assert!(!keys.contains("sk-a "));
-        assert!(!keys.contains(&"x".repeat(100_000)));
-        assert!(!ApiKeys::new::<&str>(&[]).contains("sk-a"));
+    fn only_configured_keys_are_accepted_with_their_tier() {
+        let auth = config(&[
+            ("API_KEYS", "sk-a,sk-b"),
+            ("RATE_LIMITER_TIERS", "gold:50:5"),
+            ("API_KEY_TIERS", "sk-b=gold"),
+        ]);
+        assert_eq!(&*auth.policy_for_key("sk-a").unwrap().tier, "default");
+        let gold = auth.policy_for_key("sk-b").unwrap();
+        assert_eq!(
+            (&*gold.tier, gold.capacity, gold.refill_rate),
+            ("gold", 50, 5.0)
+        );
+        for wrong in ["sk-c", "", "sk-a ", "SK-A"] {
+            assert!(auth.policy_for_key(wrong).is_none(), "{wrong}");
+        }
+        assert!(auth.policy_for_key(&"x".repeat(100_000)).is_none());
+    }
+
+    #[test]
+    fn anonymous_requests_are_refused_unless_enabled_and_wrong_keys_always_are() {
+        let peer = Some("192.0.2.1".parse().unwrap());
+        let closed = config(&[]);
+        assert!(closed.identify(&headers(&[]), peer).is_none());
+        let open = config(&[
+            ("ALLOW_ANONYMOUS", "true"),
+            ("RATE_LIMITER_TIERS", "anonymous:2:0.1"),
+        ]);
+        let id = open.identify(&headers(&[]), peer).unwrap();
+        assert_eq!(&*id.policy.tier, "anonymous");
+        assert!(open
+            .identify(&headers(&[("x-api-key", "wrong")]), peer)
+            .is_none());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let h = headers(&[("x-forwarded-for", "203.0.113.9, 10.1.1.1")]);
+        let from_proxy = client_ip(&h, "10.0.0.2".parse().unwrap(), &trusted);
+        assert_eq!(from_proxy, "203.0.113.9".parse::<IpAddr>().unwrap());
+        let from_stranger = client_ip(&h, "198.51.100.7".parse().unwrap(), &trusted);
+        assert_eq!(from_stranger, "198.51.100.7".parse::<IpAddr>().unwrap());
+        // A spoofed leftmost entry does not win over the first untrusted hop.
+        let spoofed = headers(&[("x-forwarded-for", "1.1.1.1, 203.0.113.9")]);
+        let ip = client_ip(&spoofed, "10.0.0.2".parse().unwrap(), &trusted);
+        assert_eq!(ip, "203.0.113.9".parse::<IpAddr>().unwrap());
+        let garbage = headers(&[("x-forwarded-for", "not-an-ip")]);
+        assert_eq!(
+            client_ip(&garbage, "10.0.0.2".parse().unwrap(), &trusted),
+            "10.0.0.2".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_grouped_by_slash_64() {
+        let a = group("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = group("2001:db8:1:2:bbbb::9".parse().unwrap());
+        let c = group("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            group("::ffff:192.0.2.1".parse().unwrap()),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use llm_gateway::app::{stop_signal, App};
+use llm_gateway::app::{reload_on_sighup, stop_signal, App};
 use llm_gateway::settings::{Settings, SHIPPED_DEFAULT_API_KEY};
 use llm_gateway::telemetry;
 
@@ -37,6 +37,7 @@ async fn main() -> ExitCode {
         Ok(addr) => tracing::info!(%addr, "llm-gateway listening"),
         Err(error) => tracing::warn!(%error, "listening on an unknown address"),
     }
+    tokio::spawn(reload_on_sighup(app.state().clone()));
     match app.run_until(stop_signal()).await {
         Ok(()) => {
             tracing::info!("llm-gateway stopped");

@@ -42,8 +42,12 @@ pub struct Metrics {
     pub limiter_fallback_decisions: IntCounterVec,
     /// Latency of one limiter decision, including any fallback.
     pub limiter_call_latency: Histogram,
-    /// 1 while the limiter's Redis is considered down, by state.
+    /// 1 when the limiter's last store call succeeded, 0 while it fails.
     pub limiter_backend_state: IntGaugeVec,
+    /// Breaker state: 0 closed, 1 open, 2 half-open.
+    pub limiter_breaker_state: IntGauge,
+    /// Denials answered by the local deny cache without a Redis call.
+    pub limiter_local_denials: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -190,6 +194,20 @@ impl Metrics {
                 register(r, "rate_limiter_backend_up", Box::new(g.clone()));
                 g
             },
+            limiter_breaker_state: {
+                let g = IntGauge::new(
+                    "rate_limiter_breaker_state",
+                    "Rate limiter circuit breaker: 0 closed, 1 open, 2 half-open",
+                )
+                .unwrap_or_else(|e| panic_metric("rate_limiter_breaker_state", e));
+                register(r, "rate_limiter_breaker_state", Box::new(g.clone()));
+                g
+            },
+            limiter_local_denials: counter(
+                r,
+                "rate_limiter_local_denials_total",
+                "Denials answered by the local deny cache without a Redis call",
+            ),
             registry,
         };
         for provider in ["gemini", "ollama"] {

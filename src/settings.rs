@@ -76,12 +76,24 @@ pub struct Settings {
     pub shutdown_grace_seconds: f64,
     /// Comma-separated client keys, as configured (see [`Settings::api_key_list`]).
     pub api_keys: SecretString,
+    /// Whether requests without a key are limited per IP instead of refused.
+    pub allow_anonymous: bool,
+    /// Proxies whose `X-Forwarded-For` is believed, comma-separated IPs or CIDRs.
+    pub trusted_proxies: String,
+    /// Tier definitions, `name:capacity:refill_rate,...`.
+    pub rate_limiter_tiers: String,
+    /// Key-to-tier assignments, `key=tier,...`.
+    pub api_key_tiers: SecretString,
     /// Bucket size per client.
     pub rate_limiter_capacity: u64,
     /// Tokens per second per client.
     pub rate_limiter_refill_rate: f64,
     /// Policy when Redis fails.
     pub rate_limiter_failure_mode: FailureMode,
+    /// Consecutive Redis failures that open the limiter's circuit breaker.
+    pub rate_limiter_breaker_threshold: u32,
+    /// How long the open breaker skips Redis before probing it, in milliseconds.
+    pub rate_limiter_breaker_cooldown_ms: u64,
     /// Bound on every Redis call (limiter and cache), in milliseconds.
     pub redis_timeout_ms: u64,
     /// Store URL, see [`StoreUrl`].
@@ -256,7 +268,97 @@ impl Settings {
             return Err(invalid("log_level", e));
         }
         self.store_url()?;
+        self.tiers()?;
+        self.key_tiers()?;
+        self.trusted_proxy_nets()?;
         Ok(())
+    }
+
+    /// The tier definitions, by name.
+    pub fn tiers(&self) -> Result<Vec<Tier>, SettingsError> {
+        let mut tiers: Vec<Tier> = Vec::new();
+        for (index, entry) in split_list(&self.rate_limiter_tiers).enumerate() {
+            let bad = |why: &str| {
+                invalid(
+                    "rate_limiter_tiers",
+                    format!("entry {} ('{entry}'): {why}", index + 1),
+                )
+            };
+            let mut parts = entry.split(':').map(str::trim);
+            let (Some(name), Some(capacity), Some(rate), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(bad("expected name:capacity:refill_rate"));
+            };
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(bad("the name may only hold letters, digits, '-' and '_'"));
+            }
+            let capacity: u64 = capacity
+                .parse()
+                .ok()
+                .filter(|c| *c >= 1)
+                .ok_or_else(|| bad("capacity must be a whole number of at least 1"))?;
+            let refill_rate: f64 = rate
+                .parse()
+                .ok()
+                .filter(|r: &f64| r.is_finite() && *r > 0.0)
+                .ok_or_else(|| bad("refill_rate must be a number greater than 0"))?;
+            if tiers.iter().any(|t| t.name == name) || name == "default" {
+                return Err(bad("the name is used twice (or is the reserved 'default')"));
+            }
+            tiers.push(Tier {
+                name: name.to_owned(),
+                capacity,
+                refill_rate,
+            });
+        }
+        Ok(tiers)
+    }
+
+    /// Key-to-tier assignments. Errors never quote a key.
+    pub fn key_tiers(&self) -> Result<Vec<(String, String)>, SettingsError> {
+        use secrecy::ExposeSecret;
+        let tiers = self.tiers()?;
+        let keys = self.api_key_list();
+        let mut assignments = Vec::new();
+        for (index, entry) in split_list(self.api_key_tiers.expose_secret()).enumerate() {
+            let bad = |why: String| invalid("api_key_tiers", format!("entry {}: {why}", index + 1));
+            let Some((key, tier)) = entry.rsplit_once('=') else {
+                return Err(bad("expected key=tier".into()));
+            };
+            let (key, tier) = (key.trim(), tier.trim());
+            if !tiers.iter().any(|t| t.name == tier) {
+                return Err(bad(format!(
+                    "tier '{tier}' is not defined in RATE_LIMITER_TIERS"
+                )));
+            }
+            if !keys.iter().any(|k| k == key) {
+                return Err(bad("the key is not in API_KEYS".into()));
+            }
+            assignments.push((key.to_owned(), tier.to_owned()));
+        }
+        Ok(assignments)
+    }
+
+    /// The trusted proxy networks.
+    pub fn trusted_proxy_nets(&self) -> Result<Vec<ipnet::IpNet>, SettingsError> {
+        split_list(&self.trusted_proxies)
+            .map(|entry| {
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        invalid(
+                            "trusted_proxies",
+                            format!("'{entry}' is not an IP address or CIDR network"),
+                        )
+                    })
+            })
+            .collect()
     }
 
     /// The configured client keys: comma-separated, each trimmed, empties dropped.
@@ -290,6 +392,22 @@ impl Settings {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_grace_seconds)
     }
+}
+
+/// A named bucket policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tier {
+    /// Name shown in `RateLimit-Policy`.
+    pub name: String,
+    /// Bucket size.
+    pub capacity: u64,
+    /// Tokens per second.
+    pub refill_rate: f64,
+}
+
+/// Comma-separated entries, trimmed, empties dropped.
+fn split_list(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|e| !e.is_empty())
 }
 
 /// Every key of `config/default.toml` plus `gateway_config`.
@@ -439,6 +557,59 @@ mod tests {
         assert_eq!(s.rate_limiter_capacity, 7);
         assert_eq!(s.cache_ttl_seconds, 11);
         assert_eq!(s.port, 3);
+    }
+
+    #[test]
+    fn tiers_and_key_assignments_parse_and_validate() {
+        let s = Settings::from_pairs(&[
+            ("API_KEYS", "sk-a,sk-b"),
+            ("RATE_LIMITER_TIERS", "gold:100:10, free:5:0.5"),
+            ("API_KEY_TIERS", "sk-a=gold"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.tiers().unwrap()[1],
+            Tier {
+                name: "free".into(),
+                capacity: 5,
+                refill_rate: 0.5
+            }
+        );
+        assert_eq!(
+            s.key_tiers().unwrap(),
+            vec![("sk-a".to_string(), "gold".to_string())]
+        );
+        for (tiers, assignments) in [
+            ("gold:0:1", ""),
+            ("gold:1", ""),
+            ("go ld:1:1", ""),
+            ("gold:1:1,gold:2:2", ""),
+            ("gold:1:1", "sk-a=silver"),
+            ("gold:1:1", "sk-zzz-secret=gold"),
+        ] {
+            let err = Settings::from_pairs(&[
+                ("API_KEYS", "sk-a"),
+                ("RATE_LIMITER_TIERS", tiers),
+                ("API_KEY_TIERS", assignments),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("RATE_LIMITER_TIERS") || err.contains("API_KEY_TIERS"),
+                "{err}"
+            );
+            assert!(
+                !err.contains("sk-zzz-secret"),
+                "keys never appear in errors: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_accept_addresses_and_networks() {
+        let s = Settings::from_pairs(&[("TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1,::1")]).unwrap();
+        assert_eq!(s.trusted_proxy_nets().unwrap().len(), 3);
+        assert!(Settings::from_pairs(&[("TRUSTED_PROXIES", "10.0.0.0/33")]).is_err());
     }
 
     #[test]

@@ -64,7 +64,10 @@ impl Breaker {
         if self.now_ms().saturating_sub(opened) < self.cooldown.as_millis() as u64 {
             return Admission::Skip;
         }
-        match self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire) {
+        match self
+            .probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        {
             Ok(_) => Admission::Probe,
             Err(_) => Admission::Skip,
         }

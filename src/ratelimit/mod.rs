@@ -1,12 +1,13 @@
 //! The per-client token-bucket limiter: backends, the failure policy around them, and
 //! the decision the HTTP layer turns into a 429 or into headers.
 
+pub mod breaker;
+pub mod deny_cache;
 pub mod headers;
 pub mod layer;
 pub mod memory;
 pub mod redis;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,27 +102,44 @@ pub fn bucket_key(identity: &str) -> String {
     format!("ratelimit:v1:{{{}}}", hex::encode(&digest[..16]))
 }
 
-/// The limiter as the HTTP layer sees it: a backend plus the failure policy.
+/// The limiter as the HTTP layer sees it: a backend plus, when the backend is remote,
+/// the deny cache in front of it and the breaker and failure policy behind it.
 pub struct RateLimiter {
     backend: Arc<dyn LimiterBackend>,
-    /// Set when the backend is remote: the in-process bucket the `local` policy uses.
-    fallback: Option<memory::MemoryLimiter>,
+    remote: Option<RemoteGuards>,
     mode: FailureMode,
     timeout: Duration,
     metrics: Metrics,
-    /// Whether the last backend call succeeded; logs are written on changes only, so a
-    /// Redis outage is one warning, not one per request.
-    backend_up: AtomicBool,
+}
+
+/// What only a remote (fallible, slow-able) backend needs.
+struct RemoteGuards {
+    /// The in-process bucket the `local` failure mode uses.
+    fallback: memory::MemoryLimiter,
+    breaker: breaker::Breaker,
+    deny_cache: deny_cache::DenyCache,
+}
+
+/// How the limiter protects itself from its remote store.
+#[derive(Debug, Clone)]
+pub struct LimiterConfig {
+    /// Policy when the store fails.
+    pub mode: FailureMode,
+    /// Bound on one store call.
+    pub timeout: Duration,
+    /// Consecutive failures that open the breaker.
+    pub breaker_threshold: u32,
+    /// How long the open breaker skips the store before probing.
+    pub breaker_cooldown: Duration,
 }
 
 impl RateLimiter {
-    /// A limiter over `backend`. `remote` says whether the backend can fail (Redis) and so
-    /// needs the failure policy; the in-process backend cannot.
+    /// A limiter over `backend`. `remote` says whether the backend can fail or be slow
+    /// (Redis) and so needs the deny cache, the breaker and the failure policy.
     pub fn new(
         backend: Arc<dyn LimiterBackend>,
         remote: bool,
-        mode: FailureMode,
-        timeout: Duration,
+        config: LimiterConfig,
         metrics: Metrics,
     ) -> RateLimiter {
         metrics
@@ -130,11 +148,14 @@ impl RateLimiter {
             .set(1);
         RateLimiter {
             backend,
-            fallback: remote.then(memory::MemoryLimiter::new),
-            mode,
-            timeout,
+            remote: remote.then(|| RemoteGuards {
+                fallback: memory::MemoryLimiter::new(),
+                breaker: breaker::Breaker::new(config.breaker_threshold, config.breaker_cooldown),
+                deny_cache: deny_cache::DenyCache::new(),
+            }),
+            mode: config.mode,
+            timeout: config.timeout,
             metrics,
-            backend_up: AtomicBool::new(true),
         }
     }
 
@@ -142,39 +163,14 @@ impl RateLimiter {
     /// limiter timeout, and is never retried: a timed-out script may have run.
     pub async fn check(&self, key: &str, policy: &BucketPolicy) -> Result<Decision, ApiError> {
         let started = Instant::now();
-        let outcome = match &self.fallback {
-            None => self.backend.check(key, policy).await,
-            Some(_) => tokio::time::timeout(self.timeout, self.backend.check(key, policy))
-                .await
-                .unwrap_or(Err(BackendError::Timeout)),
-        };
-        let state = self
-            .metrics
-            .limiter_backend_state
-            .with_label_values(&[self.backend.name()]);
-        let decision = match outcome {
-            Ok(decision) => {
-                state.set(1);
-                if !self.backend_up.swap(true, Ordering::Relaxed) {
-                    tracing::info!(
-                        backend = self.backend.name(),
-                        "rate limiter backend recovered"
-                    );
-                }
-                Ok(decision)
-            }
-            Err(error) => {
-                state.set(0);
-                self.metrics
-                    .limiter_redis_errors
-                    .with_label_values(&[error.kind()])
-                    .inc();
-                if self.backend_up.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(backend = self.backend.name(), %error, mode = self.mode.as_str(),
-                        "rate limiter backend failed; applying the failure mode until it recovers");
-                }
-                self.on_backend_failure(key, policy)
-            }
+        let decision = match &self.remote {
+            None => self.backend.check(key, policy).await.map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "Rate limiter backend ({}) failed: {e}",
+                    self.backend.name()
+                ))
+            }),
+            Some(guards) => self.check_remote(guards, key, policy).await,
         };
         self.metrics
             .limiter_call_latency
@@ -187,23 +183,93 @@ impl RateLimiter {
         decision
     }
 
-    fn on_backend_failure(&self, key: &str, policy: &BucketPolicy) -> Result<Decision, ApiError> {
+    async fn check_remote(
+        &self,
+        guards: &RemoteGuards,
+        key: &str,
+        policy: &BucketPolicy,
+    ) -> Result<Decision, ApiError> {
+        if let Some(denied) = guards.deny_cache.check(key) {
+            self.metrics.limiter_local_denials.inc();
+            return Ok(denied);
+        }
+        let admission = guards.breaker.admit();
+        if admission == breaker::Admission::Skip {
+            return self.on_backend_failure(guards, key, policy);
+        }
+        let outcome = tokio::time::timeout(self.timeout, self.backend.check(key, policy))
+            .await
+            .unwrap_or(Err(BackendError::Timeout));
+        let name = self.backend.name();
+        let result = match outcome {
+            Ok(decision) => {
+                if guards.breaker.on_success() {
+                    tracing::info!(
+                        backend = name,
+                        "rate limiter backend recovered; breaker closed"
+                    );
+                }
+                self.metrics
+                    .limiter_backend_state
+                    .with_label_values(&[name])
+                    .set(1);
+                guards.deny_cache.record(key, &decision);
+                Ok(decision)
+            }
+            Err(error) => {
+                self.metrics
+                    .limiter_backend_state
+                    .with_label_values(&[name])
+                    .set(0);
+                self.metrics
+                    .limiter_redis_errors
+                    .with_label_values(&[error.kind()])
+                    .inc();
+                if guards
+                    .breaker
+                    .on_failure(admission == breaker::Admission::Probe)
+                {
+                    tracing::warn!(backend = name, %error, mode = self.mode.as_str(),
+                        "rate limiter backend failing; breaker open, applying the failure mode");
+                }
+                self.on_backend_failure(guards, key, policy)
+            }
+        };
+        self.metrics
+            .limiter_breaker_state
+            .set(guards.breaker.state() as i64);
+        result
+    }
+
+    fn on_backend_failure(
+        &self,
+        guards: &RemoteGuards,
+        key: &str,
+        policy: &BucketPolicy,
+    ) -> Result<Decision, ApiError> {
         self.metrics
             .limiter_fallback_decisions
             .with_label_values(&[self.mode.as_str()])
             .inc();
-        match (self.mode, &self.fallback) {
-            (FailureMode::Local, Some(local)) => Ok(local.take(key, policy)),
-            (FailureMode::Closed, _) => Err(ApiError::Unavailable(
-                "Rate limiter backend (redis) is unavailable".into(),
-            )),
-            // `open`, or a local backend that cannot fail in the first place.
-            _ => Ok(Decision {
+        match self.mode {
+            FailureMode::Local => Ok(guards.fallback.take(key, policy)),
+            FailureMode::Closed => Err(ApiError::Unavailable(format!(
+                "Rate limiter backend ({}) is unavailable",
+                self.backend.name()
+            ))),
+            FailureMode::Open => Ok(Decision {
                 allowed: true,
                 remaining: policy.capacity,
                 reset_ms: 0,
                 retry_after_ms: 0,
             }),
+        }
+    }
+
+    /// Forgets cached denials, after bucket policies changed (hot reload).
+    pub fn policies_changed(&self) {
+        if let Some(guards) = &self.remote {
+            guards.deny_cache.clear();
         }
     }
 
