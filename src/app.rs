@@ -148,16 +148,14 @@ impl AppState {
     }
 }
 
-/// Reloads keys and tiers whenever the process gets SIGHUP. A bad configuration is
-/// logged and the running one kept.
-pub async fn reload_on_sighup(state: AppState) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; configuration reload is disabled");
-            return;
-        };
+/// Listens for SIGHUP now (so a hang-up arriving right after start-up cannot kill the
+/// process) and returns the task that reloads keys and tiers on each one. A bad
+/// configuration is logged and the running one kept.
+#[cfg(unix)]
+pub fn reload_on_sighup(state: AppState) -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup())?;
+    Ok(async move {
         while hangups.recv().await.is_some() {
             match Settings::load().and_then(|settings| state.reload(&settings)) {
                 Ok(()) => {
@@ -168,9 +166,7 @@ pub async fn reload_on_sighup(state: AppState) {
                 }
             }
         }
-    }
-    #[cfg(not(unix))]
-    let _ = state;
+    })
 }
 
 /// The router. Layer order matters and is the order of checks in CONTRACT §2:

@@ -33,11 +33,19 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    #[cfg(unix)]
+    match reload_on_sighup(app.state().clone()) {
+        Ok(reloader) => {
+            tokio::spawn(reloader);
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; configuration reload is disabled")
+        }
+    }
     match app.local_addr() {
         Ok(addr) => tracing::info!(%addr, "llm-gateway listening"),
         Err(error) => tracing::warn!(%error, "listening on an unknown address"),
     }
-    tokio::spawn(reload_on_sighup(app.state().clone()));
     match app.run_until(stop_signal()).await {
         Ok(()) => {
             tracing::info!("llm-gateway stopped");

@@ -1,17 +1,16 @@
 //! The distributed limiter on real Redis: exactness across instances, NOSCRIPT recovery,
 //! key hygiene, headers, failure modes, and the in-process mode.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{chat_body, upstream_ok, RedisServer, TestApp};
+use crate::common::{chat_body, hammer, upstream_ok, RedisServer, TestApp};
 
-const KEY: &str = "sk-limiter-secret-key";
+pub const KEY: &str = "sk-limiter-secret-key";
 
-async fn app_with(
+pub async fn app_with(
     redis_url: &str,
     upstream: &wiremock::MockServer,
     extra: &[(&str, &str)],
@@ -145,7 +144,6 @@ async fn a_redis_restart_is_recovered_and_the_script_reloaded() {
 async fn three_instances_on_one_redis_admit_exactly_capacity_plus_refill() {
     let redis = RedisServer::start();
     let upstream = upstream_ok().await;
-    let (capacity, rate) = (10.0, 5.0);
     let settings = [
         ("RATE_LIMITER_CAPACITY", "10"),
         ("RATE_LIMITER_REFILL_RATE", "5"),
@@ -154,58 +152,13 @@ async fn three_instances_on_one_redis_admit_exactly_capacity_plus_refill() {
     for _ in 0..3 {
         apps.push(Arc::new(app_with(&redis.url(), &upstream, &settings).await));
     }
-    let admitted = Arc::new(AtomicU64::new(0));
-    let denied = Arc::new(AtomicU64::new(0));
-    let first_response = Arc::new(std::sync::Mutex::new(None::<Instant>));
-    let last_send = Arc::new(std::sync::Mutex::new(None::<Instant>));
-    let start = Instant::now();
-    let run_for = Duration::from_secs(3);
-    let mut workers = Vec::new();
-    for worker in 0..24 {
-        let app = apps[worker % 3].clone();
-        let (admitted, denied) = (admitted.clone(), denied.clone());
-        let (first_response, last_send) = (first_response.clone(), last_send.clone());
-        workers.push(tokio::spawn(async move {
-            while start.elapsed() < run_for {
-                let sent = Instant::now();
-                let response = app.chat(KEY, &chat_body("load")).await;
-                let done = Instant::now();
-                match response.status().as_u16() {
-                    200 => admitted.fetch_add(1, Ordering::Relaxed),
-                    429 => denied.fetch_add(1, Ordering::Relaxed),
-                    other => panic!("unexpected status {other}"),
-                };
-                first_response.lock().unwrap().get_or_insert(done);
-                let mut last = last_send.lock().unwrap();
-                if last.is_none_or(|l| sent > l) {
-                    *last = Some(sent);
-                }
-            }
-        }));
-    }
-    for w in workers {
-        w.await.unwrap();
-    }
-    let total = start.elapsed().as_secs_f64();
-    let window = last_send.lock().unwrap().unwrap() - first_response.lock().unwrap().unwrap();
-    let admitted = admitted.load(Ordering::Relaxed) as f64;
-    let denied = denied.load(Ordering::Relaxed) as f64;
-    let upper = capacity + rate * total + 1.0;
-    let lower = capacity + rate * window.as_secs_f64() - 1.0;
-    println!(
-        "admitted {admitted}, denied {denied}, bounds [{lower:.1}, {upper:.1}] over {total:.2}s"
-    );
-    assert!(
-        denied > admitted,
-        "demand must exceed the limit for the test to mean anything"
-    );
-    assert!(admitted <= upper, "admitted {admitted} > bound {upper:.2}");
-    assert!(
-        admitted >= lower,
-        "admitted {admitted} < {lower:.2}: tokens were lost"
-    );
+    let result = hammer(&apps, KEY, 24, Duration::from_secs(3), || {}).await;
+    result.assert_exact("3 instances, 1 redis", 10.0, 5.0);
     let upstream_calls = upstream.received_requests().await.unwrap().len() as f64;
-    assert_eq!(upstream_calls, admitted);
+    assert_eq!(
+        upstream_calls, result.admitted,
+        "every admitted request reached the provider"
+    );
 }
 
 #[tokio::test]

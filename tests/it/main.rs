@@ -6,5 +6,7 @@ mod api;
 mod cache;
 mod common;
 mod limiter;
+mod limiter_faults;
+mod limiter_policies;
 mod ops;
 mod providers;

@@ -324,3 +324,35 @@ pub fn wait_for_line(path: &Path, needle: &str) -> Option<String> {
     }
     None
 }
+
+mod cluster;
+mod load;
+pub use cluster::{command_calls, RedisCluster};
+pub use load::{hammer, Hammered};
+
+impl RedisServer {
+    /// SIGSTOP: the server keeps its sockets but answers nothing, so calls time out
+    /// instead of failing fast.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`RedisServer::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis running").id().to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// How many times Redis ran `command` (from INFO commandstats).
+    pub fn command_calls(&self, command: &str) -> u64 {
+        command_calls(&mut self.conn(), command)
+    }
+}
