@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod api;
+mod backends;
 mod cache;
+mod cluster;
 mod common;
 mod limiter;
 mod limiter_faults;

@@ -328,7 +328,7 @@ pub fn wait_for_line(path: &Path, needle: &str) -> Option<String> {
 mod cluster;
 mod load;
 pub use cluster::{command_calls, RedisCluster};
-pub use load::{hammer, Hammered};
+pub use load::hammer;
 
 impl RedisServer {
     /// SIGSTOP: the server keeps its sockets but answers nothing, so calls time out
