@@ -4,6 +4,7 @@
 //! `AuthConfig` is rebuilt from settings on SIGHUP and swapped in atomically, so a
 //! reload never drops a request in flight.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
-use subtle::{ConditionallySelectable, ConstantTimeEq};
+use subtle::ConstantTimeEq;
 
 use crate::app::AppState;
 use crate::error::ApiError;
@@ -40,7 +41,7 @@ struct Anonymous {
 
 /// Keys (as SHA-256 digests) with their policies, and the anonymous rules.
 pub struct AuthConfig {
-    keys: Vec<([u8; 32], Arc<BucketPolicy>)>,
+    keys: HashMap<[u8; 32], Arc<BucketPolicy>>,
     anonymous: Option<Anonymous>,
 }
 
@@ -87,22 +88,20 @@ impl AuthConfig {
         Ok(AuthConfig { keys, anonymous })
     }
 
-    /// The policy of `presented` if it is a configured key. Compares fixed-size digests
-    /// against every key without stopping early, so timing reveals neither which key
-    /// matched nor how much of one did.
+    /// The policy of `presented` if it is a configured key.
+    ///
+    /// Keys are looked up by the SHA-256 digest of the presented key, never compared as
+    /// plain text: whatever timing the lookup has depends only on the digest of the
+    /// caller's own input, which reveals nothing about a prefix of any real key. The
+    /// final equality check is constant time, and the cost is O(1) however many keys are
+    /// configured.
     pub fn policy_for_key(&self, presented: &str) -> Option<Arc<BucketPolicy>> {
         if presented.len() > MAX_KEY_BYTES {
             return None;
         }
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let mut found = subtle::Choice::from(0);
-        let mut index = 0u32;
-        for (i, (known, _)) in self.keys.iter().enumerate() {
-            let matched = known.ct_eq(&digest);
-            index.conditional_assign(&(i as u32), matched);
-            found |= matched;
-        }
-        bool::from(found).then(|| self.keys[index as usize].1.clone())
+        let (known, policy) = self.keys.get_key_value(&digest)?;
+        bool::from(known.ct_eq(&digest)).then(|| policy.clone())
     }
 
     /// The identity of a request: its key's, or with anonymous access and no key at all,

@@ -1,16 +1,18 @@
-//! `POST /api/v1/chat` and `/v1/chat`: read and validate the body, then ask the service.
+//! `POST /api/v1/chat` and `/v1/chat`: limit, validate, then answer from the service.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::schemas::parse_chat_request;
 use crate::app::AppState;
+use crate::auth::ClientIdentity;
 use crate::chat::routing::ProviderKind;
-use crate::chat::service::CacheStatus;
+use crate::chat::service::{CacheStatus, ChatOutcome};
 use crate::error::ApiError;
+use crate::ratelimit::{headers as limit_headers, Decision};
 
 /// Left on chat responses for the request log: which provider, hit or miss.
 #[derive(Debug, Clone, Copy)]
@@ -21,23 +23,70 @@ pub struct ChatMeta {
     pub cache: CacheStatus,
 }
 
-/// The chat handler. Authentication and the limiter have already run (see `app.rs`), so
-/// the body is only read for admitted clients, bounded by `MAX_BODY_BYTES`.
+/// The chat handler. Authentication has run (see `app.rs`); this applies the limiter
+/// and answers.
+///
+/// The body is read (bounded by `MAX_BODY_BYTES`) and validated before the limiter call
+/// so that the limiter can fetch the cache entry in the same Redis round trip, but its
+/// errors are answered only after the limiter's verdict: the order of CONTRACT §2
+/// (429, then 413/422, then 503/502/504) holds whatever the client sent.
 pub async fn chat(
     State(state): State<AppState>,
+    identity: Option<Extension<ClientIdentity>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(state.settings.max_body_bytes),
-        _ => ApiError::BadBody,
-    })?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let request = parse_chat_request(&body, content_type)?;
-    let outcome = state.chat.chat(request).await?;
+) -> Response {
+    let Some(Extension(identity)) = identity else {
+        // Only reachable if the layers are mis-ordered; refuse rather than admit.
+        return ApiError::Unauthorized.into_response();
+    };
+    if let Some(denied) = state.limiter.cached_denial(&identity.bucket_key) {
+        return rate_limited(&identity, &denied);
+    }
+    let parsed = body
+        .map_err(|rejection| match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::PayloadTooLarge(state.settings.max_body_bytes)
+            }
+            _ => ApiError::BadBody,
+        })
+        .and_then(|body| {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            parse_chat_request(&body, content_type)
+        });
+    let cache_key = parsed.as_ref().ok().and_then(|r| state.chat.cache_key(r));
+    let (decision, prefetched) = state
+        .limiter
+        .check(&identity.bucket_key, &identity.policy, cache_key.as_deref())
+        .await;
+    let decision = match decision {
+        Ok(decision) if !decision.allowed => return rate_limited(&identity, &decision),
+        other => other,
+    };
+    let answer = match (parsed, &decision) {
+        (Err(error), _) => Err(error),
+        (Ok(_), Err(error)) => Err(error.clone()),
+        (Ok(request), Ok(_)) => state.chat.chat(request, cache_key, prefetched).await,
+    };
+    let mut response = match answer {
+        Ok(outcome) => answer_response(outcome),
+        Err(error) => error.into_response(),
+    };
+    if let Ok(decision) = &decision {
+        limit_headers::apply(response.headers_mut(), &identity.policy, decision);
+    }
+    response
+}
 
+fn rate_limited(identity: &ClientIdentity, decision: &Decision) -> Response {
+    let mut response = ApiError::RateLimited.into_response();
+    limit_headers::apply(response.headers_mut(), &identity.policy, decision);
+    response
+}
+
+fn answer_response(outcome: ChatOutcome) -> Response {
     let mut response = (StatusCode::OK, outcome.body).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -49,5 +98,5 @@ pub async fn chat(
         provider: outcome.provider,
         cache: outcome.cache,
     });
-    Ok(response)
+    response
 }

@@ -10,10 +10,11 @@ use tokio::sync::OnceCell;
 
 use super::routing::{route, ProviderKind};
 use crate::api::schemas::{ChatRequest, ChatResponse};
-use crate::cache::{cache_key, Cache};
+use crate::cache::{cache_key, Cache, CacheError};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::providers::{complete_with_retries, Provider, RetryPolicy};
+use crate::ratelimit::Prefetch;
 
 /// Whether an answer came from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,11 +110,23 @@ impl ChatService {
         }
     }
 
-    /// Answers `request`.
-    pub async fn chat(&self, request: ChatRequest) -> Result<ChatOutcome, ApiError> {
+    /// The cache key of `request`, or `None` while the cache is disabled.
+    pub fn cache_key(&self, request: &ChatRequest) -> Option<String> {
+        self.cache.as_ref().map(|_| cache_key(request))
+    }
+
+    /// Answers `request`. `key` is its [`ChatService::cache_key`]; `prefetched` is what
+    /// the limiter already read from that key in its round trip, so the cache is only
+    /// asked when nothing was read.
+    pub async fn chat(
+        &self,
+        request: ChatRequest,
+        key: Option<String>,
+        prefetched: Prefetch,
+    ) -> Result<ChatOutcome, ApiError> {
         let routed = route(&request, &self.gemini_model, &self.ollama_model);
         let provider = routed.provider;
-        let Some(cache) = &self.cache else {
+        let (Some(cache), Some(key)) = (&self.cache, key) else {
             let body = self.ask_provider(&request, provider, &routed.model).await?;
             return Ok(ChatOutcome {
                 body,
@@ -122,8 +135,13 @@ impl ChatService {
             });
         };
 
-        let key = cache_key(&request);
-        match cache.get(&key).await {
+        let cached = match prefetched {
+            Prefetch::Found(body) => Ok(Some(body)),
+            Prefetch::Missing => Ok(None),
+            Prefetch::Failed => Err(CacheError("redis is unavailable".into())),
+            Prefetch::NotFetched => cache.get(&key).await,
+        };
+        match cached {
             Ok(Some(body)) => {
                 self.metrics.cache_hits.inc();
                 return Ok(ChatOutcome {

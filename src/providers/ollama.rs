@@ -12,16 +12,16 @@ use crate::api::schemas::{ChatRequest, Usage};
 /// An Ollama server.
 pub struct Ollama {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once: parsing the URL on every call showed up in profiles.
+    url: reqwest::Url,
 }
 
 impl Ollama {
-    /// Ollama at `base_url`, e.g. `http://localhost:11434`.
-    pub fn new(client: reqwest::Client, base_url: &str) -> Ollama {
-        Ollama {
-            client,
-            url: format!("{}/api/chat", base_url.trim_end_matches('/')),
-        }
+    /// Ollama at `base_url`, e.g. `http://localhost:11434` (validated by settings).
+    pub fn new(client: reqwest::Client, base_url: &str) -> Result<Ollama, String> {
+        let url = format!("{}/api/chat", base_url.trim_end_matches('/'));
+        let url = reqwest::Url::parse(&url).map_err(|e| format!("OLLAMA_BASE_URL: {e}"))?;
+        Ok(Ollama { client, url })
     }
 }
 
@@ -63,7 +63,7 @@ impl Provider for Ollama {
         });
         let response = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .timeout(timeout)
             .json(&body)
             .send()

@@ -4,7 +4,6 @@
 pub mod breaker;
 pub mod deny_cache;
 pub mod headers;
-pub mod layer;
 pub mod memory;
 pub mod redis;
 
@@ -62,6 +61,19 @@ impl Decision {
     }
 }
 
+/// What a limiter call learned about the prefetched (cache) key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prefetch {
+    /// Nothing was read: no key given, a store that cannot, or decided without Redis.
+    NotFetched,
+    /// The key holds this value.
+    Found(bytes::Bytes),
+    /// The key does not exist.
+    Missing,
+    /// Redis failed; reading the key again would fail too.
+    Failed,
+}
+
 /// Why a backend could not decide.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -88,6 +100,18 @@ impl BackendError {
 pub trait LimiterBackend: Send + Sync {
     /// Takes one token from the bucket at `key` if there is one.
     async fn check(&self, key: &str, policy: &BucketPolicy) -> Result<Decision, BackendError>;
+    /// Like [`LimiterBackend::check`], and also reads the string at `prefetch` in the same
+    /// round trip where the store can (Redis: the cache entry of the request, so a
+    /// request costs one round trip before the provider is called, not two).
+    async fn check_and_prefetch(
+        &self,
+        key: &str,
+        policy: &BucketPolicy,
+        prefetch: &str,
+    ) -> Result<(Decision, Prefetch), BackendError> {
+        let _ = prefetch;
+        Ok((self.check(key, policy).await?, Prefetch::NotFetched))
+    }
     /// Checks that the store answers (for readiness).
     async fn ping(&self) -> Result<(), BackendError>;
     /// Name used in readiness bodies and logs.
@@ -159,18 +183,38 @@ impl RateLimiter {
         }
     }
 
-    /// Decides one request for the bucket at `key`. Never waits on Redis longer than the
-    /// limiter timeout, and is never retried: a timed-out script may have run.
-    pub async fn check(&self, key: &str, policy: &BucketPolicy) -> Result<Decision, ApiError> {
+    /// A denial still in force for `key` from the local deny cache, answered without any
+    /// Redis call (and counted as blocked). Callers ask this before [`RateLimiter::check`],
+    /// so a denied client costs neither a round trip nor parsing its body.
+    pub fn cached_denial(&self, key: &str) -> Option<Decision> {
+        let denied = self.remote.as_ref()?.deny_cache.check(key)?;
+        self.metrics.limiter_local_denials.inc();
+        self.metrics.rate_limit_blocked.inc();
+        Some(denied)
+    }
+
+    /// Decides one request for the bucket at `key`, reading `prefetch` (a cache key) in
+    /// the same round trip when given. Never waits on Redis longer than the limiter
+    /// timeout, and is never retried: a timed-out script may have run.
+    pub async fn check(
+        &self,
+        key: &str,
+        policy: &BucketPolicy,
+        prefetch: Option<&str>,
+    ) -> (Result<Decision, ApiError>, Prefetch) {
         let started = Instant::now();
-        let decision = match &self.remote {
-            None => self.backend.check(key, policy).await.map_err(|e| {
-                ApiError::Unavailable(format!(
-                    "Rate limiter backend ({}) failed: {e}",
-                    self.backend.name()
-                ))
-            }),
-            Some(guards) => self.check_remote(guards, key, policy).await,
+        let (decision, prefetched) = match &self.remote {
+            None => match self.backend.check(key, policy).await {
+                Ok(decision) => (Ok(decision), Prefetch::NotFetched),
+                Err(e) => (
+                    Err(ApiError::Unavailable(format!(
+                        "Rate limiter backend ({}) failed: {e}",
+                        self.backend.name()
+                    ))),
+                    Prefetch::NotFetched,
+                ),
+            },
+            Some(guards) => self.check_remote(guards, key, policy, prefetch).await,
         };
         self.metrics
             .limiter_call_latency
@@ -180,7 +224,7 @@ impl RateLimiter {
             Ok(_) => self.metrics.rate_limit_blocked.inc(),
             Err(_) => {}
         }
-        decision
+        (decision, prefetched)
     }
 
     async fn check_remote(
@@ -188,21 +232,32 @@ impl RateLimiter {
         guards: &RemoteGuards,
         key: &str,
         policy: &BucketPolicy,
-    ) -> Result<Decision, ApiError> {
-        if let Some(denied) = guards.deny_cache.check(key) {
-            self.metrics.limiter_local_denials.inc();
-            return Ok(denied);
-        }
+        prefetch: Option<&str>,
+    ) -> (Result<Decision, ApiError>, Prefetch) {
+        let failed = || match prefetch {
+            Some(_) => Prefetch::Failed,
+            None => Prefetch::NotFetched,
+        };
         let admission = guards.breaker.admit();
         if admission == breaker::Admission::Skip {
-            return self.on_backend_failure(guards, key, policy);
+            return (self.on_backend_failure(guards, key, policy), failed());
         }
-        let outcome = tokio::time::timeout(self.timeout, self.backend.check(key, policy))
+        let call = async {
+            match prefetch {
+                Some(cache_key) => {
+                    self.backend
+                        .check_and_prefetch(key, policy, cache_key)
+                        .await
+                }
+                None => Ok((self.backend.check(key, policy).await?, Prefetch::NotFetched)),
+            }
+        };
+        let outcome = tokio::time::timeout(self.timeout, call)
             .await
             .unwrap_or(Err(BackendError::Timeout));
         let name = self.backend.name();
         let result = match outcome {
-            Ok(decision) => {
+            Ok((decision, prefetched)) => {
                 if guards.breaker.on_success() {
                     tracing::info!(
                         backend = name,
@@ -214,7 +269,7 @@ impl RateLimiter {
                     .with_label_values(&[name])
                     .set(1);
                 guards.deny_cache.record(key, &decision);
-                Ok(decision)
+                (Ok(decision), prefetched)
             }
             Err(error) => {
                 self.metrics
@@ -232,7 +287,7 @@ impl RateLimiter {
                     tracing::warn!(backend = name, %error, mode = self.mode.as_str(),
                         "rate limiter backend failing; breaker open, applying the failure mode");
                 }
-                self.on_backend_failure(guards, key, policy)
+                (self.on_backend_failure(guards, key, policy), failed())
             }
         };
         self.metrics

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
-use super::{BackendError, BucketPolicy, Decision, LimiterBackend};
+use super::{BackendError, BucketPolicy, Decision, LimiterBackend, Prefetch};
 use crate::metrics::Metrics;
 use crate::redis_conn::RedisConn;
 
@@ -58,33 +58,88 @@ fn backend_error(error: RedisError) -> BackendError {
     }
 }
 
+/// The script's reply: allowed, milli-tokens left, ms until full, ms until a token.
+type ScriptReply = (i64, i64, i64, i64);
+
+fn decision(reply: ScriptReply) -> Decision {
+    let (allowed, milli_tokens, reset_ms, retry_ms) = reply;
+    Decision::from_millis(
+        allowed == 1,
+        milli_tokens.max(0) as u64,
+        reset_ms.max(0) as u64,
+        retry_ms.max(0) as u64,
+    )
+}
+
+impl RedisLimiter {
+    /// Runs the script (and the prefetch GET, pipelined on the same connection), and on
+    /// NOSCRIPT once more with EVAL. EVAL runs the script and caches it again on the node
+    /// that owns the key, so this works node by node on a cluster without needing every
+    /// node to be up.
+    async fn run(
+        &self,
+        key: &str,
+        policy: &BucketPolicy,
+        prefetch: Option<&str>,
+    ) -> Result<(Decision, Prefetch), BackendError> {
+        match self
+            .run_with("EVALSHA", &self.sha, key, policy, prefetch)
+            .await
+        {
+            Err(error) if is_noscript(&error) => {
+                self.metrics.limiter_script_reloads.inc();
+                tracing::info!("rate limiter script missing on Redis (NOSCRIPT); reloading");
+                self.run_with("EVAL", TOKEN_BUCKET_LUA, key, policy, prefetch)
+                    .await
+            }
+            other => other,
+        }
+        .map_err(backend_error)
+    }
+
+    async fn run_with(
+        &self,
+        command: &str,
+        script: &str,
+        key: &str,
+        policy: &BucketPolicy,
+        prefetch: Option<&str>,
+    ) -> Result<(Decision, Prefetch), RedisError> {
+        let mut conn = self.conn.clone();
+        let call = self.invocation(command, script, key, policy);
+        match prefetch {
+            None => {
+                let reply: ScriptReply = call.query_async(&mut conn).await?;
+                Ok((decision(reply), Prefetch::NotFetched))
+            }
+            Some(cache_key) => {
+                let mut pipe = redis::pipe();
+                pipe.add_command(call).cmd("GET").arg(cache_key);
+                let (reply, cached): (ScriptReply, Option<Vec<u8>>) =
+                    pipe.query_async(&mut conn).await?;
+                let prefetched = match cached {
+                    Some(body) => Prefetch::Found(bytes::Bytes::from(body)),
+                    None => Prefetch::Missing,
+                };
+                Ok((decision(reply), prefetched))
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl LimiterBackend for RedisLimiter {
     async fn check(&self, key: &str, policy: &BucketPolicy) -> Result<Decision, BackendError> {
-        let mut conn = self.conn.clone();
-        let evalsha = self.invocation("EVALSHA", &self.sha, key, policy);
-        let reply: Result<(i64, i64, i64, i64), RedisError> = evalsha.query_async(&mut conn).await;
-        let (allowed, milli_tokens, reset_ms, retry_ms) = match reply {
-            Ok(reply) => reply,
-            Err(error) if is_noscript(&error) => {
-                // Redis restarted or SCRIPT FLUSH ran. EVAL runs the script and caches it
-                // again on the node that owns the key, so this works node by node on a
-                // cluster without needing every node to be up.
-                self.metrics.limiter_script_reloads.inc();
-                tracing::info!("rate limiter script missing on Redis (NOSCRIPT); reloading");
-                self.invocation("EVAL", TOKEN_BUCKET_LUA, key, policy)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(backend_error)?
-            }
-            Err(error) => return Err(backend_error(error)),
-        };
-        Ok(Decision::from_millis(
-            allowed == 1,
-            milli_tokens.max(0) as u64,
-            reset_ms.max(0) as u64,
-            retry_ms.max(0) as u64,
-        ))
+        Ok(self.run(key, policy, None).await?.0)
+    }
+
+    async fn check_and_prefetch(
+        &self,
+        key: &str,
+        policy: &BucketPolicy,
+        prefetch: &str,
+    ) -> Result<(Decision, Prefetch), BackendError> {
+        self.run(key, policy, Some(prefetch)).await
     }
 
     async fn ping(&self) -> Result<(), BackendError> {

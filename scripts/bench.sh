@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Benchmark: builds in release mode, starts its own redis-server, mock-llm and gateway on
+# free loopback ports, drives them with wrk, stops everything it started and prints one
+# table. Figures are for comparing within one run; the machine is shared by all four.
+#
+#   scripts/bench.sh            # 5 s per scenario
+#   DURATION=10 scripts/bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-5}
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need redis-server; then
+  echo "installing wrk and redis-server from Debian's packages" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk redis-server >/dev/null
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on port $1" >&2; exit 1
+}
+
+echo "building (release)..." >&2
+cargo build --release --quiet --bins
+
+REDIS_PORT=$(free_port); MOCK_PORT=$(free_port); GW_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
+  >/dev/null 2>&1 & PIDS+=($!)
+./target/release/mock-llm --port "$MOCK_PORT" >/dev/null 2>&1 & PIDS+=($!)
+wait_port "$REDIS_PORT"; wait_port "$MOCK_PORT"
+
+# 10,000 keys (too long for one environment variable, so a config file); one key has a
+# tiny tier for the 429 scenario. Every other key is effectively unlimited.
+python3 - "$WORK/gateway.toml" <<'PY'
+import sys
+keys = ",".join(f"sk-bench-{i:05d}" for i in range(10000))
+open(sys.argv[1], "w").write(
+    f'api_keys = "{keys},sk-bench-limited"\n'
+    'rate_limiter_capacity = 1000000000\n'
+    'rate_limiter_refill_rate = 1000000000.0\n'
+    'rate_limiter_tiers = "tiny:1:0.001"\n'
+    'api_key_tiers = "sk-bench-limited=tiny"\n'
+    'max_body_bytes = 1048576\n')
+PY
+GATEWAY_CONFIG="$WORK/gateway.toml" HOST=127.0.0.1 PORT=$GW_PORT \
+  REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" OLLAMA_BASE_URL="http://127.0.0.1:$MOCK_PORT" \
+  CACHE_TTL_SECONDS=600 LOG_LEVEL=info ./target/release/llm-gateway >"$WORK/gateway.log" 2>&1 & GW_PID=$!
+PIDS+=("$GW_PID")
+wait_port "$GW_PORT"
+
+# wrk scripts: each prints "RESULT <requests> <seconds> <p50 us> <p99 us> <non-2xx> <socket errors>"
+# when done. No response() hook: it would make wrk itself the bottleneck.
+cat >"$WORK/common.lua" <<'LUA'
+counter = 0
+function setup(thread) thread:set("id", tostring(math.random(1, 1e9))) end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %.3f %d %d %d %d\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50), latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
+end
+LUA
+scenario_lua() { # name key body-kind expected-status path
+  local name=$1 key=$2 kind=$3
+  {
+    cat "$WORK/common.lua"
+    cat <<LUA
+local key = "$key"
+local kind = "$kind"
+local pad = string.rep("x", 65536)
+request = function()
+  counter = counter + 1
+  local api_key = key
+  if key == "RANDOM" then api_key = string.format("sk-bench-%05d", math.random(0, 9999)) end
+  local content
+  if kind == "fixed" then content = "the same question every time"
+  elseif kind == "big" then content = id .. "-" .. counter .. pad
+  else content = "question " .. id .. "-" .. counter end
+  local body = '{"messages":[{"role":"user","content":"' .. content .. '"}],"max_tokens":64}'
+  return wrk.format("POST", "$5", {["X-API-Key"] = api_key, ["Content-Type"] = "application/json"}, body)
+end
+LUA
+  } >"$WORK/$name.lua"
+}
+scenario_lua floor   none             vary  200 /api/chat
+scenario_lua miss    sk-bench-00001   vary  200 /api/v1/chat
+scenario_lua hit     sk-bench-00002   fixed 200 /api/v1/chat
+scenario_lua limited sk-bench-limited vary  429 /api/v1/chat
+scenario_lua keys10k RANDOM           vary  200 /api/v1/chat
+scenario_lua body64k sk-bench-00003   big   200 /api/v1/chat
+# The floor speaks Ollama directly: give its body a model.
+sed -i 's/"max_tokens":64}/"max_tokens":64,"model":"m","stream":false}/' "$WORK/floor.lua"
+
+redis_calls() {
+  redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' |
+    awk -F'[:=,]' '/^cmdstat_/ && $1 != "cmdstat_info" { n += $3 } END { print n + 0 }'
+}
+rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$GW_PID/status"; }
+peak_kb() { awk '/VmHWM/ { print $2 }' "/proc/$GW_PID/status"; }
+reset_peak() { echo 5 >"/proc/$GW_PID/clear_refs" 2>/dev/null || true; }
+
+IDLE_KB=$(rss_kb)
+# Warm up: connections, script cache, the cached entry of the hit scenario.
+wrk -t1 -c4 -d1s -s "$WORK/hit.lua" "http://127.0.0.1:$GW_PORT" >/dev/null 2>&1 || true
+
+ROWS=()
+run() { # scenario connections url
+  local name=$1 conns=$2 url=$3 threads=1
+  [ "$conns" -gt 1 ] && threads=2
+  reset_peak
+  local before after out
+  before=$(redis_calls)
+  out=$(wrk -t"$threads" -c"$conns" -d"${DURATION}s" --timeout 10s -s "$WORK/$name.lua" "$url" | grep '^RESULT')
+  after=$(redis_calls)
+  # Redis' own INFO and cluster chatter are excluded; what is left is per request.
+  ROWS+=("$name $conns $out $((after - before)) $(peak_kb)")
+}
+
+for conns in 1 64; do
+  run floor "$conns" "http://127.0.0.1:$MOCK_PORT"
+  for name in miss hit limited keys10k body64k; do
+    run "$name" "$conns" "http://127.0.0.1:$GW_PORT"
+  done
+done
+FINAL_KB=$(rss_kb)
+
+echo
+echo "llm-gateway benchmark: $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ), ${DURATION}s per row, wrk on loopback"
+printf '%-9s %5s %10s %9s %9s %8s %12s %10s %9s %8s %7s\n' \
+  scenario conns "req/s" "p50(us)" "p99(us)" "x floor" "p50-floor" "redis/req" "peakRSS" "non-2xx" "sockerr"
+declare -A FLOOR_RPS FLOOR_P50
+for row in "${ROWS[@]}"; do
+  read -r name conns _ requests seconds p50 p99 non2xx sockerr calls peak <<<"$row"
+  rps=$(awk -v r="$requests" -v s="$seconds" 'BEGIN { printf "%.0f", r / s }')
+  if [ "$name" = floor ]; then FLOOR_RPS[$conns]=$rps; FLOOR_P50[$conns]=$p50; fi
+  ratio=$(awk -v a="$rps" -v b="${FLOOR_RPS[$conns]}" 'BEGIN { printf "%.2f", a / b }')
+  delta=$((p50 - ${FLOOR_P50[$conns]}))
+  per=$(awk -v c="$calls" -v r="$requests" 'BEGIN { printf "%.2f", (r > 0 ? c / r : 0) }')
+  [ "$name" = floor ] && per="-"
+  printf '%-9s %5s %10s %9s %9s %8s %12s %10s %6sMiB %8s %7s\n' \
+    "$name" "$conns" "$rps" "$p50" "$p99" "$ratio" "$delta" "$per" "$((peak / 1024))" "$non2xx" "$sockerr"
+done
+echo "gateway RSS: idle $((IDLE_KB / 1024)) MiB before the run, $((FINAL_KB / 1024)) MiB after it"
+echo "non-2xx: should be 0 in every row but 'limited', where every answer is a 429 (1 token per 1000 s)"
