@@ -57,7 +57,7 @@ open(sys.argv[1], "w").write(
 PY
 GATEWAY_CONFIG="$WORK/gateway.toml" HOST=127.0.0.1 PORT=$GW_PORT \
   REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" OLLAMA_BASE_URL="http://127.0.0.1:$MOCK_PORT" \
-  CACHE_TTL_SECONDS=600 LOG_LEVEL=info ./target/release/llm-gateway >"$WORK/gateway.log" 2>&1 & GW_PID=$!
+  CACHE_TTL_SECONDS=600 LOG_LEVEL=${LOG_LEVEL:-info} ./target/release/llm-gateway >"$WORK/gateway.log" 2>&1 & GW_PID=$!
 PIDS+=("$GW_PID")
 wait_port "$GW_PORT"
 
@@ -65,7 +65,11 @@ wait_port "$GW_PORT"
 # when done. No response() hook: it would make wrk itself the bottleneck.
 cat >"$WORK/common.lua" <<'LUA'
 counter = 0
-function setup(thread) thread:set("id", tostring(math.random(1, 1e9))) end
+threads = 0
+-- A tag per run and thread, so "unique" bodies never repeat across runs (wrk's Lua
+-- random numbers are not seeded).
+function init(args) run_tag = args[1] or "" end
+function setup(thread) threads = threads + 1; thread:set("id", tostring(threads)) end
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("RESULT %d %.3f %d %d %d %d\n", summary.requests, summary.duration / 1e6,
@@ -86,8 +90,8 @@ request = function()
   if key == "RANDOM" then api_key = string.format("sk-bench-%05d", math.random(0, 9999)) end
   local content
   if kind == "fixed" then content = "the same question every time"
-  elseif kind == "big" then content = id .. "-" .. counter .. pad
-  else content = "question " .. id .. "-" .. counter end
+  elseif kind == "big" then content = run_tag .. id .. "-" .. counter .. pad
+  else content = "question " .. run_tag .. id .. "-" .. counter end
   local body = '{"messages":[{"role":"user","content":"' .. content .. '"}],"max_tokens":64}'
   return wrk.format("POST", "$5", {["X-API-Key"] = api_key, ["Content-Type"] = "application/json"}, body)
 end
@@ -103,9 +107,11 @@ scenario_lua body64k sk-bench-00003   big   200 /api/v1/chat
 # The floor speaks Ollama directly: give its body a model.
 sed -i 's/"max_tokens":64}/"max_tokens":64,"model":"m","stream":false}/' "$WORK/floor.lua"
 
+# Commands the gateway sends (INFO commandstats also counts what runs inside the Lua
+# script - TIME, HMGET, HSET, PEXPIRE - and our own INFO calls; those are left out).
 redis_calls() {
   redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' |
-    awk -F'[:=,]' '/^cmdstat_/ && $1 != "cmdstat_info" { n += $3 } END { print n + 0 }'
+    awk -F'[:=,]' '/^cmdstat_/ && $1 !~ /^cmdstat_(info|time|hmget|hset|pexpire)$/ { n += $3 } END { print n + 0 }'
 }
 rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$GW_PID/status"; }
 peak_kb() { awk '/VmHWM/ { print $2 }' "/proc/$GW_PID/status"; }
@@ -122,7 +128,8 @@ run() { # scenario connections url
   reset_peak
   local before after out
   before=$(redis_calls)
-  out=$(wrk -t"$threads" -c"$conns" -d"${DURATION}s" --timeout 10s -s "$WORK/$name.lua" "$url" | grep '^RESULT')
+  out=$(wrk -t"$threads" -c"$conns" -d"${DURATION}s" --timeout 10s -s "$WORK/$name.lua" "$url" \
+    -- "$name-$conns-$RANDOM$RANDOM-" | grep '^RESULT')
   after=$(redis_calls)
   # Redis' own INFO and cluster chatter are excluded; what is left is per request.
   ROWS+=("$name $conns $out $((after - before)) $(peak_kb)")
@@ -139,7 +146,7 @@ FINAL_KB=$(rss_kb)
 echo
 echo "llm-gateway benchmark: $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ), ${DURATION}s per row, wrk on loopback"
 printf '%-9s %5s %10s %9s %9s %8s %12s %10s %9s %8s %7s\n' \
-  scenario conns "req/s" "p50(us)" "p99(us)" "x floor" "p50-floor" "redis/req" "peakRSS" "non-2xx" "sockerr"
+  scenario conns "req/s" "p50(us)" "p99(us)" "x floor" "p50-floor" "redis cmd/r" "peakRSS" "non-2xx" "sockerr"
 declare -A FLOOR_RPS FLOOR_P50
 for row in "${ROWS[@]}"; do
   read -r name conns _ requests seconds p50 p99 non2xx sockerr calls peak <<<"$row"

@@ -15,7 +15,8 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&settings);
+    // Held until main returns, so buffered log lines are flushed on exit.
+    let _log_guard = telemetry::init(&settings);
     if settings
         .api_key_list()
         .iter()

@@ -184,14 +184,26 @@ async fn limit_and_cache_lookup_share_one_redis_round_trip() {
     let response = app.chat(KEY, &chat_body("one trip")).await;
     assert_eq!(response.headers()["x-cache"], "HIT");
     assert_eq!(redis.command_calls("evalsha") - evalshas, 1);
-    assert_eq!(redis.command_calls("get") - gets, 1, "the GET rode with the EVALSHA, once");
+    assert_eq!(
+        redis.command_calls("get") - gets,
+        1,
+        "the GET rode with the EVALSHA, once"
+    );
 }
 
 #[tokio::test]
 async fn the_order_of_checks_holds_when_the_limiter_fails_closed() {
     let mut redis = RedisServer::start();
     let upstream = upstream_ok().await;
-    let app = app(&redis.url(), &upstream, &[("RATE_LIMITER_FAILURE_MODE", "closed"), ("REDIS_TIMEOUT_MS", "100")]).await;
+    let app = app(
+        &redis.url(),
+        &upstream,
+        &[
+            ("RATE_LIMITER_FAILURE_MODE", "closed"),
+            ("REDIS_TIMEOUT_MS", "100"),
+        ],
+    )
+    .await;
     redis.stop();
     // A bad body is a 422 before the limiter's 503 (CONTRACT §2 order).
     assert_eq!(app.chat(KEY, &json!({"messages": []})).await.status(), 422);

@@ -72,7 +72,10 @@ async fn metrics_count_what_the_test_did() {
     );
     // 3 admissions and the first denial went to Redis; the second denial came from the
     // local deny cache.
-    assert_eq!(metric_value(&text, "rate_limiter_call_duration_seconds_count"), 4.0);
+    assert_eq!(
+        metric_value(&text, "rate_limiter_call_duration_seconds_count"),
+        4.0
+    );
     assert_eq!(metric_value(&text, "rate_limiter_local_denials_total"), 1.0);
     assert!(
         !text.contains("client-chosen-label"),
