@@ -3,6 +3,7 @@
 //! Nothing here logs headers, bodies or keys: the request line carries only the method,
 //! a route from a closed set, status, latency, provider and cache result.
 
+use std::io::IsTerminal;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
@@ -18,12 +19,25 @@ use crate::settings::{LogFormat, Settings};
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Installs the global subscriber. Safe to call more than once (later calls do nothing).
-pub fn init(settings: &Settings) {
+/// Installs the global subscriber, writing to stdout from a dedicated thread: a
+/// synchronous write per request line cost about 30% of throughput in the benchmark.
+/// Keep the returned guard until exit; dropping it flushes what is buffered. If the
+/// writer thread falls 4096 lines behind, further lines are dropped rather than
+/// stalling requests.
+pub fn init(settings: &Settings) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_new(&settings.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // The worker flushes whenever its queue is empty, so buffering only batches lines
+    // that were already waiting: one write per batch instead of one per line.
+    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(4096)
+        .lossy(true)
+        .finish(stdout);
+    let colours = settings.log_format == LogFormat::Text && std::io::stdout().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer)
+        .with_ansi(colours);
     let _ = match settings.log_format {
         LogFormat::Json => builder
             .json()
@@ -32,6 +46,7 @@ pub fn init(settings: &Settings) {
             .try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    guard
 }
 
 /// The request id of a request: a client-sent `X-Request-Id` if it is short and plain,

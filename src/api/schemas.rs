@@ -90,7 +90,7 @@ pub fn parse_chat_request(
             "JSON decode error",
         )])
     })?;
-    validate(&value).map_err(ApiError::Validation)
+    validate(value).map_err(ApiError::Validation)
 }
 
 fn is_json_content_type(ct: &str) -> bool {
@@ -130,8 +130,10 @@ fn loc(path: &[Value]) -> Vec<Value> {
     l
 }
 
-fn validate(value: &Value) -> Result<ChatRequest, Vec<FieldError>> {
-    let Some(object) = value.as_object() else {
+/// Takes the parsed body by value so message strings are moved out, not copied (a
+/// 64 KB body would otherwise be copied once more here).
+fn validate(value: Value) -> Result<ChatRequest, Vec<FieldError>> {
+    let Value::Object(mut object) = value else {
         return Err(vec![error(
             "model_attributes_type",
             vec![json!("body")],
@@ -139,9 +141,9 @@ fn validate(value: &Value) -> Result<ChatRequest, Vec<FieldError>> {
         )]);
     };
     let mut errors = Vec::new();
-    let messages = validate_messages(object, &mut errors);
-    let model = optional_string(object, "model", &mut errors);
-    let model_hint = optional_string(object, "model_hint", &mut errors);
+    let messages = validate_messages(&mut object, &mut errors);
+    let model = optional_string(&mut object, "model", &mut errors);
+    let model_hint = optional_string(&mut object, "model_hint", &mut errors);
     let max_tokens = match object.get("max_tokens") {
         None | Some(Value::Null) => Some(DEFAULT_MAX_TOKENS),
         Some(v) => lax_int(v, &loc(&[json!("max_tokens")]), &mut errors).and_then(|n| {
@@ -219,10 +221,10 @@ fn bound_error(kind: &'static str, field: &str, bound: &str) -> FieldError {
 }
 
 fn validate_messages(
-    object: &Map<String, Value>,
+    object: &mut Map<String, Value>,
     errors: &mut Vec<FieldError>,
 ) -> Option<Vec<Message>> {
-    let Some(value) = object.get("messages") else {
+    let Some(value) = object.remove("messages") else {
         errors.push(error(
             "missing",
             loc(&[json!("messages")]),
@@ -230,7 +232,7 @@ fn validate_messages(
         ));
         return None;
     };
-    let Some(items) = value.as_array() else {
+    let Value::Array(items) = value else {
         errors.push(error(
             "list_type",
             loc(&[json!("messages")]),
@@ -248,8 +250,8 @@ fn validate_messages(
     }
     let before = errors.len();
     let mut messages = Vec::with_capacity(items.len());
-    for (index, item) in items.iter().enumerate() {
-        let Some(fields) = item.as_object() else {
+    for (index, item) in items.into_iter().enumerate() {
+        let Value::Object(mut fields) = item else {
             errors.push(error(
                 "model_attributes_type",
                 loc(&[json!("messages"), json!(index)]),
@@ -257,7 +259,7 @@ fn validate_messages(
             ));
             continue;
         };
-        let mut field = |name: &str| match fields.get(name) {
+        let mut field = |name: &str| match fields.remove(name) {
             None => {
                 errors.push(error(
                     "missing",
@@ -266,7 +268,7 @@ fn validate_messages(
                 ));
                 None
             }
-            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::String(s)) => Some(s),
             Some(_) => {
                 errors.push(error(
                     "string_type",
@@ -286,13 +288,13 @@ fn validate_messages(
 }
 
 fn optional_string(
-    object: &Map<String, Value>,
+    object: &mut Map<String, Value>,
     name: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<Option<String>> {
-    match object.get(name) {
+    match object.remove(name) {
         None | Some(Value::Null) => Some(None),
-        Some(Value::String(s)) => Some(Some(s.clone())),
+        Some(Value::String(s)) => Some(Some(s)),
         Some(_) => {
             errors.push(error(
                 "string_type",

@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use super::{Completion, Provider, ProviderError};
 use crate::api::schemas::{ChatRequest, Usage};
@@ -23,6 +22,20 @@ impl Ollama {
         let url = reqwest::Url::parse(&url).map_err(|e| format!("OLLAMA_BASE_URL: {e}"))?;
         Ok(Ollama { client, url })
     }
+}
+
+#[derive(Serialize)]
+struct OllamaRequest<'a> {
+    model: &'a str,
+    messages: &'a [crate::api::schemas::Message],
+    stream: bool,
+    options: OllamaOptions,
+}
+
+#[derive(Serialize)]
+struct OllamaOptions {
+    temperature: f64,
+    num_predict: u64,
 }
 
 #[derive(Deserialize)]
@@ -52,15 +65,16 @@ impl Provider for Ollama {
         model: &str,
         timeout: Duration,
     ) -> Result<Completion, ProviderError> {
-        let body = json!({
-            "model": model,
-            "messages": request.messages,
-            "stream": false,
-            "options": {
-                "temperature": request.temperature,
-                "num_predict": request.max_tokens,
+        // Serialised straight from borrowed fields: no intermediate copy of the messages.
+        let body = OllamaRequest {
+            model,
+            messages: &request.messages,
+            stream: false,
+            options: OllamaOptions {
+                temperature: request.temperature,
+                num_predict: request.max_tokens,
             },
-        });
+        };
         let response = self
             .client
             .post(self.url.clone())
