@@ -1,18 +1,18 @@
 //! Application assembly: `AppState`, `build_router`, and `App` (bind, serve, drain).
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::middleware::from_fn_with_state;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::api;
 use crate::auth::{require_api_key, AuthConfig};
@@ -25,6 +25,7 @@ use crate::ratelimit::{
     memory::MemoryLimiter, redis::RedisLimiter, LimiterBackend, LimiterConfig, RateLimiter,
 };
 use crate::redis_conn::RedisConn;
+use crate::server::{self, ServerLimits};
 use crate::settings::{Settings, SettingsError};
 use crate::telemetry;
 
@@ -51,6 +52,8 @@ pub struct AppParts {
     pub limiter: Arc<RateLimiter>,
     /// The chat use case.
     pub chat: Arc<ChatService>,
+    /// Permits for chat requests in flight (`MAX_CONCURRENT_REQUESTS`).
+    pub chat_slots: Arc<tokio::sync::Semaphore>,
     /// Metrics registry and handles.
     pub metrics: Metrics,
 }
@@ -144,6 +147,9 @@ impl AppState {
             .map_err(|e| StartupError::Settings(e.to_string()))?;
         Ok(AppState(Arc::new(AppParts {
             auth: Arc::new(ArcSwap::from_pointee(auth)),
+            chat_slots: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_concurrent_requests,
+            )),
             limiter: Arc::new(limiter),
             chat: Arc::new(chat),
             metrics,
@@ -188,8 +194,11 @@ pub fn reload_on_sighup(state: AppState) -> std::io::Result<impl Future<Output =
 pub fn build_router(state: AppState) -> Router {
     // `route_layer` on the method router: a wrong method is a plain 405, as in FastAPI,
     // without authentication or a limiter call.
-    let chat =
-        post(api::chat::chat).route_layer(from_fn_with_state(state.clone(), require_api_key));
+    // Outermost on the chat route: the concurrency cap, so an overloaded gateway answers
+    // 503 before spending anything on the request.
+    let chat = post(api::chat::chat)
+        .route_layer(from_fn_with_state(state.clone(), require_api_key))
+        .route_layer(from_fn_with_state(state.clone(), limit_concurrency));
     Router::new()
         .route("/api/v1/chat", chat.clone())
         .route("/v1/chat", chat)
@@ -203,8 +212,27 @@ pub fn build_router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound.into_response() })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs_f64(
+            state.settings.body_read_timeout_seconds,
+        )))
         .layer(from_fn_with_state(state.clone(), telemetry::observe))
         .with_state(state)
+}
+
+/// Middleware: answers 503 at once when `MAX_CONCURRENT_REQUESTS` chat requests are
+/// already being served, instead of queueing without bound.
+async fn limit_concurrency(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match state.chat_slots.clone().try_acquire_owned() {
+        Ok(_slot) => next.run(request).await,
+        Err(_) => ApiError::Unavailable(
+            "Gateway overloaded: too many requests in flight; try again shortly".into(),
+        )
+        .into_response(),
+    }
 }
 
 /// A bound, ready-to-serve gateway.
@@ -241,35 +269,13 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let grace = self.state.settings.shutdown_grace();
-        let router = build_router(self.state);
-        let signalled = Arc::new(Notify::new());
-        let notify = signalled.clone();
-        let server = axum::serve(
-            self.listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            notify.notify_one();
-        })
-        .into_future();
-        let mut server = std::pin::pin!(server);
-        tokio::select! {
-            result = &mut server => return result,
-            () = signalled.notified() => {}
-        }
-        tracing::info!(
-            grace_seconds = grace.as_secs_f64(),
-            "shutting down: draining requests in flight"
-        );
-        match tokio::time::timeout(grace, server).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::warn!("drain took longer than the grace period; exiting anyway");
-                Ok(())
-            }
-        }
+        let settings = self.state.settings.clone();
+        let limits = ServerLimits {
+            max_connections: settings.max_connections,
+            header_read_timeout: Duration::from_secs_f64(settings.header_read_timeout_seconds),
+            shutdown_grace: settings.shutdown_grace(),
+        };
+        server::serve(self.listener, build_router(self.state), limits, shutdown).await
     }
 }
 

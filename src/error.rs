@@ -29,6 +29,9 @@ pub enum ApiError {
     /// 413: the body is larger than `MAX_BODY_BYTES`.
     #[error("Request body too large: the limit is {0} bytes")]
     PayloadTooLarge(usize),
+    /// 408: the body did not arrive within `BODY_READ_TIMEOUT_SECONDS`.
+    #[error("Request body was not received in time")]
+    RequestTimeout,
     /// 400: the body could not be read (client aborted, bad chunking).
     #[error("Could not read the request body")]
     BadBody,
@@ -59,6 +62,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::BadBody => StatusCode::BAD_REQUEST,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,

@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod providers;
 pub mod ratelimit;
 pub mod redis_conn;
+pub mod server;
 pub mod settings;
 pub mod telemetry;

@@ -72,6 +72,14 @@ pub struct Settings {
     pub port: u16,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Chat requests served at once at most.
+    pub max_concurrent_requests: usize,
+    /// Time to send the request head, in seconds.
+    pub header_read_timeout_seconds: f64,
+    /// Time to send the request body, in seconds.
+    pub body_read_timeout_seconds: f64,
     /// Bound on the drain after SIGTERM/Ctrl-C, in seconds.
     pub shutdown_grace_seconds: f64,
     /// Comma-separated client keys, as configured (see [`Settings::api_key_list`]).
@@ -237,6 +245,25 @@ impl Settings {
         }
         if self.provider_max_retries > 20 {
             return Err(invalid("provider_max_retries", "must be at most 20"));
+        }
+        for (name, value) in [
+            ("max_connections", self.max_connections),
+            ("max_concurrent_requests", self.max_concurrent_requests),
+        ] {
+            if value == 0 {
+                return Err(invalid(name, "must be at least 1"));
+            }
+        }
+        for (name, value) in [
+            (
+                "header_read_timeout_seconds",
+                self.header_read_timeout_seconds,
+            ),
+            ("body_read_timeout_seconds", self.body_read_timeout_seconds),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(invalid(name, "must be a number of seconds greater than 0"));
+            }
         }
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes", "must be at least 1"));

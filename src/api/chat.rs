@@ -44,12 +44,7 @@ pub async fn chat(
         return rate_limited(&identity, &denied);
     }
     let parsed = body
-        .map_err(|rejection| match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::PayloadTooLarge(state.settings.max_body_bytes)
-            }
-            _ => ApiError::BadBody,
-        })
+        .map_err(|rejection| body_error(&rejection, state.settings.max_body_bytes))
         .and_then(|body| {
             let content_type = headers
                 .get(header::CONTENT_TYPE)
@@ -78,6 +73,21 @@ pub async fn chat(
         limit_headers::apply(response.headers_mut(), &identity.policy, decision);
     }
     response
+}
+
+/// Why the body could not be read: too large (413), too slow (408) or broken (400).
+fn body_error(rejection: &BytesRejection, max_body_bytes: usize) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::PayloadTooLarge(max_body_bytes);
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return ApiError::RequestTimeout;
+        }
+        source = error.source();
+    }
+    ApiError::BadBody
 }
 
 fn rate_limited(identity: &ClientIdentity, decision: &Decision) -> Response {
