@@ -7,6 +7,7 @@ mod backends;
 mod cache;
 mod cluster;
 mod common;
+mod hostile;
 mod limiter;
 mod limiter_faults;
 mod limiter_policies;
