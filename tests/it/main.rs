@@ -12,4 +12,5 @@ mod limiter;
 mod limiter_faults;
 mod limiter_policies;
 mod ops;
+mod properties;
 mod providers;
