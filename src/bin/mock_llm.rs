@@ -5,11 +5,12 @@
 //!
 //! ```text
 //! mock-llm --port 11434 [--host 127.0.0.1] [--latency-ms N] [--fail-status CODE]
-//!          [--fail-rate 0..1] [--hang-rate 0..1]
+//!          [--fail-rate 0..1] [--hang-rate 0..1] [--reset-rate 0..1]
 //! headers: x-mock-latency-ms: N   x-mock-status: CODE   x-mock-hang: 1
 //! ```
 //! `--fail-status` alone fails every request; with `--fail-rate` only that fraction
-//! (default status 500). A hang never answers; the client's timeout must end it.
+//! (default status 500). A hang never answers; the client's timeout must end it. A reset
+//! drops a new connection with a TCP RST before anything is answered.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,15 +36,44 @@ struct Options {
     host: String,
     port: u16,
     faults: Faults,
+    reset_rate: f64,
 }
 
-const USAGE: &str = "usage: mock-llm [--host ADDR] [--port N] [--latency-ms N] [--fail-status CODE] [--fail-rate 0..1] [--hang-rate 0..1]";
+/// A listener that resets a fraction of new connections (SO_LINGER 0, then close).
+struct ResettingListener {
+    inner: tokio::net::TcpListener,
+    reset_rate: f64,
+}
+
+impl axum::serve::Listener for ResettingListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+            if self.reset_rate > 0.0 && rand::random::<f64>() < self.reset_rate {
+                let _ = stream.set_zero_linger();
+                drop(stream);
+                continue;
+            }
+            return (stream, addr);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+const USAGE: &str = "usage: mock-llm [--host ADDR] [--port N] [--latency-ms N] [--fail-status CODE] [--fail-rate 0..1] [--hang-rate 0..1] [--reset-rate 0..1]";
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
     let mut options = Options {
         host: "127.0.0.1".into(),
         port: 11434,
         faults: Faults::default(),
+        reset_rate: 0.0,
     };
     let mut args = args.peekable();
     while let Some(flag) = args.next() {
@@ -75,6 +105,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
             "--hang-rate" => {
                 options.faults.hang_rate =
                     parse_rate(&value).ok_or_else(|| bad("a rate in 0..1"))?
+            }
+            "--reset-rate" => {
+                options.reset_rate = parse_rate(&value).ok_or_else(|| bad("a rate in 0..1"))?
             }
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
@@ -331,6 +364,10 @@ async fn main() -> std::process::ExitCode {
         "mock-llm listening on {}",
         bound.map(|a| a.to_string()).unwrap_or(addr)
     );
+    let listener = ResettingListener {
+        inner: listener,
+        reset_rate: options.reset_rate,
+    };
     let server = axum::serve(listener, router(options.faults)).with_graceful_shutdown(async {
         let _ = tokio::signal::ctrl_c().await;
     });

@@ -28,7 +28,9 @@ async fn app(upstream: &wiremock::MockServer, extra: &[(&str, &str)]) -> TestApp
 
 /// Sends raw bytes and reads the whole answer (until the server closes or 5 s pass).
 async fn raw(app: &TestApp, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(app.url.trim_start_matches("http://")).await.unwrap();
+    let mut stream = TcpStream::connect(app.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
     stream.write_all(request).await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
@@ -36,15 +38,24 @@ async fn raw(app: &TestApp, request: &[u8]) -> String {
 }
 
 fn status_of(answer: &str) -> u16 {
-    answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
 async fn a_slowloris_head_is_cut_off_by_the_header_timeout() {
     let upstream = upstream_ok().await;
     let app = app(&upstream, &[]).await;
-    let mut stream = TcpStream::connect(app.url.trim_start_matches("http://")).await.unwrap();
-    stream.write_all(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut stream = TcpStream::connect(app.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let started = Instant::now();
     let mut closed = false;
     for _ in 0..40 {
@@ -62,7 +73,11 @@ async fn a_slowloris_head_is_cut_off_by_the_header_timeout() {
             Err(_) => {}
         }
     }
-    assert!(closed, "the connection was still open after {:?}", started.elapsed());
+    assert!(
+        closed,
+        "the connection was still open after {:?}",
+        started.elapsed()
+    );
     assert!(started.elapsed() < Duration::from_secs(4));
     assert_eq!(app.get("/health").await.status(), 200);
 }
@@ -71,7 +86,9 @@ async fn a_slowloris_head_is_cut_off_by_the_header_timeout() {
 async fn a_body_sent_too_slowly_gets_408() {
     let upstream = upstream_ok().await;
     let app = app(&upstream, &[]).await;
-    let mut stream = TcpStream::connect(app.url.trim_start_matches("http://")).await.unwrap();
+    let mut stream = TcpStream::connect(app.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
     let head = format!(
         "POST /v1/chat HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
     );
@@ -101,7 +118,11 @@ async fn malformed_heads_get_a_4xx_and_the_gateway_stays_up() {
     for (name, request) in cases {
         let answer = raw(&app, &request).await;
         let status = status_of(&answer);
-        assert!((400..500).contains(&status) || answer.is_empty(), "{name}: {}", answer.lines().next().unwrap_or(""));
+        assert!(
+            (400..500).contains(&status) || answer.is_empty(),
+            "{name}: {}",
+            answer.lines().next().unwrap_or("")
+        );
     }
     assert!(upstream.received_requests().await.unwrap().is_empty());
     assert_eq!(app.get("/health").await.status(), 200);
@@ -113,7 +134,12 @@ async fn hostile_keys_bodies_and_methods_get_clear_json_errors() {
     let app = app(&upstream, &[]).await;
     let url = format!("{}/v1/chat", app.url);
     let post = |key: String, body: Vec<u8>, content_type: &'static str| {
-        app.client.post(&url).header("X-API-Key", key).header("content-type", content_type).body(body).send()
+        app.client
+            .post(&url)
+            .header("X-API-Key", key)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
     };
     let expect = |response: reqwest::Response, status: u16| async move {
         assert_eq!(response.status(), status);
@@ -121,16 +147,55 @@ async fn hostile_keys_bodies_and_methods_get_clear_json_errors() {
         assert!(body["detail"].is_string() || body["detail"].is_array());
     };
     // A 100 KB key, and a key of only non-ASCII bytes.
-    expect(post("k".repeat(100 * 1024), chat_body("x").to_string().into_bytes(), "application/json").await.unwrap(), 401).await;
+    expect(
+        post(
+            "k".repeat(100 * 1024),
+            chat_body("x").to_string().into_bytes(),
+            "application/json",
+        )
+        .await
+        .unwrap(),
+        401,
+    )
+    .await;
     // Invalid UTF-8, deep nesting, a huge array, absurd numbers, wrong types.
     let cases: Vec<(Vec<u8>, &'static str)> = vec![
-        (b"{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}".to_vec(), "application/json"),
-        (format!("{}{}", "[".repeat(50_000), "]".repeat(50_000)).into_bytes(), "application/json"),
-        (json!({"messages": vec![json!(1); 100_000]}).to_string().into_bytes(), "application/json"),
-        (json!({"messages": [{"role": "u", "content": "c"}], "max_tokens": 1e308}).to_string().into_bytes(), "application/json"),
-        (json!({"messages": [{"role": "u", "content": "c"}], "temperature": -1e308}).to_string().into_bytes(), "application/json"),
-        (json!({"messages": [{"role": "u", "content": "c"}], "max_tokens": "NaN"}).to_string().into_bytes(), "application/json"),
-        (json!({"messages": {"role": "u"}}).to_string().into_bytes(), "application/json"),
+        (
+            b"{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}".to_vec(),
+            "application/json",
+        ),
+        (
+            format!("{}{}", "[".repeat(50_000), "]".repeat(50_000)).into_bytes(),
+            "application/json",
+        ),
+        (
+            json!({"messages": vec![json!(1); 100_000]})
+                .to_string()
+                .into_bytes(),
+            "application/json",
+        ),
+        (
+            json!({"messages": [{"role": "u", "content": "c"}], "max_tokens": 1e308})
+                .to_string()
+                .into_bytes(),
+            "application/json",
+        ),
+        (
+            json!({"messages": [{"role": "u", "content": "c"}], "temperature": -1e308})
+                .to_string()
+                .into_bytes(),
+            "application/json",
+        ),
+        (
+            json!({"messages": [{"role": "u", "content": "c"}], "max_tokens": "NaN"})
+                .to_string()
+                .into_bytes(),
+            "application/json",
+        ),
+        (
+            json!({"messages": {"role": "u"}}).to_string().into_bytes(),
+            "application/json",
+        ),
         (b"messages=hi".to_vec(), "application/x-www-form-urlencoded"),
         (b"<xml/>".to_vec(), "text/xml"),
         (Vec::new(), "application/json"),
@@ -138,11 +203,19 @@ async fn hostile_keys_bodies_and_methods_get_clear_json_errors() {
     for (body, content_type) in cases {
         expect(post(KEY.into(), body, content_type).await.unwrap(), 422).await;
     }
-    let brew = app.client.request(reqwest::Method::from_bytes(b"BREW").unwrap(), &url).send().await.unwrap();
+    let brew = app
+        .client
+        .request(reqwest::Method::from_bytes(b"BREW").unwrap(), &url)
+        .send()
+        .await
+        .unwrap();
     expect(brew, 405).await;
     expect(app.get("/v1/chat/../../etc/passwd").await, 404).await;
     expect(app.get("/%00%ff").await, 404).await;
-    assert!(upstream.received_requests().await.unwrap().is_empty(), "nothing hostile reached a provider");
+    assert!(
+        upstream.received_requests().await.unwrap().is_empty(),
+        "nothing hostile reached a provider"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +231,13 @@ async fn requests_over_the_concurrency_cap_get_503_at_once() {
         )
         .mount(&upstream)
         .await;
-    let app = std::sync::Arc::new(app(&upstream, &[("MAX_CONCURRENT_REQUESTS", "2"), ("CACHE_TTL_SECONDS", "0")]).await);
+    let app = std::sync::Arc::new(
+        app(
+            &upstream,
+            &[("MAX_CONCURRENT_REQUESTS", "2"), ("CACHE_TTL_SECONDS", "0")],
+        )
+        .await,
+    );
     let mut tasks = Vec::new();
     for i in 0..5 {
         let app = app.clone();
@@ -166,14 +245,21 @@ async fn requests_over_the_concurrency_cap_get_503_at_once() {
             tokio::time::sleep(Duration::from_millis(if i < 2 { 0 } else { 200 })).await;
             let started = Instant::now();
             let response = app.chat(KEY, &chat_body(&format!("c{i}"))).await;
-            (response.status().as_u16(), started.elapsed(), response.text().await.unwrap())
+            (
+                response.status().as_u16(),
+                started.elapsed(),
+                response.text().await.unwrap(),
+            )
         }));
     }
     let mut statuses = Vec::new();
     for task in tasks {
         let (status, elapsed, body) = task.await.unwrap();
         if status == 503 {
-            assert!(elapsed < Duration::from_millis(500), "refused at once, not queued");
+            assert!(
+                elapsed < Duration::from_millis(500),
+                "refused at once, not queued"
+            );
             assert!(body.contains("overloaded"), "{body}");
         }
         statuses.push(status);
@@ -187,16 +273,32 @@ async fn requests_over_the_concurrency_cap_get_503_at_once() {
 #[tokio::test]
 async fn connections_over_the_cap_get_503_and_are_closed() {
     let upstream = upstream_ok().await;
-    let app = app(&upstream, &[("MAX_CONNECTIONS", "2"), ("HEADER_READ_TIMEOUT_SECONDS", "30")]).await;
+    let app = app(
+        &upstream,
+        &[
+            ("MAX_CONNECTIONS", "2"),
+            ("HEADER_READ_TIMEOUT_SECONDS", "30"),
+        ],
+    )
+    .await;
     let addr = app.url.trim_start_matches("http://").to_owned();
-    let _held: Vec<TcpStream> = vec![TcpStream::connect(&addr).await.unwrap(), TcpStream::connect(&addr).await.unwrap()];
+    let _held: Vec<TcpStream> = vec![
+        TcpStream::connect(&addr).await.unwrap(),
+        TcpStream::connect(&addr).await.unwrap(),
+    ];
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut third = TcpStream::connect(&addr).await.unwrap();
     let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), third.read_to_end(&mut answer)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(3), third.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert_eq!(status_of(&answer), 503, "{answer}");
-    assert!(answer.ends_with(r#"{"detail":"Too many open connections; try again shortly"}"#), "{answer}");
+    assert!(
+        answer.ends_with(r#"{"detail":"Too many open connections; try again shortly"}"#),
+        "{answer}"
+    );
     drop(_held);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(app.get("/health").await.status(), 200, "slots are released");

@@ -14,3 +14,4 @@ mod limiter_policies;
 mod ops;
 mod properties;
 mod providers;
+mod soak;

@@ -21,7 +21,9 @@ fn any_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
         ".{0,20}".prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {
@@ -68,14 +70,16 @@ fn any_request() -> impl Strategy<Value = ChatRequest> {
         (0u32..=200).prop_map(|t| f64::from(t) / 100.0),
         any::<bool>(),
     )
-        .prop_map(|(messages, model, model_hint, max_tokens, temperature, stream)| ChatRequest {
-            messages,
-            model,
-            model_hint,
-            max_tokens,
-            temperature,
-            stream,
-        })
+        .prop_map(
+            |(messages, model, model_hint, max_tokens, temperature, stream)| ChatRequest {
+                messages,
+                model,
+                model_hint,
+                max_tokens,
+                temperature,
+                stream,
+            },
+        )
 }
 
 fn to_body(r: &ChatRequest) -> Vec<u8> {

@@ -1,0 +1,301 @@
+//! A bounded soak: steady load on the real binary while Redis restarts twice and freezes
+//! once and the upstream fails, hangs and resets connections at random; then SIGTERM under load. CI runs it
+//! for a few seconds; `scripts/soak.sh` runs it for a minute (`SOAK_SECONDS=60`).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::{metric_value, wait_for_line, GatewayProcess, RedisServer};
+
+const KEYS: [&str; 3] = ["sk-soak-SECRET-a", "sk-soak-SECRET-b", "sk-soak-SECRET-c"];
+const PROVIDER_SECRET: &str = "AIza-SOAK-PROVIDER-SECRET";
+const MESSAGE_MARK: &str = "SOAKTEXT";
+/// Documented answers; anything else is a failure.
+const DOCUMENTED: [u16; 8] = [200, 401, 413, 422, 429, 502, 503, 504];
+
+#[derive(Default)]
+struct Tally {
+    statuses: BTreeMap<u16, u64>,
+    worst: Duration,
+    failures: Vec<String>,
+    sent: u64,
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
+    let seconds: u64 = std::env::var("SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let redis = Arc::new(Mutex::new(RedisServer::start()));
+    let redis_url = redis.lock().unwrap().url();
+    let mock_dir = tempfile::tempdir().unwrap();
+    let mock_log = mock_dir.path().join("mock.log");
+    let mock_port = crate::common::free_port().to_string();
+    let mut mock = Command::new(env!("CARGO_BIN_EXE_mock-llm"))
+        .args([
+            "--port",
+            &mock_port,
+            "--fail-status",
+            "503",
+            "--fail-rate",
+            "0.1",
+            "--hang-rate",
+            "0.05",
+            "--reset-rate",
+            "0.05",
+        ])
+        .stdout(std::fs::File::create(&mock_log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_line(&mock_log, "listening").expect("mock-llm started");
+    let upstream = format!("http://127.0.0.1:{mock_port}");
+    let keys = KEYS.join(",");
+    let mut gateway = GatewayProcess::start(&[
+        ("REDIS_URL", redis_url.as_str()),
+        ("API_KEYS", keys.as_str()),
+        ("GEMINI_API_KEY", PROVIDER_SECRET),
+        ("GEMINI_BASE_URL", upstream.as_str()),
+        ("OLLAMA_BASE_URL", upstream.as_str()),
+        ("PROVIDER_TIMEOUT_SECONDS", "0.5"),
+        ("PROVIDER_MAX_RETRIES", "1"),
+        ("PROVIDER_RETRY_BASE_MS", "20"),
+        ("REDIS_TIMEOUT_MS", "100"),
+        ("RATE_LIMITER_CAPACITY", "30"),
+        ("RATE_LIMITER_REFILL_RATE", "40"),
+        ("CACHE_TTL_SECONDS", "2"),
+        ("SHUTDOWN_GRACE_SECONDS", "5"),
+    ]);
+    let pid = gateway.child.id();
+    let rss_before = rss_kib(pid);
+    // Worst case of one request: 2 attempts of 0.5 s, a backoff, Redis' 100 ms bound.
+    let bound = Duration::from_millis(2500);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let url = format!("{}/api/v1/chat", gateway.url);
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sigterm_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+
+    let mut workers = Vec::new();
+    for worker in 0..16u64 {
+        let (client, url, tally, stop, sigterm_at) = (
+            client.clone(),
+            url.clone(),
+            tally.clone(),
+            stop.clone(),
+            sigterm_at.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let key = match n % 20 {
+                    0 => "sk-not-a-key",
+                    i => KEYS[(i % 3) as usize],
+                };
+                let body = match n % 10 {
+                    0 => json!({"messages": []}),
+                    1 | 2 => json!({"messages": [{"role": "user", "content": format!("{MESSAGE_MARK} repeated {}", n % 4)}]}),
+                    3 => json!({"messages": [{"role": "user", "content": format!("{MESSAGE_MARK} {worker}-{n}")}], "model_hint": "fast"}),
+                    _ => json!({"messages": [{"role": "user", "content": format!("{MESSAGE_MARK} {worker}-{n}")}]}),
+                };
+                let started = Instant::now();
+                let result = client.post(&url).header("X-API-Key", key).json(&body).send().await;
+                let elapsed = started.elapsed();
+                let mut t = tally.lock().unwrap();
+                t.sent += 1;
+                let after_sigterm = sigterm_at.lock().unwrap().is_some_and(|at| started >= at);
+                match result {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        *t.statuses.entry(status).or_default() += 1;
+                        t.worst = t.worst.max(elapsed);
+                        if !DOCUMENTED.contains(&status) {
+                            t.failures.push(format!("undocumented status {status}"));
+                        }
+                        if elapsed > bound {
+                            t.failures.push(format!("a request took {elapsed:?} (bound {bound:?})"));
+                        }
+                    }
+                    // Started after SIGTERM: refused connections are expected.
+                    Err(_) if after_sigterm => {
+                        t.sent -= 1;
+                        break;
+                    }
+                    Err(error) => t.failures.push(format!("no answer: {error}")),
+                }
+            }
+        }));
+    }
+
+    // Chaos: restart, freeze, restart, at fixed points of the run.
+    let total = Duration::from_secs(seconds);
+    let chaos = {
+        let redis = redis.clone();
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(total / 5);
+            redis.lock().unwrap().restart();
+            std::thread::sleep(total / 5);
+            redis.lock().unwrap().freeze();
+            std::thread::sleep(Duration::from_millis(1500));
+            redis.lock().unwrap().thaw();
+            std::thread::sleep(total / 5);
+            redis.lock().unwrap().restart();
+        })
+    };
+    chaos.await.unwrap();
+    tokio::time::sleep(total.saturating_sub(Duration::from_millis(
+        total.as_millis() as u64 * 3 / 5 + 1500,
+    )))
+    .await;
+
+    // Settle, then read the counters while the load still runs is not exact; stop first.
+    stop.store(true, Ordering::Relaxed);
+    for w in workers.drain(..) {
+        w.await.unwrap();
+    }
+    let rss_after = rss_kib(pid);
+    let health = client
+        .get(format!("{}/health", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client
+        .get(format!("{}/ready", gateway.url))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(Instant::now() < deadline, "not ready after Redis came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = client
+        .get(format!("{}/metrics", gateway.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    let t = tally.lock().unwrap();
+    let authenticated: u64 = t
+        .statuses
+        .iter()
+        .filter(|(s, _)| **s != 401)
+        .map(|(_, n)| n)
+        .sum();
+    let admitted: u64 = t
+        .statuses
+        .iter()
+        .filter(|(s, _)| ![401, 429].contains(*s))
+        .map(|(_, n)| n)
+        .sum();
+    let allowed = metric_value(&metrics, "rate_limit_allowed_total") as u64;
+    let blocked = metric_value(&metrics, "rate_limit_blocked_total") as u64;
+    println!(
+        "soak {seconds}s: {} requests, statuses {:?}, worst {:?}, allowed {allowed} + blocked {blocked} vs authenticated {authenticated}, RSS {} -> {} KiB, failures {}",
+        t.sent, t.statuses, t.worst, rss_before, rss_after, t.failures.len()
+    );
+    assert!(
+        t.failures.is_empty(),
+        "{:?}",
+        &t.failures[..t.failures.len().min(10)]
+    );
+    assert_eq!(
+        allowed + blocked,
+        authenticated,
+        "every authenticated request was counted once"
+    );
+    assert_eq!(allowed, admitted, "every admitted request got an answer");
+    assert!(t.statuses.get(&200).copied().unwrap_or(0) > 0 && t.statuses.contains_key(&429));
+    drop(t);
+
+    // SIGTERM under load: everything in flight is answered, then exit 0.
+    stop.store(false, Ordering::Relaxed);
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    for _ in 0..8 {
+        let (client, url, tally, stop, sigterm_at) = (
+            client.clone(),
+            url.clone(),
+            tally.clone(),
+            stop.clone(),
+            sigterm_at.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let body = json!({"messages": [{"role": "user", "content": format!("{MESSAGE_MARK} late {started:?}")}]});
+                let result = client.post(&url).header("X-API-Key", KEYS[0]).json(&body).send().await;
+                let after_sigterm = sigterm_at.lock().unwrap().is_some_and(|at| started >= at);
+                let mut t = tally.lock().unwrap();
+                match result {
+                    Ok(r) => *t.statuses.entry(r.status().as_u16()).or_default() += 1,
+                    Err(_) if after_sigterm => break,
+                    Err(error) => t.failures.push(format!("in flight at SIGTERM, lost: {error}")),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    *sigterm_at.lock().unwrap() = Some(Instant::now());
+    gateway.terminate();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let exit =
+        tokio::task::spawn_blocking(move || (gateway.wait_exit(Duration::from_secs(10)), gateway))
+            .await
+            .unwrap();
+    let (status, gateway) = exit;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exit code after SIGTERM under load"
+    );
+    let t = tally.lock().unwrap();
+    println!("SIGTERM under load: answered {:?}", t.statuses);
+    assert!(t.failures.is_empty(), "{:?}", t.failures);
+
+    let output = gateway.output();
+    for secret in [
+        KEYS[0],
+        KEYS[1],
+        KEYS[2],
+        "SECRET",
+        PROVIDER_SECRET,
+        MESSAGE_MARK,
+    ] {
+        assert!(!output.contains(secret), "{secret} leaked into the logs");
+        assert!(
+            !metrics.contains(secret),
+            "{secret} leaked into the metrics"
+        );
+    }
+    let _ = mock.kill();
+}
