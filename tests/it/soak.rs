@@ -203,7 +203,7 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
         .await
         .unwrap();
 
-    let t = tally.lock().unwrap();
+    let t = std::mem::take(&mut *tally.lock().unwrap());
     let authenticated: u64 = t
         .statuses
         .iter()
@@ -278,7 +278,7 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
         Some(0),
         "exit code after SIGTERM under load"
     );
-    let t = tally.lock().unwrap();
+    let t = std::mem::take(&mut *tally.lock().unwrap());
     println!("SIGTERM under load: answered {:?}", t.statuses);
     assert!(t.failures.is_empty(), "{:?}", t.failures);
 
@@ -298,4 +298,5 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
         );
     }
     let _ = mock.kill();
+    let _ = mock.wait();
 }
