@@ -7,7 +7,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{Completion, Provider, ProviderError};
+use super::{send_json, Completion, Provider, ProviderError};
 use crate::api::schemas::{ChatRequest, Usage};
 
 /// The Gemini API.
@@ -120,23 +120,13 @@ impl Provider for Gemini {
             ));
         }
         let url = format!("{}/v1beta/models/{model}:generateContent", self.base_url);
-        let response = self
+        let upstream = self
             .client
             .post(url)
             .timeout(timeout)
             .header("x-goog-api-key", key)
-            .json(&request_body(request))
-            .send()
-            .await
-            .map_err(|e| ProviderError::from_reqwest(&e))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(ProviderError::Status(status.as_u16()));
-        }
-        let reply: GeminiReply = response
-            .json()
-            .await
-            .map_err(|e| ProviderError::from_reqwest(&e))?;
+            .json(&request_body(request));
+        let reply: GeminiReply = send_json(upstream).await?;
         let content: String = reply
             .candidates
             .into_iter()

@@ -157,6 +157,25 @@ pub async fn complete_with_retries(
     }
 }
 
+/// Sends a prepared upstream request and decodes its JSON answer, classifying every
+/// failure (transport, non-2xx status, unexpected body) as a [`ProviderError`].
+pub async fn send_json<T: serde::de::DeserializeOwned>(
+    request: reqwest::RequestBuilder,
+) -> Result<T, ProviderError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| ProviderError::from_reqwest(&e))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(ProviderError::Status(status.as_u16()));
+    }
+    response
+        .json()
+        .await
+        .map_err(|e| ProviderError::from_reqwest(&e))
+}
+
 /// The one HTTP client all providers share: pooled keep-alive connections, explicit
 /// connect timeout. Per-attempt timeouts are set on each request.
 pub fn http_client(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {

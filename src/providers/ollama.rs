@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{Completion, Provider, ProviderError};
+use super::{send_json, Completion, Provider, ProviderError};
 use crate::api::schemas::{ChatRequest, Usage};
 
 /// An Ollama server.
@@ -75,22 +75,13 @@ impl Provider for Ollama {
                 num_predict: request.max_tokens,
             },
         };
-        let response = self
-            .client
-            .post(self.url.clone())
-            .timeout(timeout)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| ProviderError::from_reqwest(&e))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(ProviderError::Status(status.as_u16()));
-        }
-        let reply: OllamaReply = response
-            .json()
-            .await
-            .map_err(|e| ProviderError::from_reqwest(&e))?;
+        let reply: OllamaReply = send_json(
+            self.client
+                .post(self.url.clone())
+                .timeout(timeout)
+                .json(&body),
+        )
+        .await?;
         Ok(Completion {
             content: reply.message.content,
             usage: Usage {
