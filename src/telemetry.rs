@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::api::chat::ChatMeta;
 use crate::app::AppState;
-use crate::metrics::{status_class, Metrics};
+use crate::metrics::status_class;
 use crate::settings::{LogFormat, Settings};
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -90,11 +90,11 @@ pub fn route_label(path: &str) -> &'static str {
 }
 
 /// Decrements the active-requests gauge however the request ends (even if cancelled).
-struct ActiveGuard(Metrics);
+struct ActiveGuard(prometheus::IntGauge);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active_requests.dec();
+        self.0.dec();
     }
 }
 
@@ -106,7 +106,7 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     let route = route_label(request.uri().path());
     let method = request.method().clone();
     state.metrics.active_requests.inc();
-    let _active = ActiveGuard(state.metrics.clone());
+    let _active = ActiveGuard(state.metrics.active_requests.clone());
 
     let mut response = next.run(request).await;
 
