@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::common::{gemini_reply, ollama_reply, upstream_ok, TestApp};
+use crate::common::{chat_body, gemini_reply, ollama_reply, upstream_ok, TestApp};
 
 const KEY: &str = "sk-provider-test";
 
@@ -22,6 +22,27 @@ async fn app(upstream: &MockServer, extra: &[(&str, &str)]) -> TestApp {
     ];
     pairs.extend_from_slice(extra);
     TestApp::spawn(&pairs).await
+}
+
+/// An Ollama upstream that answers `first` for its first `times` calls, then `then`.
+async fn ollama_answering(
+    first: ResponseTemplate,
+    times: u64,
+    then: ResponseTemplate,
+) -> MockServer {
+    let upstream = MockServer::start().await;
+    Mock::given(path("/api/chat"))
+        .respond_with(first)
+        .up_to_n_times(times)
+        .with_priority(1)
+        .mount(&upstream)
+        .await;
+    Mock::given(path("/api/chat"))
+        .respond_with(then)
+        .with_priority(2)
+        .mount(&upstream)
+        .await;
+    upstream
 }
 
 async fn bodies(upstream: &MockServer) -> Vec<(String, Value)> {
@@ -165,25 +186,14 @@ async fn gemini_receives_its_documented_body_and_key_header() {
 
 #[tokio::test]
 async fn transient_failures_are_retried_until_success() {
-    let upstream = MockServer::start().await;
-    Mock::given(path("/api/chat"))
-        .respond_with(ResponseTemplate::new(500))
-        .up_to_n_times(2)
-        .with_priority(1)
-        .mount(&upstream)
-        .await;
-    Mock::given(path("/api/chat"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(ollama_reply("third time")))
-        .with_priority(2)
-        .mount(&upstream)
-        .await;
+    let upstream = ollama_answering(
+        ResponseTemplate::new(500),
+        2,
+        ResponseTemplate::new(200).set_body_json(ollama_reply("third time")),
+    )
+    .await;
     let app = app(&upstream, &[]).await;
-    let response = app
-        .chat(
-            KEY,
-            &json!({"messages": [{"role": "user", "content": "x"}]}),
-        )
-        .await;
+    let response = app.chat(KEY, &chat_body("x")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.json::<Value>().await.unwrap()["content"],
@@ -204,25 +214,14 @@ async fn transient_failures_are_retried_until_success() {
 
 #[tokio::test]
 async fn upstream_429_is_retried_but_other_4xx_are_not() {
-    let upstream = MockServer::start().await;
-    Mock::given(path("/api/chat"))
-        .respond_with(ResponseTemplate::new(429))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&upstream)
-        .await;
-    Mock::given(path("/api/chat"))
-        .respond_with(ResponseTemplate::new(400).set_body_string("bad model secret-detail"))
-        .with_priority(2)
-        .mount(&upstream)
-        .await;
+    let upstream = ollama_answering(
+        ResponseTemplate::new(429),
+        1,
+        ResponseTemplate::new(400).set_body_string("bad model secret-detail"),
+    )
+    .await;
     let app = app(&upstream, &[]).await;
-    let response = app
-        .chat(
-            KEY,
-            &json!({"messages": [{"role": "user", "content": "x"}]}),
-        )
-        .await;
+    let response = app.chat(KEY, &chat_body("x")).await;
     assert_eq!(response.status(), 502);
     let detail = response.json::<Value>().await.unwrap()["detail"]
         .as_str()
@@ -251,12 +250,7 @@ async fn exhausted_retries_give_502_naming_the_provider() {
         .mount(&upstream)
         .await;
     let app = app(&upstream, &[("PROVIDER_MAX_RETRIES", "2")]).await;
-    let response = app
-        .chat(
-            KEY,
-            &json!({"messages": [{"role": "user", "content": "x"}]}),
-        )
-        .await;
+    let response = app.chat(KEY, &chat_body("x")).await;
     assert_eq!(response.status(), 502);
     assert_eq!(upstream.received_requests().await.unwrap().len(), 3);
 }
@@ -281,12 +275,7 @@ async fn a_slow_provider_times_out_with_504() {
     )
     .await;
     let started = std::time::Instant::now();
-    let response = app
-        .chat(
-            KEY,
-            &json!({"messages": [{"role": "user", "content": "x"}]}),
-        )
-        .await;
+    let response = app.chat(KEY, &chat_body("x")).await;
     assert_eq!(response.status(), 504);
     assert!(
         started.elapsed() < std::time::Duration::from_secs(4),
@@ -318,12 +307,7 @@ async fn an_unreachable_provider_gives_502() {
         ("PROVIDER_MAX_RETRIES", "1"),
     ])
     .await;
-    let response = app
-        .chat(
-            KEY,
-            &json!({"messages": [{"role": "user", "content": "x"}]}),
-        )
-        .await;
+    let response = app.chat(KEY, &chat_body("x")).await;
     assert_eq!(response.status(), 502);
     assert_eq!(
         app.metric("provider_calls_total{provider=\"ollama\"}")
