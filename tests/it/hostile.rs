@@ -108,18 +108,20 @@ async fn malformed_heads_get_a_4xx_and_the_gateway_stays_up() {
     let upstream = upstream_ok().await;
     let app = app(&upstream, &[]).await;
     let many_headers: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
-    let cases: Vec<(String, Vec<u8>)> = vec![
-        ("too many headers".into(), format!("GET /health HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n").into_bytes()),
-        ("huge header".into(), format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20)).into_bytes()),
-        ("control character in the key".into(), b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nX-API-Key: sk\x01hostile\r\nContent-Length: 0\r\n\r\n".to_vec()),
-        ("garbage".into(), b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03 not http at all\r\n\r\n".to_vec()),
-        ("bad content-length".into(), format!("POST /v1/chat HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Length: -5\r\n\r\n").into_bytes()),
+    // hyper answers heads it cannot parse before our code runs: 431 for oversized
+    // heads, 400 for broken ones (bare, without a JSON body).
+    let cases: Vec<(&str, u16, Vec<u8>)> = vec![
+        ("too many headers", 431, format!("GET /health HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n").into_bytes()),
+        ("huge header", 431, format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20)).into_bytes()),
+        ("control character in the key", 400, b"POST /v1/chat HTTP/1.1\r\nHost: x\r\nX-API-Key: sk\x01hostile\r\nContent-Length: 0\r\n\r\n".to_vec()),
+        ("garbage", 400, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03 not http at all\r\n\r\n".to_vec()),
+        ("bad content-length", 400, format!("POST /v1/chat HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Length: -5\r\n\r\n").into_bytes()),
     ];
-    for (name, request) in cases {
+    for (name, expected, request) in cases {
         let answer = raw(&app, &request).await;
-        let status = status_of(&answer);
-        assert!(
-            (400..500).contains(&status) || answer.is_empty(),
+        assert_eq!(
+            status_of(&answer),
+            expected,
             "{name}: {}",
             answer.lines().next().unwrap_or("")
         );

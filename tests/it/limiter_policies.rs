@@ -171,11 +171,7 @@ async fn sighup_reloads_keys_and_tiers_under_load_without_dropping_requests() {
         "api_keys = \"sk-old,sk-new\"\nrate_limiter_capacity = 1000\nrate_limiter_tiers = \"gold:7:1\"\napi_key_tiers = \"sk-new=gold\"\n",
     )
     .unwrap();
-    let hup = std::process::Command::new("kill")
-        .args(["-HUP", &gateway.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    gateway.signal("-HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     let reloaded = loop {
         let response = client
@@ -211,10 +207,7 @@ async fn sighup_reloads_keys_and_tiers_under_load_without_dropping_requests() {
         "api_keys = \"sk-old\"\nrate_limiter_tiers = \"bad\"\n",
     )
     .unwrap();
-    std::process::Command::new("kill")
-        .args(["-HUP", &gateway.child.id().to_string()])
-        .status()
-        .unwrap();
+    gateway.signal("-HUP");
     crate::common::wait_for_line(&gateway.log, "configuration reload failed")
         .expect("reload error logged");
     let still = client

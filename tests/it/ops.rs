@@ -368,3 +368,29 @@ fn the_dashboard_queries_only_metrics_the_gateway_exports() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_dotenv_file_in_the_working_directory_is_read_and_the_environment_wins() {
+    let gateway = GatewayProcess::start_with_dotenv(
+        &[("RATE_LIMITER_CAPACITY", "2")],
+        Some("REDIS_URL=memory://\nAPI_KEYS=sk-from-dotenv\nRATE_LIMITER_CAPACITY=50\n"),
+    );
+    let client = reqwest::Client::new();
+    let send = |key: &'static str| {
+        client
+            .post(format!("{}/v1/chat", gateway.url))
+            .header("X-API-Key", key)
+            .json(&json!({"messages": []}))
+            .send()
+    };
+    // The key from .env authenticates (422: past auth, the body is invalid).
+    let response = send("sk-from-dotenv").await.unwrap();
+    assert_eq!(response.status(), 422);
+    // The process environment (capacity 2) wins over .env (50).
+    assert_eq!(response.headers()["x-ratelimit-limit"], "2");
+    assert_eq!(
+        send("sk-gateway-123").await.unwrap().status(),
+        401,
+        ".env replaced the default key"
+    );
+}

@@ -253,7 +253,15 @@ impl GatewayProcess {
     /// Starts the binary with exactly `env` (plus HOST/PORT/LOG_FORMAT) in a temp dir,
     /// and waits for its "listening" line.
     pub fn start(env: &[(&str, &str)]) -> GatewayProcess {
+        GatewayProcess::start_with_dotenv(env, None)
+    }
+
+    /// Like [`GatewayProcess::start`], with a `.env` file of `dotenv` in the working directory.
+    pub fn start_with_dotenv(env: &[(&str, &str)], dotenv: Option<&str>) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("temp dir");
+        if let Some(content) = dotenv {
+            std::fs::write(dir.path().join(".env"), content).expect(".env");
+        }
         let log = dir.path().join("gateway.log");
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
@@ -279,8 +287,13 @@ impl GatewayProcess {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Sends `signal` (as `kill` spells it, e.g. `-HUP`).
+    pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
