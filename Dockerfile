@@ -2,8 +2,11 @@
 # non-root user. Only the two binaries and the CA bundle reach the final image.
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
+# make builds jemalloc, the gateway's allocator.
+RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 # Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 COPY config ./config
 RUN mkdir -p src/bin && echo 'fn main() {}' > src/main.rs && echo 'fn main() {}' > src/bin/mock_llm.rs \
     && echo '' > src/lib.rs && cargo build --release --locked && rm -rf src

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cache;
 pub mod chat;
 pub mod error;
+pub mod log_writer;
 pub mod metrics;
 pub mod providers;
 pub mod ratelimit;

@@ -34,6 +34,19 @@ pub struct ChatRequest {
     pub stream: bool,
 }
 
+impl ChatRequest {
+    /// About how many bytes the messages take once written as JSON: enough to size a
+    /// buffer up front, so a long message is not copied again each time it outgrows it.
+    pub fn json_size_hint(&self) -> usize {
+        let text: usize = self
+            .messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len() + 48)
+            .sum();
+        text + 256
+    }
+}
+
 /// Token counts of one completion.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {

@@ -27,46 +27,41 @@ pub trait Cache: Send + Sync {
     async fn set(&self, key: &str, body: Bytes, ttl: Duration) -> Result<(), CacheError>;
 }
 
-/// The cache key: `cache:` + SHA-256 over a canonical JSON form of the fields that shape
-/// the answer. Field order is fixed by the struct, and only `role` and `content` of each
-/// message count, so unknown fields cannot split or merge entries.
+/// The cache key: `cache:` + SHA-256 over the fields that shape the answer, each
+/// length-prefixed so that no field boundary can be forged, in a fixed order. Only
+/// `role` and `content` of each message count, so unknown fields cannot split or merge
+/// entries. Hashing the raw text instead of a JSON rendering of it skips escaping every
+/// byte, which was about a third of the gateway's CPU time on 64 KB bodies.
 pub fn cache_key(request: &ChatRequest) -> String {
-    #[derive(serde::Serialize)]
-    struct Canonical<'a> {
-        messages: Vec<(&'a str, &'a str)>,
-        model: Option<&'a str>,
-        model_hint: Option<&'a str>,
-        max_tokens: u64,
-        temperature: f64,
-    }
-    let canonical = Canonical {
-        messages: request
-            .messages
-            .iter()
-            .map(|m| (m.role.as_str(), m.content.as_str()))
-            .collect(),
-        model: request.model.as_deref(),
-        model_hint: request.model_hint.as_deref(),
-        max_tokens: request.max_tokens,
-        temperature: request.temperature,
-    };
     let mut hasher = Sha256::new();
-    // Serialising plain strings and numbers into a hasher cannot fail.
-    let _ = serde_json::to_writer(HashWriter(&mut hasher), &canonical);
+    hasher.update(b"chat/v2");
+    hasher.update((request.messages.len() as u64).to_le_bytes());
+    for message in &request.messages {
+        hash_text(&mut hasher, Some(&message.role));
+        hash_text(&mut hasher, Some(&message.content));
+    }
+    hash_text(&mut hasher, request.model.as_deref());
+    hash_text(&mut hasher, request.model_hint.as_deref());
+    hasher.update(request.max_tokens.to_le_bytes());
+    // 0.0 and -0.0 are the same temperature.
+    let temperature = if request.temperature == 0.0 {
+        0.0
+    } else {
+        request.temperature
+    };
+    hasher.update(temperature.to_bits().to_le_bytes());
     format!("cache:{}", hex::encode(hasher.finalize()))
 }
 
-/// Streams serde_json output straight into the hasher, so large bodies are not copied.
-struct HashWriter<'a>(&'a mut Sha256);
-
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+/// An optional string as a presence byte, then its length and bytes.
+fn hash_text(hasher: &mut Sha256, text: Option<&str>) {
+    match text {
+        None => hasher.update([0u8]),
+        Some(text) => {
+            hasher.update([1u8]);
+            hasher.update((text.len() as u64).to_le_bytes());
+            hasher.update(text.as_bytes());
+        }
     }
 }
 
@@ -156,5 +151,38 @@ mod tests {
             ..request()
         };
         assert_ne!(cache_key(&a), cache_key(&b));
+        // The same text in the other optional field, or an empty one instead of none.
+        let model = ChatRequest {
+            model: Some("x".into()),
+            ..request()
+        };
+        let hint = ChatRequest {
+            model_hint: Some("x".into()),
+            ..request()
+        };
+        let empty = ChatRequest {
+            model: Some(String::new()),
+            ..request()
+        };
+        assert_ne!(cache_key(&model), cache_key(&hint));
+        assert_ne!(cache_key(&empty), cache_key(&request()));
+        // Text moved from one message's content into the next one's role.
+        let split = |first: &str, second_role: &str| ChatRequest {
+            messages: vec![
+                Message {
+                    role: "user".into(),
+                    content: first.into(),
+                },
+                Message {
+                    role: second_role.into(),
+                    content: "c".into(),
+                },
+            ],
+            ..request()
+        };
+        assert_ne!(
+            cache_key(&split("ab", "user")),
+            cache_key(&split("a", "buser"))
+        );
     }
 }

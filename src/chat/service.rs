@@ -234,11 +234,15 @@ impl ChatService {
             content: completion.content,
             usage: completion.usage,
         };
-        serde_json::to_vec(&response).map(Bytes::from).map_err(|_| {
-            ApiError::BadGateway(format!(
-                "Provider '{}' answer could not be encoded",
-                kind.as_str()
-            ))
-        })
+        // Sized up front: growing by doubling copied long answers several times.
+        let mut body = Vec::with_capacity(response.content.len() + 256);
+        serde_json::to_writer(&mut body, &response)
+            .map(|()| Bytes::from(body))
+            .map_err(|_| {
+                ApiError::BadGateway(format!(
+                    "Provider '{}' answer could not be encoded",
+                    kind.as_str()
+                ))
+            })
     }
 }

@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
-use super::{send_json, Completion, Provider, ProviderError};
+use reqwest::header::CONTENT_TYPE;
+
+use super::{json_body, send_json, Completion, Provider, ProviderError};
 use crate::api::schemas::{ChatRequest, Usage};
 
 /// The Gemini API.
@@ -28,31 +29,68 @@ impl Gemini {
     }
 }
 
+/// Gemini's body for a chat, borrowing the message text (no copy of it).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GeminiRequest<'a> {
+    contents: Vec<Turn<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_instruction: Option<Instruction<'a>>,
+    generation_config: GenerationConfig,
+}
+
+#[derive(Serialize)]
+struct Turn<'a> {
+    role: &'static str,
+    parts: [Text<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct Instruction<'a> {
+    parts: Vec<Text<'a>>,
+}
+
+#[derive(Serialize)]
+struct Text<'a> {
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerationConfig {
+    temperature: f64,
+    max_output_tokens: u64,
+}
+
 /// Gemini's body for a chat: assistant turns become role `model`, system turns become
 /// `systemInstruction`, everything else is a `user` turn.
-pub fn request_body(request: &ChatRequest) -> Value {
+pub fn request_body(request: &ChatRequest) -> GeminiRequest<'_> {
     let mut system = Vec::new();
     let mut contents = Vec::new();
     for message in &request.messages {
+        let text = Text {
+            text: &message.content,
+        };
         match message.role.as_str() {
-            "system" => system.push(json!({ "text": message.content })),
-            role => contents.push(json!({
-                "role": if role == "assistant" || role == "model" { "model" } else { "user" },
-                "parts": [{ "text": message.content }],
-            })),
+            "system" => system.push(text),
+            role => contents.push(Turn {
+                role: if role == "assistant" || role == "model" {
+                    "model"
+                } else {
+                    "user"
+                },
+                parts: [text],
+            }),
         }
     }
-    let mut body = json!({
-        "contents": contents,
-        "generationConfig": {
-            "temperature": request.temperature,
-            "maxOutputTokens": request.max_tokens,
+    GeminiRequest {
+        contents,
+        system_instruction: (!system.is_empty()).then_some(Instruction { parts: system }),
+        generation_config: GenerationConfig {
+            temperature: request.temperature,
+            max_output_tokens: request.max_tokens,
         },
-    });
-    if !system.is_empty() {
-        body["systemInstruction"] = json!({ "parts": system });
     }
-    body
 }
 
 #[derive(Deserialize)]
@@ -125,7 +163,8 @@ impl Provider for Gemini {
             .post(url)
             .timeout(timeout)
             .header("x-goog-api-key", key)
-            .json(&request_body(request));
+            .header(CONTENT_TYPE, "application/json")
+            .body(json_body(&request_body(request), request.json_size_hint())?);
         let reply: GeminiReply = send_json(upstream).await?;
         let content: String = reply
             .candidates
@@ -180,8 +219,8 @@ mod tests {
             stream: false,
         };
         assert_eq!(
-            request_body(&request),
-            json!({
+            serde_json::to_value(request_body(&request)).unwrap(),
+            serde_json::json!({
                 "contents": [
                     {"role": "user", "parts": [{"text": "hi"}]},
                     {"role": "model", "parts": [{"text": "hello"}]},

@@ -176,6 +176,19 @@ pub async fn send_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| ProviderError::from_reqwest(&e))
 }
 
+/// Serialises an upstream request body into a buffer of `size_hint` bytes: letting the
+/// buffer grow by doubling copied a 64 KB message several times and could leave twice
+/// its size allocated for the whole call.
+pub fn json_body<T: serde::Serialize>(
+    value: &T,
+    size_hint: usize,
+) -> Result<Vec<u8>, ProviderError> {
+    let mut body = Vec::with_capacity(size_hint);
+    serde_json::to_writer(&mut body, value)
+        .map_err(|_| ProviderError::Invalid("request could not be encoded".into()))?;
+    Ok(body)
+}
+
 /// The one HTTP client all providers share: pooled keep-alive connections, explicit
 /// connect timeout. Per-attempt timeouts are set on each request.
 pub fn http_client(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {

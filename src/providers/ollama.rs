@@ -5,7 +5,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{send_json, Completion, Provider, ProviderError};
+use reqwest::header::CONTENT_TYPE;
+
+use super::{json_body, send_json, Completion, Provider, ProviderError};
 use crate::api::schemas::{ChatRequest, Usage};
 
 /// An Ollama server.
@@ -75,11 +77,13 @@ impl Provider for Ollama {
                 num_predict: request.max_tokens,
             },
         };
+        let body = json_body(&body, request.json_size_hint())?;
         let reply: OllamaReply = send_json(
             self.client
                 .post(self.url.clone())
                 .timeout(timeout)
-                .json(&body),
+                .header(CONTENT_TYPE, "application/json")
+                .body(body),
         )
         .await?;
         Ok(Completion {
