@@ -1,7 +1,5 @@
 //! Gemini: `POST {base}/v1beta/models/{model}:generateContent` with `x-goog-api-key`.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -141,7 +139,6 @@ impl Provider for Gemini {
         &self,
         request: &ChatRequest,
         model: &str,
-        timeout: Duration,
     ) -> Result<Completion, ProviderError> {
         let key = self.api_key.expose_secret();
         if key.is_empty() {
@@ -161,7 +158,6 @@ impl Provider for Gemini {
         let upstream = self
             .client
             .post(url)
-            .timeout(timeout)
             .header("x-goog-api-key", key)
             .header(CONTENT_TYPE, "application/json")
             .body(json_body(&request_body(request), request.json_size_hint())?);

@@ -71,12 +71,11 @@ impl ProviderError {
 pub trait Provider: Send + Sync {
     /// `gemini` or `ollama`.
     fn name(&self) -> &'static str;
-    /// One attempt at completing `request` with `model`, bounded by `timeout`.
+    /// One attempt at completing `request` with `model`. The caller bounds its time.
     async fn complete(
         &self,
         request: &ChatRequest,
         model: &str,
-        timeout: Duration,
     ) -> Result<Completion, ProviderError>;
 }
 
@@ -119,14 +118,12 @@ pub async fn complete_with_retries(
     loop {
         let started = Instant::now();
         metrics.provider_calls.with_label_values(&[name]).inc();
-        // The outer timeout is a backstop: the provider also sets it on the request, but
-        // nothing (DNS, a stuck body) may make an attempt outlive it.
-        let result = tokio::time::timeout(
-            policy.attempt_timeout,
-            provider.complete(request, model, policy.attempt_timeout),
-        )
-        .await
-        .unwrap_or(Err(ProviderError::Timeout));
+        // One timer bounds the whole attempt (connect, send, response body). A second
+        // per-request timer inside reqwest only added timer-wheel work to every call.
+        let result =
+            tokio::time::timeout(policy.attempt_timeout, provider.complete(request, model))
+                .await
+                .unwrap_or(Err(ProviderError::Timeout));
         metrics
             .provider_latency
             .with_label_values(&[name])

@@ -1,7 +1,5 @@
 //! Ollama: `POST {base}/api/chat` with `stream: false`.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -65,7 +63,6 @@ impl Provider for Ollama {
         &self,
         request: &ChatRequest,
         model: &str,
-        timeout: Duration,
     ) -> Result<Completion, ProviderError> {
         // Serialised straight from borrowed fields: no intermediate copy of the messages.
         let body = OllamaRequest {
@@ -81,7 +78,6 @@ impl Provider for Ollama {
         let reply: OllamaReply = send_json(
             self.client
                 .post(self.url.clone())
-                .timeout(timeout)
                 .header(CONTENT_TYPE, "application/json")
                 .body(body),
         )
