@@ -38,8 +38,8 @@ cargo build --release --quiet --bins
 
 REDIS_PORT=$(free_port); MOCK_PORT=$(free_port); GW_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
-  >/dev/null 2>&1 & PIDS+=($!)
-./target/release/mock-llm --port "$MOCK_PORT" >/dev/null 2>&1 & PIDS+=($!)
+  >/dev/null 2>&1 & REDIS_PID=$!; PIDS+=("$REDIS_PID")
+./target/release/mock-llm --port "$MOCK_PORT" >/dev/null 2>&1 & MOCK_PID=$!; PIDS+=("$MOCK_PID")
 wait_port "$REDIS_PORT"; wait_port "$MOCK_PORT"
 
 # 10,000 keys (too long for one environment variable, so a config file); one key has a
@@ -116,6 +116,10 @@ redis_calls() {
 rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$GW_PID/status"; }
 peak_kb() { awk '/VmHWM/ { print $2 }' "/proc/$GW_PID/status"; }
 reset_peak() { echo 5 >"/proc/$GW_PID/clear_refs" 2>/dev/null || true; }
+# CPU time (user + system, in clock ticks) a process has used so far: per-request CPU of
+# each process shows where a scenario's cost goes on the shared cores.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 IDLE_KB=$(rss_kb)
 # Warm up: connections, script cache, the cached entry of the hit scenario.
@@ -128,11 +132,14 @@ run() { # scenario connections url
   reset_peak
   local before after out
   before=$(redis_calls)
+  local gw0 rd0 mk0
+  gw0=$(cpu_ticks "$GW_PID"); rd0=$(cpu_ticks "$REDIS_PID"); mk0=$(cpu_ticks "$MOCK_PID")
   out=$(wrk -t"$threads" -c"$conns" -d"${DURATION}s" --timeout 10s -s "$WORK/$name.lua" "$url" \
     -- "$name-$conns-$RANDOM$RANDOM-" | grep '^RESULT')
   after=$(redis_calls)
+  local cpu="$(($(cpu_ticks "$GW_PID") - gw0)) $(($(cpu_ticks "$REDIS_PID") - rd0)) $(($(cpu_ticks "$MOCK_PID") - mk0))"
   # Redis' own INFO and cluster chatter are excluded; what is left is per request.
-  ROWS+=("$name $conns $out $((after - before)) $(peak_kb)")
+  ROWS+=("$name $conns $out $((after - before)) $(peak_kb) $cpu")
 }
 
 for conns in 1 64; do
@@ -145,19 +152,24 @@ FINAL_KB=$(rss_kb)
 
 echo
 echo "llm-gateway benchmark: $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ), ${DURATION}s per row, wrk on loopback"
-printf '%-9s %5s %10s %9s %9s %8s %12s %10s %9s %8s %7s\n' \
-  scenario conns "req/s" "p50(us)" "p99(us)" "x floor" "p50-floor" "redis cmd/r" "peakRSS" "non-2xx" "sockerr"
+printf '%-9s %5s %10s %9s %9s %8s %12s %10s %9s %8s %7s %9s\n' \
+  scenario conns "req/s" "p50(us)" "p99(us)" "x floor" "p50-floor" "redis cmd/r" "peakRSS" "non-2xx" "sockerr" \
+  "cpu us/r gateway+redis+mock"
 declare -A FLOOR_RPS FLOOR_P50
 for row in "${ROWS[@]}"; do
-  read -r name conns _ requests seconds p50 p99 non2xx sockerr calls peak <<<"$row"
+  read -r name conns _ requests seconds p50 p99 non2xx sockerr calls peak gw_t rd_t mk_t <<<"$row"
   rps=$(awk -v r="$requests" -v s="$seconds" 'BEGIN { printf "%.0f", r / s }')
   if [ "$name" = floor ]; then FLOOR_RPS[$conns]=$rps; FLOOR_P50[$conns]=$p50; fi
   ratio=$(awk -v a="$rps" -v b="${FLOOR_RPS[$conns]}" 'BEGIN { printf "%.2f", a / b }')
   delta=$((p50 - ${FLOOR_P50[$conns]}))
   per=$(awk -v c="$calls" -v r="$requests" 'BEGIN { printf "%.2f", (r > 0 ? c / r : 0) }')
   [ "$name" = floor ] && per="-"
-  printf '%-9s %5s %10s %9s %9s %8s %12s %10s %6sMiB %8s %7s\n' \
-    "$name" "$conns" "$rps" "$p50" "$p99" "$ratio" "$delta" "$per" "$((peak / 1024))" "$non2xx" "$sockerr"
+  us() { awk -v t="$1" -v r="$requests" -v u="$TICK_US" 'BEGIN { printf "%.0f", (r > 0 ? t * u / r : 0) }'; }
+  cpu="$(us "$gw_t")+$(us "$rd_t")+$(us "$mk_t")"
+  printf '%-9s %5s %10s %9s %9s %8s %12s %10s %6sMiB %8s %7s %9s\n' \
+    "$name" "$conns" "$rps" "$p50" "$p99" "$ratio" "$delta" "$per" "$((peak / 1024))" "$non2xx" "$sockerr" "  $cpu"
 done
 echo "gateway RSS: idle $((IDLE_KB / 1024)) MiB before the run, $((FINAL_KB / 1024)) MiB after it"
+echo "cpu us/r: CPU time each process spent per request in that row (the cores also run wrk);"
+echo "  $(nproc) cores give $(nproc) million CPU-us per second, so req/s <= $(nproc)e6 / (the four processes' sum)"
 echo "non-2xx: should be 0 in every row but 'limited', where every answer is a 429 (1 token per 1000 s)"
