@@ -28,7 +28,7 @@ const MAX_KEY_BYTES: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct ClientIdentity {
     /// The client's bucket key (`ratelimit:` + digest); the raw key is not kept.
-    pub bucket_key: String,
+    pub bucket_key: Arc<str>,
     /// The client's bucket policy.
     pub policy: Arc<BucketPolicy>,
 }
@@ -39,9 +39,17 @@ struct Anonymous {
     trusted_proxies: Vec<IpNet>,
 }
 
+/// What a configured key maps to.
+struct KeyEntry {
+    policy: Arc<BucketPolicy>,
+    /// Computed once at load: deriving it per request (a second SHA-256, hex, two
+    /// string formats) showed up in the hit path's profile.
+    bucket_key: Arc<str>,
+}
+
 /// Keys (as SHA-256 digests) with their policies, and the anonymous rules.
 pub struct AuthConfig {
-    keys: HashMap<[u8; 32], Arc<BucketPolicy>>,
+    keys: HashMap<[u8; 32], KeyEntry>,
     anonymous: Option<Anonymous>,
 }
 
@@ -75,7 +83,11 @@ impl AuthConfig {
                     .find(|(k, _)| *k == key)
                     .and_then(|(_, name)| tier(name))
                     .unwrap_or_else(|| default.clone());
-                (Sha256::digest(key.as_bytes()).into(), policy)
+                let entry = KeyEntry {
+                    policy,
+                    bucket_key: bucket_key(&format!("key:{key}")).into(),
+                };
+                (Sha256::digest(key.as_bytes()).into(), entry)
             })
             .collect();
         let anonymous = match settings.allow_anonymous {
@@ -96,12 +108,16 @@ impl AuthConfig {
     /// final equality check is constant time, and the cost is O(1) however many keys are
     /// configured.
     pub fn policy_for_key(&self, presented: &str) -> Option<Arc<BucketPolicy>> {
+        self.entry_for_key(presented).map(|e| e.policy.clone())
+    }
+
+    fn entry_for_key(&self, presented: &str) -> Option<&KeyEntry> {
         if presented.len() > MAX_KEY_BYTES {
             return None;
         }
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let (known, policy) = self.keys.get_key_value(&digest)?;
-        bool::from(known.ct_eq(&digest)).then(|| policy.clone())
+        let (known, entry) = self.keys.get_key_value(&digest)?;
+        bool::from(known.ct_eq(&digest)).then_some(entry)
     }
 
     /// The identity of a request: its key's, or with anonymous access and no key at all,
@@ -109,18 +125,17 @@ impl AuthConfig {
     pub fn identify(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<ClientIdentity> {
         match headers.get("x-api-key") {
             Some(value) => {
-                let key = value.to_str().ok()?;
-                let policy = self.policy_for_key(key)?;
+                let entry = self.entry_for_key(value.to_str().ok()?)?;
                 Some(ClientIdentity {
-                    bucket_key: bucket_key(&format!("key:{key}")),
-                    policy,
+                    bucket_key: entry.bucket_key.clone(),
+                    policy: entry.policy.clone(),
                 })
             }
             None => {
                 let anonymous = self.anonymous.as_ref()?;
                 let ip = client_ip(headers, peer?, &anonymous.trusted_proxies);
                 Some(ClientIdentity {
-                    bucket_key: bucket_key(&format!("ip:{}", group(ip))),
+                    bucket_key: bucket_key(&format!("ip:{}", group(ip))).into(),
                     policy: anonymous.policy.clone(),
                 })
             }
@@ -238,6 +253,14 @@ mod tests {
             assert!(auth.policy_for_key(wrong).is_none(), "{wrong}");
         }
         assert!(auth.policy_for_key(&"x".repeat(100_000)).is_none());
+        // Each key has its own bucket, named by a digest of the key, never the key.
+        let bucket = |key: &str| {
+            let identity = auth.identify(&headers(&[("x-api-key", key)]), None);
+            identity.unwrap().bucket_key
+        };
+        assert_eq!(&*bucket("sk-a"), bucket_key("key:sk-a"));
+        assert_ne!(bucket("sk-a"), bucket("sk-b"));
+        assert!(!bucket("sk-a").contains("sk-a"));
     }
 
     #[test]

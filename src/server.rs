@@ -1,12 +1,27 @@
 //! The HTTP server loop: accepts connections up to a cap, serves them with hyper with a
 //! header read timeout (so slow clients cannot hold connections forever), and drains
 //! them with a bound on shutdown. `axum::serve` offers neither the cap nor the timeout.
+//!
+//! Draining closes keep-alive connections without losing requests: first every HTTP/1
+//! answer says `Connection: close` (so the client stops reusing the connection) while
+//! requests already on their way still arrive and are served; only then are connections
+//! that stayed idle closed. Closing idle connections at once dropped requests a client
+//! had just sent on one (their bytes were in the socket, unread).
+//!
+//! Draining closes keep-alive connections without losing requests: first every HTTP/1
+//! answer says `Connection: close` (the client stops reusing the connection) while
+//! requests already on their way still arrive and are served; only then are the
+//! connections that stayed idle closed. Closing idle connections at once drops a request
+//! a client had just sent on one: its bytes were in the socket, unread.
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
+use axum::http::{header, HeaderValue, Version};
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -27,6 +42,10 @@ pub struct ServerLimits {
     /// Bound on the drain after the stop signal.
     pub shutdown_grace: Duration,
 }
+
+/// How long draining waits for requests already sent on idle keep-alive connections
+/// (bounded by the grace period) before closing those connections.
+const DRAIN_LINGER: Duration = Duration::from_millis(500);
 
 /// What an over-capacity connection is told before it is closed.
 const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
@@ -49,6 +68,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    let draining = Arc::new(AtomicBool::new(false));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -68,12 +88,21 @@ pub async fn serve(
             tokio::spawn(refuse(stream));
             continue;
         };
-        let service = router.clone().map_request(
-            move |mut request: hyper::Request<hyper::body::Incoming>| {
+        let (router, draining) = (router.clone(), draining.clone());
+        let service =
+            tower::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
-                request
-            },
-        );
+                let http1 = request.version() < Version::HTTP_2;
+                let (router, draining) = (router.clone(), draining.clone());
+                async move {
+                    let mut response = router.oneshot(request).await?;
+                    if http1 && draining.load(Ordering::Relaxed) {
+                        let close = HeaderValue::from_static("close");
+                        response.headers_mut().insert(header::CONNECTION, close);
+                    }
+                    Ok::<_, Infallible>(response)
+                }
+            });
         let builder = builder.clone();
         let connection = graceful.watch(
             builder
@@ -90,11 +119,20 @@ pub async fn serve(
         });
     }
     drop(listener);
+    let started = Instant::now();
+    draining.store(true, Ordering::Relaxed);
     tracing::info!(
         grace_seconds = limits.shutdown_grace.as_secs_f64(),
         "shutting down: draining requests in flight"
     );
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+    let all_closed = async {
+        while slots.available_permits() < limits.max_connections {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let _ = tokio::time::timeout(limits.shutdown_grace.min(DRAIN_LINGER), all_closed).await;
+    let remaining = limits.shutdown_grace.saturating_sub(started.elapsed());
+    if tokio::time::timeout(remaining, graceful.shutdown())
         .await
         .is_err()
     {

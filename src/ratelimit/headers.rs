@@ -16,6 +16,22 @@ fn number(n: u64) -> HeaderValue {
     HeaderValue::from(n)
 }
 
+/// A header value formatted on the stack and copied once into the value: no
+/// intermediate `String` per header per response.
+fn formatted(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 256];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    match cursor.write_fmt(args) {
+        Ok(()) => {
+            let len = cursor.position() as usize;
+            HeaderValue::from_bytes(&buf[..len]).ok()
+        }
+        // Longer than the buffer (an unusually long tier name): take the slow path.
+        Err(_) => HeaderValue::from_str(&args.to_string()).ok(),
+    }
+}
+
 fn ceil_seconds(ms: u64) -> u64 {
     ms.div_ceil(1000)
 }
@@ -28,15 +44,17 @@ pub fn apply(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision
     headers.insert(X_RESET.clone(), number(reset));
     // Tier names are validated at load time to be header-safe tokens.
     let tier = &policy.tier;
-    if let Ok(v) = HeaderValue::from_str(&format!(
+    if let Some(v) = formatted(format_args!(
         "\"{tier}\";q={};w={}",
         policy.capacity,
         policy.seconds_to_fill()
     )) {
         headers.insert(POLICY.clone(), v);
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{tier}\";r={};t={reset}", decision.remaining))
-    {
+    if let Some(v) = formatted(format_args!(
+        "\"{tier}\";r={};t={reset}",
+        decision.remaining
+    )) {
         headers.insert(RATELIMIT.clone(), v);
     }
     if !decision.allowed {
@@ -93,5 +111,23 @@ mod tests {
         assert_eq!(headers["x-ratelimit-remaining"], "99");
         assert_eq!(headers["ratelimit"], "\"gold\";r=99;t=1");
         assert!(headers.get("retry-after").is_none());
+    }
+
+    #[test]
+    fn a_tier_name_longer_than_the_stack_buffer_still_gets_its_headers() {
+        let tier = "t".repeat(300);
+        let policy = BucketPolicy {
+            tier: tier.as_str().into(),
+            capacity: 7,
+            refill_rate: 1.0,
+        };
+        let mut headers = HeaderMap::new();
+        apply(
+            &mut headers,
+            &policy,
+            &Decision::from_millis(true, 6_000, 1000, 0),
+        );
+        assert_eq!(headers["ratelimit-policy"], format!("\"{tier}\";q=7;w=7"));
+        assert_eq!(headers["ratelimit"], format!("\"{tier}\";r=6;t=1"));
     }
 }

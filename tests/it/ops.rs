@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::{
-    chat_body, metric_value, upstream_ok, wait_for_line, GatewayProcess, RedisServer, TestApp,
+    chat_body, metric_value, upstream_ok, wait_for_line, GatewayProcess, MockLlm, RedisServer,
+    TestApp,
 };
 
 #[tokio::test]
@@ -199,28 +200,13 @@ fn a_bad_setting_stops_startup_with_one_clear_line() {
     }
 }
 
-/// Starts `mock-llm` on a free port with `args`, waiting until it listens.
-fn start_mock(args: &[&str]) -> (std::process::Child, String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("mock.log");
-    let port = crate::common::free_port().to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_mock-llm"))
-        .args(["--port", &port])
-        .args(args)
-        .stdout(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_for_line(&log, "listening").expect("mock-llm started");
-    (child, format!("http://127.0.0.1:{port}"), dir)
-}
-
 #[tokio::test]
 async fn sigterm_lets_a_request_in_flight_finish_then_exits_zero() {
-    let (mut mock, mock_url, _dir) = start_mock(&["--latency-ms", "1500"]);
+    let mock = MockLlm::start(&["--latency-ms", "1500"]);
     let mut gateway = GatewayProcess::start(&[
         ("REDIS_URL", "memory://"),
         ("API_KEYS", "sk-drain"),
-        ("OLLAMA_BASE_URL", mock_url.as_str()),
+        ("OLLAMA_BASE_URL", mock.url.as_str()),
     ]);
     let client = reqwest::Client::new();
     let url = format!("{}/api/v1/chat", gateway.url);
@@ -265,12 +251,86 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits_zero() {
         .send()
         .await;
     assert!(refused.is_err(), "no new connections after shutdown");
-    let _ = mock.kill();
+}
+
+/// Reads one HTTP/1.1 response (head and a `Content-Length` body) from `stream`.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> std::io::Result<(String, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if data.len() >= end + 4 + length {
+                let body = String::from_utf8_lossy(&data[end + 4..end + 4 + length]).into_owned();
+                return Ok((head, body));
+            }
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        data.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_request_sent_on_an_idle_keep_alive_connection_while_draining_is_answered() {
+    use tokio::io::AsyncWriteExt;
+    let mock = MockLlm::start(&[]);
+    let mut gateway = GatewayProcess::start(&[
+        ("REDIS_URL", "memory://"),
+        ("API_KEYS", "sk-drain"),
+        ("OLLAMA_BASE_URL", mock.url.as_str()),
+    ]);
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = |text: &str| {
+        let body = chat_body(text).to_string();
+        format!(
+            "POST /api/v1/chat HTTP/1.1\r\nhost: {addr}\r\nx-api-key: sk-drain\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    stream.write_all(request("first").as_bytes()).await.unwrap();
+    let (head, _) = read_response(&mut stream).await.unwrap();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        !head.contains("connection: close"),
+        "keep-alive before the drain"
+    );
+
+    // The connection is idle when the drain starts; a request sent on it now (as a
+    // client that has not seen the shutdown would) is still answered, and the answer
+    // tells the client to stop reusing the connection.
+    gateway.terminate();
+    wait_for_line(&gateway.log, "shutting down").expect("drain started");
+    stream
+        .write_all(request("second").as_bytes())
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut stream)
+        .await
+        .expect("the request sent during the drain was answered");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(body.contains("Echo: second"), "{body}");
+    let status = tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
 }
 
 #[tokio::test]
 async fn mock_llm_speaks_all_three_wire_formats_and_injects_faults() {
-    let (mut mock, url, _dir) = start_mock(&[]);
+    let mock = MockLlm::start(&[]);
+    let url = mock.url.clone();
     let client = reqwest::Client::new();
     let ollama: Value = client
         .post(format!("{url}/api/chat"))
@@ -321,7 +381,6 @@ async fn mock_llm_speaks_all_three_wire_formats_and_injects_faults() {
         .send()
         .await;
     assert!(hung.unwrap_err().is_timeout());
-    let _ = mock.kill();
 }
 
 #[test]

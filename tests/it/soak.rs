@@ -3,14 +3,13 @@
 //! for a few seconds; `scripts/soak.sh` runs it for a minute (`SOAK_SECONDS=60`).
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{metric_value, wait_for_line, GatewayProcess, RedisServer};
+use crate::common::{metric_value, GatewayProcess, MockLlm, RedisServer};
 
 const KEYS: [&str; 3] = ["sk-soak-SECRET-a", "sk-soak-SECRET-b", "sk-soak-SECRET-c"];
 const PROVIDER_SECRET: &str = "AIza-SOAK-PROVIDER-SECRET";
@@ -46,27 +45,17 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
         .unwrap_or(10);
     let redis = Arc::new(Mutex::new(RedisServer::start()));
     let redis_url = redis.lock().unwrap().url();
-    let mock_dir = tempfile::tempdir().unwrap();
-    let mock_log = mock_dir.path().join("mock.log");
-    let mock_port = crate::common::free_port().to_string();
-    let mut mock = Command::new(env!("CARGO_BIN_EXE_mock-llm"))
-        .args([
-            "--port",
-            &mock_port,
-            "--fail-status",
-            "503",
-            "--fail-rate",
-            "0.1",
-            "--hang-rate",
-            "0.05",
-            "--reset-rate",
-            "0.05",
-        ])
-        .stdout(std::fs::File::create(&mock_log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_for_line(&mock_log, "listening").expect("mock-llm started");
-    let upstream = format!("http://127.0.0.1:{mock_port}");
+    let mock = MockLlm::start(&[
+        "--fail-status",
+        "503",
+        "--fail-rate",
+        "0.1",
+        "--hang-rate",
+        "0.05",
+        "--reset-rate",
+        "0.05",
+    ]);
+    let upstream = mock.url.clone();
     let keys = KEYS.join(",");
     let mut gateway = GatewayProcess::start(&[
         ("REDIS_URL", redis_url.as_str()),
@@ -297,6 +286,5 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
             "{secret} leaked into the metrics"
         );
     }
-    let _ = mock.kill();
-    let _ = mock.wait();
+    drop(mock);
 }

@@ -324,6 +324,45 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// A `mock-llm` process on a free port, killed when dropped (also when a test panics,
+/// so a failing test leaves no process behind).
+pub struct MockLlm {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl MockLlm {
+    /// Starts `mock-llm` with `args` and waits until it listens.
+    pub fn start(args: &[&str]) -> MockLlm {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("mock.log");
+        let port = free_port().to_string();
+        let child = Command::new(env!("CARGO_BIN_EXE_mock-llm"))
+            .args(["--port", &port])
+            .args(args)
+            .stdout(std::fs::File::create(&log).expect("log file"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mock-llm");
+        let mock = MockLlm {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        wait_for_line(&log, "listening").expect("mock-llm started");
+        mock
+    }
+}
+
+impl Drop for MockLlm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Waits (10 s at most) for a line containing `needle` in the file at `path`.
 pub fn wait_for_line(path: &Path, needle: &str) -> Option<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
