@@ -7,15 +7,10 @@
 //! requests already on their way still arrive and are served; only then are connections
 //! that stayed idle closed. Closing idle connections at once dropped requests a client
 //! had just sent on one (their bytes were in the socket, unread).
-//!
-//! Draining closes keep-alive connections without losing requests: first every HTTP/1
-//! answer says `Connection: close` (the client stops reusing the connection) while
-//! requests already on their way still arrive and are served; only then are the
-//! connections that stayed idle closed. Closing idle connections at once drops a request
-//! a client had just sent on one: its bytes were in the socket, unread.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +18,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderValue, Version};
 use axum::Router;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -88,21 +84,7 @@ pub async fn serve(
             tokio::spawn(refuse(stream));
             continue;
         };
-        let (router, draining) = (router.clone(), draining.clone());
-        let service =
-            tower::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                let http1 = request.version() < Version::HTTP_2;
-                let (router, draining) = (router.clone(), draining.clone());
-                async move {
-                    let mut response = router.oneshot(request).await?;
-                    if http1 && draining.load(Ordering::Relaxed) {
-                        let close = HeaderValue::from_static("close");
-                        response.headers_mut().insert(header::CONNECTION, close);
-                    }
-                    Ok::<_, Infallible>(response)
-                }
-            });
+        let service = connection_service(router.clone(), peer, draining.clone());
         let builder = builder.clone();
         let connection = graceful.watch(
             builder
@@ -139,6 +121,34 @@ pub async fn serve(
         tracing::warn!("drain took longer than the grace period; exiting anyway");
     }
     Ok(())
+}
+
+/// The service of one connection: the router, with the peer's address in each
+/// request's extensions, adding `Connection: close` to HTTP/1 answers once `draining`.
+fn connection_service(
+    router: Router,
+    peer: SocketAddr,
+    draining: Arc<AtomicBool>,
+) -> impl tower::Service<
+    hyper::Request<Incoming>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, Infallible>> + Send,
+> + Clone
+       + Send {
+    tower::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let http1 = request.version() < Version::HTTP_2;
+        let (router, draining) = (router.clone(), draining.clone());
+        async move {
+            let mut response = router.oneshot(request).await?;
+            if http1 && draining.load(Ordering::Relaxed) {
+                let close = HeaderValue::from_static("close");
+                response.headers_mut().insert(header::CONNECTION, close);
+            }
+            Ok(response)
+        }
+    })
 }
 
 async fn refuse(mut stream: TcpStream) {

@@ -187,7 +187,7 @@ pub fn json_body<T: serde::Serialize>(
 }
 
 /// The one HTTP client all providers share: pooled keep-alive connections, explicit
-/// connect timeout. Per-attempt timeouts are set on each request.
+/// connect timeout. Each attempt is bounded by `complete_with_retries`.
 pub fn http_client(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)
