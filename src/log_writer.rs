@@ -7,8 +7,8 @@
 //! timer, so its cost does not grow with the request rate.
 
 use std::io::Write;
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -18,6 +18,9 @@ const FLUSH_EVERY: Duration = Duration::from_millis(20);
 /// Lines arriving while this much is waiting are dropped rather than growing memory
 /// without bound (stdout blocked by a stalled log collector, say).
 const MAX_PENDING: usize = 4 * 1024 * 1024;
+/// How long exit waits for the last lines to be written: a stdout nobody reads must not
+/// keep the process from exiting.
+const FINAL_FLUSH_LIMIT: Duration = Duration::from_secs(2);
 /// A buffer that grew past this during a burst is not kept around afterwards.
 const KEEP_CAPACITY: usize = 256 * 1024;
 
@@ -49,24 +52,31 @@ pub struct BatchedStdout {
 /// Stops the writer thread and writes what is pending when dropped; keep it until exit.
 pub struct FlushGuard {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    /// Closed by the writer thread when it has written its last batch.
+    done: Option<mpsc::Receiver<()>>,
 }
 
 /// Starts the writer thread for `out` (stdout in the binary).
 pub fn batched(out: impl Write + Send + 'static) -> (BatchedStdout, FlushGuard) {
     let shared = Arc::new(Shared::default());
-    let thread = {
+    let (finished, done) = mpsc::channel::<()>();
+    let started = {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("log-writer".into())
-            .spawn(move || write_batches(&shared, out))
-            .ok()
+            .spawn(move || {
+                write_batches(&shared, out);
+                drop(finished);
+            })
     };
     (
         BatchedStdout {
             shared: shared.clone(),
         },
-        FlushGuard { shared, thread },
+        FlushGuard {
+            shared,
+            done: started.ok().map(|_| done),
+        },
     )
 }
 
@@ -100,8 +110,9 @@ impl Drop for FlushGuard {
     fn drop(&mut self) {
         self.shared.lock().stopping = true;
         self.shared.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(done) = self.done.take() {
+            // Disconnected (the thread finished) or timed out: either way, go on.
+            let _ = done.recv_timeout(FINAL_FLUSH_LIMIT);
         }
     }
 }
@@ -217,7 +228,10 @@ mod tests {
             pending > 0 && pending <= MAX_PENDING,
             "{pending} bytes pending"
         );
-        drop(held);
+        // Exit does not wait without bound for an output that never drains.
+        let started = std::time::Instant::now();
         drop(guard);
+        assert!(started.elapsed() < FINAL_FLUSH_LIMIT * 3);
+        drop(held);
     }
 }
