@@ -100,17 +100,13 @@ impl AuthConfig {
         Ok(AuthConfig { keys, anonymous })
     }
 
-    /// The policy of `presented` if it is a configured key.
+    /// The entry (policy and bucket key) of `presented` if it is a configured key.
     ///
     /// Keys are looked up by the SHA-256 digest of the presented key, never compared as
     /// plain text: whatever timing the lookup has depends only on the digest of the
     /// caller's own input, which reveals nothing about a prefix of any real key. The
     /// final equality check is constant time, and the cost is O(1) however many keys are
     /// configured.
-    pub fn policy_for_key(&self, presented: &str) -> Option<Arc<BucketPolicy>> {
-        self.entry_for_key(presented).map(|e| e.policy.clone())
-    }
-
     fn entry_for_key(&self, presented: &str) -> Option<&KeyEntry> {
         if presented.len() > MAX_KEY_BYTES {
             return None;
@@ -243,16 +239,16 @@ mod tests {
             ("RATE_LIMITER_TIERS", "gold:50:5"),
             ("API_KEY_TIERS", "sk-b=gold"),
         ]);
-        assert_eq!(&*auth.policy_for_key("sk-a").unwrap().tier, "default");
-        let gold = auth.policy_for_key("sk-b").unwrap();
+        assert_eq!(&*auth.entry_for_key("sk-a").unwrap().policy.tier, "default");
+        let gold = &auth.entry_for_key("sk-b").unwrap().policy;
         assert_eq!(
             (&*gold.tier, gold.capacity, gold.refill_rate),
             ("gold", 50, 5.0)
         );
         for wrong in ["sk-c", "", "sk-a ", "SK-A"] {
-            assert!(auth.policy_for_key(wrong).is_none(), "{wrong}");
+            assert!(auth.entry_for_key(wrong).is_none(), "{wrong}");
         }
-        assert!(auth.policy_for_key(&"x".repeat(100_000)).is_none());
+        assert!(auth.entry_for_key(&"x".repeat(100_000)).is_none());
         // Each key has its own bucket, named by a digest of the key, never the key.
         let bucket = |key: &str| {
             let identity = auth.identify(&headers(&[("x-api-key", key)]), None);

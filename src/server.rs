@@ -22,7 +22,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -88,10 +87,7 @@ pub async fn serve(
         let builder = builder.clone();
         let connection = graceful.watch(
             builder
-                .serve_connection_with_upgrades(
-                    TokioIo::new(stream),
-                    TowerToHyperService::new(service),
-                )
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned(),
         );
         tokio::spawn(async move {
@@ -125,23 +121,25 @@ pub async fn serve(
 
 /// The service of one connection: the router, with the peer's address in each
 /// request's extensions, adding `Connection: close` to HTTP/1 answers once `draining`.
+/// A hyper service (called by reference), so the router is cloned once per request.
 fn connection_service(
     router: Router,
     peer: SocketAddr,
     draining: Arc<AtomicBool>,
-) -> impl tower::Service<
+) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
     Response = axum::response::Response,
     Error = Infallible,
     Future = impl Future<Output = Result<axum::response::Response, Infallible>> + Send,
-> + Clone
-       + Send {
-    tower::service_fn(move |mut request: hyper::Request<Incoming>| {
+> + Send {
+    hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
         let http1 = request.version() < Version::HTTP_2;
         let (router, draining) = (router.clone(), draining.clone());
         async move {
             let mut response = router.oneshot(request).await?;
+            // Read when the answer is ready: a request already in flight when the drain
+            // starts must also tell its client to stop reusing the connection.
             if http1 && draining.load(Ordering::Relaxed) {
                 let close = HeaderValue::from_static("close");
                 response.headers_mut().insert(header::CONNECTION, close);

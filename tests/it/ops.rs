@@ -202,7 +202,9 @@ fn a_bad_setting_stops_startup_with_one_clear_line() {
 
 #[tokio::test]
 async fn sigterm_lets_a_request_in_flight_finish_then_exits_zero() {
-    let mock = MockLlm::start(&["--latency-ms", "1500"]);
+    // The answer comes while the drain still lingers (SIGTERM at 400 ms, answer at 800 ms),
+    // before idle connections are closed, so the close header is the drain's own doing.
+    let mock = MockLlm::start(&["--latency-ms", "800"]);
     let mut gateway = GatewayProcess::start(&[
         ("REDIS_URL", "memory://"),
         ("API_KEYS", "sk-drain"),
@@ -229,6 +231,11 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits_zero() {
         .unwrap()
         .expect("the request in flight got an answer");
     assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["connection"],
+        "close",
+        "the client is told not to reuse the connection"
+    );
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["content"], "Echo: drain me");
     let started = Instant::now();
