@@ -12,7 +12,6 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::api;
 use crate::auth::{require_api_key, AuthConfig};
@@ -20,7 +19,7 @@ use crate::cache::{memory::MemoryCache, redis::RedisCache, Cache};
 use crate::chat::service::{ChatConfig, ChatService, Providers};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::providers::{gemini::Gemini, http_client, ollama::Ollama, RetryPolicy};
+use crate::providers::{gemini::Gemini, ollama::Ollama, RetryPolicy, UpstreamClient};
 use crate::ratelimit::{
     memory::MemoryLimiter, redis::RedisLimiter, LimiterBackend, LimiterConfig, RateLimiter,
 };
@@ -115,8 +114,8 @@ impl AppState {
             metrics.clone(),
         );
 
-        let client = http_client(Duration::from_secs(10).min(settings.provider_timeout()))
-            .map_err(|e| StartupError::Http(e.to_string()))?;
+        let client = UpstreamClient::new(Duration::from_secs(10).min(settings.provider_timeout()))
+            .map_err(StartupError::Http)?;
         let providers = Providers {
             gemini: Arc::new(Gemini::new(
                 client.clone(),
@@ -212,9 +211,6 @@ pub fn build_router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound.into_response() })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
         .layer(DefaultBodyLimit::max(state.settings.max_body_bytes))
-        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs_f64(
-            state.settings.body_read_timeout_seconds,
-        )))
         .layer(from_fn_with_state(state.clone(), telemetry::observe))
         .with_state(state)
 }
@@ -273,6 +269,7 @@ impl App {
         let limits = ServerLimits {
             max_connections: settings.max_connections,
             header_read_timeout: Duration::from_secs_f64(settings.header_read_timeout_seconds),
+            body_read_timeout: Duration::from_secs_f64(settings.body_read_timeout_seconds),
             shutdown_grace: settings.shutdown_grace(),
         };
         server::serve(self.listener, build_router(self.state), limits, shutdown).await

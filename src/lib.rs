@@ -4,6 +4,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod body_timeout;
 pub mod cache;
 pub mod chat;
 pub mod error;

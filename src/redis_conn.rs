@@ -43,7 +43,8 @@ impl ClusterHandle {
 
 impl RedisConn {
     /// Prepares a connection to the store named by `url` without connecting yet.
-    /// `timeout` bounds every connect and every response.
+    /// `timeout` bounds every connect (and, on a cluster, every response; callers bound
+    /// their calls on a single node).
     pub fn open(url: &StoreUrl, timeout: Duration) -> redis::RedisResult<Option<RedisConn>> {
         match url {
             StoreUrl::Memory => Ok(None),
@@ -51,7 +52,11 @@ impl RedisConn {
                 let client = redis::Client::open(url.as_str())?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
+                    // Every caller already bounds its call with its own timeout (limiter,
+                    // cache, readiness); a second timer inside redis-rs only added timer
+                    // wheel work to each call. (A redis-rs timeout never triggered a
+                    // reconnect either: it is not an unrecoverable error.)
+                    .set_response_timeout(None)
                     // Calls made while reconnecting wait on the reconnect itself, so it must
                     // give up quickly; the next call starts a new one. Retrying without end
                     // here would park every cache call for as long as Redis is down.

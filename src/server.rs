@@ -27,6 +27,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
+use crate::body_timeout::TimeoutBody;
+
 /// Limits of the connection layer.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
@@ -34,6 +36,8 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// Time a client has to send a complete request head.
     pub header_read_timeout: Duration,
+    /// Time a request body may go without sending data.
+    pub body_read_timeout: Duration,
     /// Bound on the drain after the stop signal.
     pub shutdown_grace: Duration,
 }
@@ -83,7 +87,12 @@ pub async fn serve(
             tokio::spawn(refuse(stream));
             continue;
         };
-        let service = connection_service(router.clone(), peer, draining.clone());
+        let service = connection_service(
+            router.clone(),
+            peer,
+            limits.body_read_timeout,
+            draining.clone(),
+        );
         let builder = builder.clone();
         let connection = graceful.watch(
             builder
@@ -120,11 +129,13 @@ pub async fn serve(
 }
 
 /// The service of one connection: the router, with the peer's address in each
-/// request's extensions, adding `Connection: close` to HTTP/1 answers once `draining`.
-/// A hyper service (called by reference), so the router is cloned once per request.
+/// request's extensions and its body under the read timeout, adding `Connection: close`
+/// to HTTP/1 answers once `draining`. A hyper service (called by reference), so the
+/// router is cloned once per request.
 fn connection_service(
     router: Router,
     peer: SocketAddr,
+    body_read_timeout: Duration,
     draining: Arc<AtomicBool>,
 ) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
@@ -132,7 +143,9 @@ fn connection_service(
     Error = Infallible,
     Future = impl Future<Output = Result<axum::response::Response, Infallible>> + Send,
 > + Send {
-    hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+    hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let mut request =
+            request.map(|body| axum::body::Body::new(TimeoutBody::new(body, body_read_timeout)));
         request.extensions_mut().insert(ConnectInfo(peer));
         let http1 = request.version() < Version::HTTP_2;
         let (router, draining) = (router.clone(), draining.clone());

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use super::schemas::parse_chat_request;
 use crate::app::AppState;
 use crate::auth::ClientIdentity;
+use crate::body_timeout::BodyReadTimeout;
 use crate::chat::routing::ProviderKind;
 use crate::chat::service::{CacheStatus, ChatOutcome};
 use crate::error::ApiError;
@@ -82,7 +83,7 @@ fn body_error(rejection: &BytesRejection, max_body_bytes: usize) -> ApiError {
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
     while let Some(error) = source {
-        if error.is::<tower_http::timeout::TimeoutError>() {
+        if error.is::<BodyReadTimeout>() {
             return ApiError::RequestTimeout;
         }
         source = error.source();

@@ -4,21 +4,25 @@ use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use reqwest::header::CONTENT_TYPE;
+use hyper::header::HeaderName;
+use hyper::Uri;
 
-use super::{json_body, send_json, Completion, Provider, ProviderError};
+use super::{json_body, Completion, Provider, ProviderError, UpstreamClient};
 use crate::api::schemas::{ChatRequest, Usage};
+
+/// The header that carries the API key.
+const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-goog-api-key");
 
 /// The Gemini API.
 pub struct Gemini {
-    client: reqwest::Client,
+    client: UpstreamClient,
     base_url: String,
     api_key: SecretString,
 }
 
 impl Gemini {
     /// Gemini at `base_url` with `api_key`.
-    pub fn new(client: reqwest::Client, base_url: &str, api_key: SecretString) -> Gemini {
+    pub fn new(client: UpstreamClient, base_url: &str, api_key: SecretString) -> Gemini {
         Gemini {
             client,
             base_url: base_url.trim_end_matches('/').to_owned(),
@@ -154,14 +158,14 @@ impl Provider for Gemini {
                 "model name is not a Gemini model id".into(),
             ));
         }
-        let url = format!("{}/v1beta/models/{model}:generateContent", self.base_url);
-        let upstream = self
+        let url = format!("{}/v1beta/models/{model}:generateContent", self.base_url)
+            .parse::<Uri>()
+            .map_err(|_| ProviderError::NotConfigured("GEMINI_BASE_URL is not a valid URL"))?;
+        let body = json_body(&request_body(request), request.json_size_hint())?;
+        let reply: GeminiReply = self
             .client
-            .post(url)
-            .header("x-goog-api-key", key)
-            .header(CONTENT_TYPE, "application/json")
-            .body(json_body(&request_body(request), request.json_size_hint())?);
-        let reply: GeminiReply = send_json(upstream).await?;
+            .post_json(&url, Some((API_KEY_HEADER, key)), body)
+            .await?;
         let content: String = reply
             .candidates
             .into_iter()

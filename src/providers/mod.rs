@@ -3,7 +3,10 @@
 //! transient errors only).
 
 pub mod gemini;
+pub mod http;
 pub mod ollama;
+
+pub use http::UpstreamClient;
 
 use std::time::{Duration, Instant};
 
@@ -49,19 +52,6 @@ impl ProviderError {
             ProviderError::Timeout | ProviderError::Connect => true,
             ProviderError::Status(status) => *status == 429 || *status >= 500,
             ProviderError::Invalid(_) | ProviderError::NotConfigured(_) => false,
-        }
-    }
-
-    /// Classifies a reqwest error without keeping its text (it may include the URL).
-    pub fn from_reqwest(error: &reqwest::Error) -> ProviderError {
-        if error.is_timeout() {
-            ProviderError::Timeout
-        } else if let Some(status) = error.status() {
-            ProviderError::Status(status.as_u16())
-        } else if error.is_decode() {
-            ProviderError::Invalid("body is not the expected JSON".into())
-        } else {
-            ProviderError::Connect
         }
     }
 }
@@ -154,25 +144,6 @@ pub async fn complete_with_retries(
     }
 }
 
-/// Sends a prepared upstream request and decodes its JSON answer, classifying every
-/// failure (transport, non-2xx status, unexpected body) as a [`ProviderError`].
-pub async fn send_json<T: serde::de::DeserializeOwned>(
-    request: reqwest::RequestBuilder,
-) -> Result<T, ProviderError> {
-    let response = request
-        .send()
-        .await
-        .map_err(|e| ProviderError::from_reqwest(&e))?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(ProviderError::Status(status.as_u16()));
-    }
-    response
-        .json()
-        .await
-        .map_err(|e| ProviderError::from_reqwest(&e))
-}
-
 /// Serialises an upstream request body into a buffer of `size_hint` bytes: letting the
 /// buffer grow by doubling copied a 64 KB message several times and could leave twice
 /// its size allocated for the whole call.
@@ -184,18 +155,6 @@ pub fn json_body<T: serde::Serialize>(
     serde_json::to_writer(&mut body, value)
         .map_err(|_| ProviderError::Invalid("request could not be encoded".into()))?;
     Ok(body)
-}
-
-/// The one HTTP client all providers share: pooled keep-alive connections, explicit
-/// connect timeout. Each attempt is bounded by `complete_with_retries`.
-pub fn http_client(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .connect_timeout(connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .tcp_nodelay(true)
-        .user_agent(concat!("llm-gateway/", env!("CARGO_PKG_VERSION")))
-        .build()
 }
 
 #[cfg(test)]

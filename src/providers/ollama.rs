@@ -3,23 +3,25 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use reqwest::header::CONTENT_TYPE;
+use hyper::Uri;
 
-use super::{json_body, send_json, Completion, Provider, ProviderError};
+use super::{json_body, Completion, Provider, ProviderError, UpstreamClient};
 use crate::api::schemas::{ChatRequest, Usage};
 
 /// An Ollama server.
 pub struct Ollama {
-    client: reqwest::Client,
+    client: UpstreamClient,
     /// Parsed once: parsing the URL on every call showed up in profiles.
-    url: reqwest::Url,
+    url: Uri,
 }
 
 impl Ollama {
     /// Ollama at `base_url`, e.g. `http://localhost:11434` (validated by settings).
-    pub fn new(client: reqwest::Client, base_url: &str) -> Result<Ollama, String> {
+    pub fn new(client: UpstreamClient, base_url: &str) -> Result<Ollama, String> {
         let url = format!("{}/api/chat", base_url.trim_end_matches('/'));
-        let url = reqwest::Url::parse(&url).map_err(|e| format!("OLLAMA_BASE_URL: {e}"))?;
+        let url = url
+            .parse::<Uri>()
+            .map_err(|e| format!("OLLAMA_BASE_URL: {e}"))?;
         Ok(Ollama { client, url })
     }
 }
@@ -75,13 +77,7 @@ impl Provider for Ollama {
             },
         };
         let body = json_body(&body, request.json_size_hint())?;
-        let reply: OllamaReply = send_json(
-            self.client
-                .post(self.url.clone())
-                .header(CONTENT_TYPE, "application/json")
-                .body(body),
-        )
-        .await?;
+        let reply: OllamaReply = self.client.post_json(&self.url, None, body).await?;
         Ok(Completion {
             content: reply.message.content,
             usage: Usage {

@@ -118,7 +118,7 @@ async fn sighup_reloads_keys_and_tiers_under_load_without_dropping_requests() {
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
-        "api_keys = \"sk-old\"\nrate_limiter_capacity = 1000\n",
+        "api_keys = \"sk-old\"\nrate_limiter_capacity = 1000000\nrate_limiter_refill_rate = 1000000\n",
     )
     .unwrap();
     let config_path = config.to_str().unwrap().to_owned();
@@ -168,7 +168,7 @@ async fn sighup_reloads_keys_and_tiers_under_load_without_dropping_requests() {
 
     std::fs::write(
         &config,
-        "api_keys = \"sk-old,sk-new\"\nrate_limiter_capacity = 1000\nrate_limiter_tiers = \"gold:7:1\"\napi_key_tiers = \"sk-new=gold\"\n",
+        "api_keys = \"sk-old,sk-new\"\nrate_limiter_capacity = 1000000\nrate_limiter_refill_rate = 1000000\nrate_limiter_tiers = \"gold:7:1\"\napi_key_tiers = \"sk-new=gold\"\n",
     )
     .unwrap();
     gateway.signal("-HUP");
