@@ -8,6 +8,7 @@ pub mod body_timeout;
 pub mod cache;
 pub mod chat;
 pub mod error;
+pub mod log_format;
 pub mod log_writer;
 pub mod metrics;
 pub mod providers;

@@ -14,6 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::api::chat::ChatMeta;
 use crate::app::AppState;
+use crate::log_format::LineFormat;
 use crate::log_writer::{self, FlushGuard};
 use crate::metrics::status_class;
 use crate::settings::{LogFormat, Settings};
@@ -30,15 +31,13 @@ pub fn init(settings: &Settings) -> FlushGuard {
     let colours = settings.log_format == LogFormat::Text && std::io::stdout().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(colours);
-    let _ = match settings.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
+        .with_writer(writer);
+    // Our own line format (see `log_format`), except for colours on a terminal, where
+    // tracing-subscriber's coloured text is kept.
+    let _ = match (settings.log_format, colours) {
+        (LogFormat::Json, _) => builder.event_format(LineFormat::json()).try_init(),
+        (LogFormat::Text, false) => builder.event_format(LineFormat::text()).try_init(),
+        (LogFormat::Text, true) => builder.with_ansi(true).try_init(),
     };
     guard
 }

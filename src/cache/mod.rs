@@ -50,7 +50,16 @@ pub fn cache_key(request: &ChatRequest) -> String {
         request.temperature
     };
     hasher.update(temperature.to_bits().to_le_bytes());
-    format!("cache:{}", hex::encode(hasher.finalize()))
+    // Hex by hand: `hex::encode` goes through a char iterator, and `format!` copies
+    // again; together ~2.5k instructions per request (callgrind) for 70 bytes.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut key = String::with_capacity(6 + 64);
+    key.push_str("cache:");
+    for byte in hasher.finalize() {
+        key.push(char::from(HEX[usize::from(byte >> 4)]));
+        key.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    key
 }
 
 /// An optional string as a presence byte, then its length and bytes.
@@ -89,6 +98,9 @@ mod tests {
         let base = cache_key(&request());
         assert!(base.starts_with("cache:"));
         assert_eq!(base.len(), "cache:".len() + 64);
+        assert!(base["cache:".len()..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
         assert_eq!(base, cache_key(&request()));
         let variants = [
             ChatRequest {
