@@ -2,8 +2,9 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{Extension, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::schemas::parse_chat_request;
@@ -24,6 +25,20 @@ pub struct ChatMeta {
     pub cache: CacheStatus,
 }
 
+/// The request's `Content-Type`, if any. Taken alone: extracting the whole `HeaderMap`
+/// cloned every header of every request.
+pub struct ContentType(Option<HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ContentType {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ContentType(
+            parts.headers.get(header::CONTENT_TYPE).cloned(),
+        ))
+    }
+}
+
 /// The chat handler. Authentication has run (see `app.rs`); this applies the limiter
 /// and answers.
 ///
@@ -34,7 +49,7 @@ pub struct ChatMeta {
 pub async fn chat(
     State(state): State<AppState>,
     identity: Option<Extension<ClientIdentity>>,
-    headers: HeaderMap,
+    ContentType(content_type): ContentType,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let Some(Extension(identity)) = identity else {
@@ -47,9 +62,7 @@ pub async fn chat(
     let parsed = body
         .map_err(|rejection| body_error(&rejection, state.settings.max_body_bytes))
         .and_then(|body| {
-            let content_type = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok());
+            let content_type = content_type.as_ref().and_then(|v| v.to_str().ok());
             parse_chat_request(&body, content_type)
         });
     let cache_key = parsed.as_ref().ok().and_then(|r| state.chat.cache_key(r));

@@ -16,20 +16,35 @@ fn number(n: u64) -> HeaderValue {
     HeaderValue::from(n)
 }
 
-/// A header value formatted on the stack and copied once into the value: no
-/// intermediate `String` per header per response.
-fn formatted(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
-    use std::io::Write;
-    let mut buf = [0u8; 256];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    match cursor.write_fmt(args) {
-        Ok(()) => {
-            let len = cursor.position() as usize;
-            HeaderValue::from_bytes(&buf[..len]).ok()
+/// `"<tier>";<a>=<x>;<b>=<y>`, built with one allocation and no formatting machinery
+/// (two `format_args!` per response were ~2k instructions in callgrind).
+fn tier_value(tier: &str, a: &str, x: u64, b: &str, y: u64) -> Option<HeaderValue> {
+    let mut value = Vec::with_capacity(tier.len() + a.len() + b.len() + 46);
+    value.push(b'"');
+    value.extend_from_slice(tier.as_bytes());
+    value.extend_from_slice(b"\";");
+    value.extend_from_slice(a.as_bytes());
+    value.push(b'=');
+    push_decimal(&mut value, x);
+    value.push(b';');
+    value.extend_from_slice(b.as_bytes());
+    value.push(b'=');
+    push_decimal(&mut value, y);
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
-        // Longer than the buffer (an unusually long tier name): take the slow path.
-        Err(_) => HeaderValue::from_str(&args.to_string()).ok(),
     }
+    out.extend_from_slice(&digits[start..]);
 }
 
 fn ceil_seconds(ms: u64) -> u64 {
@@ -44,17 +59,10 @@ pub fn apply(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision
     headers.insert(X_RESET.clone(), number(reset));
     // Tier names are validated at load time to be header-safe tokens.
     let tier = &policy.tier;
-    if let Some(v) = formatted(format_args!(
-        "\"{tier}\";q={};w={}",
-        policy.capacity,
-        policy.seconds_to_fill()
-    )) {
+    if let Some(v) = tier_value(tier, "q", policy.capacity, "w", policy.seconds_to_fill()) {
         headers.insert(POLICY.clone(), v);
     }
-    if let Some(v) = formatted(format_args!(
-        "\"{tier}\";r={};t={reset}",
-        decision.remaining
-    )) {
+    if let Some(v) = tier_value(tier, "r", decision.remaining, "t", reset) {
         headers.insert(RATELIMIT.clone(), v);
     }
     if !decision.allowed {
@@ -114,20 +122,24 @@ mod tests {
     }
 
     #[test]
-    fn a_tier_name_longer_than_the_stack_buffer_still_gets_its_headers() {
+    fn long_tier_names_and_large_numbers_are_written_whole() {
         let tier = "t".repeat(300);
         let policy = BucketPolicy {
             tier: tier.as_str().into(),
-            capacity: 7,
+            capacity: u64::MAX,
             refill_rate: 1.0,
         };
         let mut headers = HeaderMap::new();
         apply(
             &mut headers,
             &policy,
-            &Decision::from_millis(true, 6_000, 1000, 0),
+            &Decision::from_millis(true, 6_000, 10_000_000_000, 0),
         );
-        assert_eq!(headers["ratelimit-policy"], format!("\"{tier}\";q=7;w=7"));
-        assert_eq!(headers["ratelimit"], format!("\"{tier}\";r=6;t=1"));
+        let fill = policy.seconds_to_fill();
+        assert_eq!(
+            headers["ratelimit-policy"],
+            format!("\"{tier}\";q={};w={fill}", u64::MAX)
+        );
+        assert_eq!(headers["ratelimit"], format!("\"{tier}\";r=6;t=10000000"));
     }
 }
