@@ -13,8 +13,7 @@ use llm_gateway::telemetry;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let settings = match Settings::load() {
         Ok(settings) => settings,
         Err(error) => {
@@ -22,7 +21,23 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Held until main returns, so buffered log lines are flushed on exit.
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("gateway-worker");
+    // 0 leaves the choice to tokio: one per core, or TOKIO_WORKER_THREADS.
+    if settings.worker_threads > 0 {
+        runtime.worker_threads(settings.worker_threads);
+    }
+    match runtime.build() {
+        Ok(runtime) => runtime.block_on(run(settings)),
+        Err(error) => {
+            eprintln!("llm-gateway: cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    // Held until this returns, so buffered log lines are flushed on exit.
     let _log_guard = telemetry::init(&settings);
     if settings
         .api_key_list()

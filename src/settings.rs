@@ -76,6 +76,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Chat requests served at once at most.
     pub max_concurrent_requests: usize,
+    /// Threads serving requests; 0 means one per CPU core.
+    pub worker_threads: usize,
     /// Time to send the request head, in seconds.
     pub header_read_timeout_seconds: f64,
     /// Time to send the request body, in seconds.
@@ -241,6 +243,12 @@ impl Settings {
             return Err(invalid(
                 "shutdown_grace_seconds",
                 "must be a number of seconds, 0 or more",
+            ));
+        }
+        if self.worker_threads > 1024 {
+            return Err(invalid(
+                "worker_threads",
+                "must be at most 1024 (0 means one per CPU core)",
             ));
         }
         if self.provider_max_retries > 20 {
@@ -555,6 +563,8 @@ mod tests {
             ("REDIS_URL", "mysql://x", "REDIS_URL"),
             ("OLLAMA_BASE_URL", "not a url", "OLLAMA_BASE_URL"),
             ("PROVIDER_TIMEOUT_SECONDS", "0", "PROVIDER_TIMEOUT_SECONDS"),
+            ("WORKER_THREADS", "5000", "worker_threads"),
+            ("WORKER_THREADS", "-1", "worker_threads"),
         ];
         for (name, value, expected) in cases {
             let err = Settings::from_pairs(&[(name, value)])

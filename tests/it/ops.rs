@@ -171,6 +171,39 @@ async fn the_shipped_default_key_triggers_a_startup_warning() {
     );
 }
 
+/// How many of the process's threads are runtime threads (named in /proc). Blocking-pool
+/// threads share the name, but nothing here starts one: the upstream is an IP address,
+/// so no DNS lookup runs.
+fn worker_threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim_end() == "gateway-worker")
+        .count()
+}
+
+#[tokio::test]
+async fn worker_threads_sets_how_many_threads_serve_requests() {
+    let upstream = upstream_ok().await;
+    for (setting, expected) in [("1", 1), ("3", 3)] {
+        let gateway = GatewayProcess::start(&[
+            ("REDIS_URL", "memory://"),
+            ("OLLAMA_BASE_URL", upstream.uri().as_str()),
+            ("API_KEYS", "sk-t"),
+            ("WORKER_THREADS", setting),
+        ]);
+        let answer = reqwest::Client::new()
+            .post(format!("{}/v1/chat", gateway.url))
+            .header("X-API-Key", "sk-t")
+            .json(&chat_body("hello"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(worker_threads_of(gateway.child.id()), expected);
+    }
+}
+
 #[test]
 fn a_bad_setting_stops_startup_with_one_clear_line() {
     for (name, value, expected) in [
