@@ -54,12 +54,7 @@ where
             out.write_str("\",\"level\":\"")?;
             out.write_str(meta.level().as_str())?;
             out.write_char('"')?;
-            let mut fields = JsonFields {
-                out: &mut out,
-                result: Ok(()),
-            };
-            event.record(&mut fields);
-            fields.result?;
+            record_fields(&mut out, event, true)?;
             out.write_str(",\"target\":")?;
             write_json_str(&mut out, meta.target())?;
             out.write_str("}\n")
@@ -74,43 +69,60 @@ where
             })?;
             out.write_str(meta.target())?;
             out.write_char(':')?;
-            let mut fields = TextFields {
-                out: &mut out,
-                result: Ok(()),
-            };
-            event.record(&mut fields);
-            fields.result?;
+            record_fields(&mut out, event, false)?;
             out.write_char('\n')
         }
     }
 }
 
-/// `key=value` fields; strings quoted and escaped as `Debug` does, the message bare.
-struct TextFields<'a, 'w> {
+/// Writes the fields of `event` in the text or JSON form.
+fn record_fields(out: &mut Writer<'_>, event: &Event<'_>, json: bool) -> fmt::Result {
+    let mut fields = Fields {
+        out,
+        json,
+        result: Ok(()),
+    };
+    event.record(&mut fields);
+    fields.result
+}
+
+/// An event's fields: ` key=value` text (strings quoted and escaped as `Debug` does, the
+/// message bare) or `,"key":value` members of a flat JSON object.
+struct Fields<'a, 'w> {
     out: &'a mut Writer<'w>,
+    json: bool,
     result: fmt::Result,
 }
 
-impl TextFields<'_, '_> {
-    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+impl Fields<'_, '_> {
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>, bool) -> fmt::Result) {
         if self.result.is_err() {
             return;
         }
+        let (out, json) = (&mut *self.out, self.json);
         self.result = (|| {
-            self.out.write_char(' ')?;
-            if field.name() != "message" {
-                self.out.write_str(field.name())?;
-                self.out.write_char('=')?;
+            if json {
+                out.write_char(',')?;
+                write_json_str(out, field.name())?;
+                out.write_char(':')?;
+            } else {
+                out.write_char(' ')?;
+                if field.name() != "message" {
+                    out.write_str(field.name())?;
+                    out.write_char('=')?;
+                }
             }
-            value(self.out)
+            value(out, json)
         })();
     }
 }
 
-impl Visit for TextFields<'_, '_> {
+impl Visit for Fields<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.field(field, |out| {
-            if value
+        self.field(field, |out, json| {
+            if json {
+                write_json_str(out, value)
+            } else if value
                 .bytes()
                 .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
             {
@@ -124,82 +136,38 @@ impl Visit for TextFields<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.field(field, |out, _| write!(out, "{value}"));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |out| write!(out, "{value}"));
+        self.field(field, |out, _| write!(out, "{value}"));
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.field(field, |out| write!(out, "{value:?}"));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field, |out| {
-            out.write_str(if value { "true" } else { "false" })
-        });
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.field(field, |out| write!(out, "{value:?}"));
-    }
-}
-
-/// `,"key":value` fields of a flat JSON object.
-struct JsonFields<'a, 'w> {
-    out: &'a mut Writer<'w>,
-    result: fmt::Result,
-}
-
-impl JsonFields<'_, '_> {
-    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
-        if self.result.is_err() {
-            return;
-        }
-        self.result = (|| {
-            self.out.write_char(',')?;
-            write_json_str(self.out, field.name())?;
-            self.out.write_char(':')?;
-            value(self.out)
-        })();
-    }
-}
-
-impl Visit for JsonFields<'_, '_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.field(field, |out| write_json_str(out, value));
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |out| write!(out, "{value}"));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |out| write!(out, "{value}"));
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.field(field, |out| {
-            if value.is_finite() {
-                write!(out, "{value:?}")
-            } else {
+        self.field(field, |out, json| {
+            if json && !value.is_finite() {
                 out.write_str("null")
+            } else {
+                write!(out, "{value:?}")
             }
         });
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field, |out| {
+        self.field(field, |out, _| {
             out.write_str(if value { "true" } else { "false" })
         });
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.field(field, |out| {
-            out.write_char('"')?;
-            write!(JsonEscaped(out), "{value:?}")?;
-            out.write_char('"')
+        self.field(field, |out, json| {
+            if json {
+                out.write_char('"')?;
+                write!(JsonEscaped(out), "{value:?}")?;
+                out.write_char('"')
+            } else {
+                write!(out, "{value:?}")
+            }
         });
     }
 }
