@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::common::{chat_body, gemini_reply, ollama_reply, upstream_ok, TestApp};
+use crate::common::{chat_body, gemini_reply, ollama_reply, upstream_ok, GatewayProcess, TestApp};
 
 const KEY: &str = "sk-provider-test";
 
@@ -339,4 +339,29 @@ async fn gemini_without_a_key_is_a_clear_502() {
         .to_owned();
     assert!(detail.contains("GEMINI_API_KEY"), "{detail}");
     assert!(upstream.received_requests().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_outbound_proxy_from_the_environment_carries_provider_calls() {
+    // The "proxy" is a mock that answers Ollama's path; the configured upstream does not
+    // resolve, so a 200 can only have come through the proxy.
+    let proxy = upstream_ok().await;
+    let gateway = GatewayProcess::start(&[
+        ("REDIS_URL", "memory://"),
+        ("API_KEYS", KEY),
+        ("OLLAMA_BASE_URL", "http://upstream.invalid:9"),
+        ("HTTP_PROXY", proxy.uri().as_str()),
+        ("PROVIDER_MAX_RETRIES", "0"),
+    ]);
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat", gateway.url))
+        .header("X-API-Key", KEY)
+        .json(&chat_body("via proxy"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = proxy.received_requests().await.unwrap();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].url.host_str(), Some("upstream.invalid"));
 }
