@@ -150,6 +150,16 @@ for conns in 1 64; do
 done
 FINAL_KB=$(rss_kb)
 
+# Reference round trips on the same loopback, one connection: a bare PING, and the
+# limiter script alone. The one-connection rows cannot beat these by construction.
+SCRIPT_SHA=$(redis-cli -p "$REDIS_PORT" script load "$(cat src/ratelimit/token_bucket.lua)")
+rtt_p50() { # redis-benchmark arguments; prints the p50 in microseconds
+  redis-benchmark -p "$REDIS_PORT" -c 1 -n 20000 "$@" 2>/dev/null |
+    awk '/latency summary/ { getline; getline; printf "%.0f", $3 * 1000; exit }'
+}
+PING_P50=$(rtt_p50 -t ping)
+EVALSHA_P50=$(rtt_p50 evalsha "$SCRIPT_SHA" 1 ratelimit:bench-reference 1000000000 1000000000 1)
+
 echo
 echo "llm-gateway benchmark: $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ), ${DURATION}s per row, wrk on loopback"
 printf '%-9s %5s %10s %9s %9s %8s %12s %10s %9s %8s %7s %9s\n' \
@@ -170,6 +180,7 @@ for row in "${ROWS[@]}"; do
     "$name" "$conns" "$rps" "$p50" "$p99" "$ratio" "$delta" "$per" "$((peak / 1024))" "$non2xx" "$sockerr" "  $cpu"
 done
 echo "gateway RSS: idle $((IDLE_KB / 1024)) MiB before the run, $((FINAL_KB / 1024)) MiB after it"
+echo "reference, 1 connection: a bare Redis round trip p50 ${PING_P50} us (PING), the limiter script alone ${EVALSHA_P50} us (EVALSHA)"
 echo "cpu us/r: CPU time each process spent per request in that row (the cores also run wrk);"
 echo "  $(nproc) cores give $(nproc) million CPU-us per second, so req/s <= $(nproc)e6 / (the four processes' sum)"
 echo "non-2xx: should be 0 in every row but 'limited', where every answer is a 429 (1 token per 1000 s)"
