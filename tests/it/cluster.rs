@@ -78,13 +78,8 @@ async fn identities_spread_over_nodes_and_each_keeps_one_slot() {
     let app = cluster_app(&cluster, &upstream, &keys.join(",")).await;
     for key in &keys {
         let response = app
-            .client
-            .post(format!("{}/v1/chat", app.url))
-            .header("X-API-Key", key)
-            .json(&chat_body("spread"))
-            .send()
-            .await
-            .unwrap();
+            .chat_at("/v1/chat", Some(key), &chat_body("spread"))
+            .await;
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["x-ratelimit-remaining"], "9");
     }

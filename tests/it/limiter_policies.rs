@@ -84,14 +84,7 @@ async fn anonymous_clients_are_limited_per_ip_and_forwarded_for_only_counts_from
         "same IPv6 /64"
     );
     // A wrong key is refused, never downgraded to anonymous.
-    let wrong = app
-        .client
-        .post(format!("{}/v1/chat", app.url))
-        .header("X-API-Key", "nope")
-        .json(&chat_body("x"))
-        .send()
-        .await
-        .unwrap();
+    let wrong = app.chat_at("/v1/chat", Some("nope"), &chat_body("x")).await;
     assert_eq!(wrong.status(), 401);
 
     let untrusted = TestApp::spawn(&base).await;

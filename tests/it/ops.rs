@@ -192,13 +192,7 @@ async fn worker_threads_sets_how_many_threads_serve_requests() {
             ("API_KEYS", "sk-t"),
             ("WORKER_THREADS", setting),
         ]);
-        let answer = reqwest::Client::new()
-            .post(format!("{}/v1/chat", gateway.url))
-            .header("X-API-Key", "sk-t")
-            .json(&chat_body("hello"))
-            .send()
-            .await
-            .unwrap();
+        let answer = gateway.chat("sk-t", &chat_body("hello")).await;
         assert_eq!(answer.status(), 200);
         assert_eq!(worker_threads_of(gateway.child.id()), expected);
     }

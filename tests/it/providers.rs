@@ -353,13 +353,7 @@ async fn an_outbound_proxy_from_the_environment_carries_provider_calls() {
         ("HTTP_PROXY", proxy.uri().as_str()),
         ("PROVIDER_MAX_RETRIES", "0"),
     ]);
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat", gateway.url))
-        .header("X-API-Key", KEY)
-        .json(&chat_body("via proxy"))
-        .send()
-        .await
-        .unwrap();
+    let response = gateway.chat(KEY, &chat_body("via proxy")).await;
     assert_eq!(response.status(), 200);
     let received = proxy.received_requests().await.unwrap();
     assert_eq!(received.len(), 1);

@@ -285,6 +285,17 @@ impl GatewayProcess {
         }
     }
 
+    /// POSTs a chat body to `/v1/chat` with `key`.
+    pub async fn chat(&self, key: &str, body: &Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("{}/v1/chat", self.url))
+            .header("X-API-Key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         self.signal("-TERM");
