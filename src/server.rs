@@ -7,7 +7,9 @@
 //! answer says `Connection: close` (so the client stops reusing the connection) while
 //! requests already on their way still arrive and are served; only then are connections
 //! that stayed idle closed. Closing idle connections at once dropped requests a client
-//! had just sent on one (their bytes were in the socket, unread).
+//! had just sent on one (their bytes were in the socket, unread). Likewise, connections
+//! waiting in the listener's queue at the stop are accepted and served before the
+//! listener closes: closing it resets them, and their clients lose requests already sent.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -69,6 +71,30 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let draining = Arc::new(AtomicBool::new(false));
+    // Serves one accepted connection, or refuses it over the connection cap.
+    let start_connection = |stream: TcpStream, peer: SocketAddr| {
+        let _ = stream.set_nodelay(true);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream));
+            return;
+        };
+        let service = connection_service(
+            router.clone(),
+            peer,
+            limits.body_read_timeout,
+            draining.clone(),
+        );
+        let connection = graceful.watch(
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            // Errors here are the client's (reset, bad request head, timeout): nothing to do.
+            let _ = connection.await;
+            drop(slot);
+        });
+    };
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -83,32 +109,26 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let _ = stream.set_nodelay(true);
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream));
-            continue;
-        };
-        let service = connection_service(
-            router.clone(),
-            peer,
-            limits.body_read_timeout,
-            draining.clone(),
-        );
-        let builder = builder.clone();
-        let connection = graceful.watch(
-            builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned(),
-        );
-        tokio::spawn(async move {
-            // Errors here are the client's (reset, bad request head, timeout): nothing to do.
-            let _ = connection.await;
-            drop(slot);
-        });
+        start_connection(stream, peer);
     }
-    drop(listener);
-    let started = Instant::now();
+    // Connections the kernel has already completed are clients that connected before
+    // the stop and may have sent their request: serve them (told to close) instead of
+    // letting the listener's close reset them. What arrives after this is refused.
     draining.store(true, Ordering::Relaxed);
+    match listener.into_std() {
+        Ok(listener) => {
+            while let Ok((stream, peer)) = listener.accept() {
+                let stream = stream
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpStream::from_std(stream));
+                if let Ok(stream) = stream {
+                    start_connection(stream, peer);
+                }
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot take the connections waiting to be accepted"),
+    }
+    let started = Instant::now();
     tracing::info!(
         grace_seconds = limits.shutdown_grace.as_secs_f64(),
         "shutting down: draining requests in flight"

@@ -362,6 +362,49 @@ async fn a_request_sent_on_an_idle_keep_alive_connection_while_draining_is_answe
 }
 
 #[tokio::test]
+async fn connections_waiting_to_be_accepted_at_sigterm_are_answered() {
+    use tokio::io::AsyncWriteExt;
+    let mock = MockLlm::start(&[]);
+    let mut gateway = GatewayProcess::start(&[
+        ("REDIS_URL", "memory://"),
+        ("API_KEYS", "sk-backlog"),
+        ("RATE_LIMITER_CAPACITY", "100"),
+        ("OLLAMA_BASE_URL", mock.url.as_str()),
+    ]);
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let body = chat_body("queued").to_string();
+    let request = format!(
+        "POST /api/v1/chat HTTP/1.1\r\nhost: {addr}\r\nx-api-key: sk-backlog\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // With the gateway frozen, the kernel completes these connections and holds them,
+    // requests written, in the listener's queue: clients that connected just before the
+    // stop signal. They must be answered, not reset with the listener.
+    gateway.signal("-STOP");
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        streams.push(stream);
+    }
+    gateway.terminate();
+    gateway.signal("-CONT");
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let (head, body) = read_response(stream)
+            .await
+            .unwrap_or_else(|e| panic!("queued connection {i} was not answered: {e}"));
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(body.contains("Echo: queued"), "{body}");
+    }
+    let status = tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
+#[tokio::test]
 async fn mock_llm_speaks_all_three_wire_formats_and_injects_faults() {
     let mock = MockLlm::start(&[]);
     let url = mock.url.clone();
