@@ -313,25 +313,43 @@ async fn read_response(stream: &mut tokio::net::TcpStream) -> std::io::Result<(S
     }
 }
 
+/// A raw HTTP/1.1 chat request for `key` asking `text`.
+fn raw_chat_request(addr: &str, key: &str, text: &str) -> String {
+    let body = chat_body(text).to_string();
+    format!(
+        "POST /api/v1/chat HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The answer to `text` sent while draining: a 200 that tells the client to close.
+fn assert_answered_while_draining(head: &str, body: &str, text: &str) {
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(body.contains(&format!("Echo: {text}")), "{body}");
+}
+
+/// Waits (10 s at most) for the gateway to exit and checks it exited 0.
+async fn assert_exits_zero(mut gateway: GatewayProcess) {
+    let status = tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
 #[tokio::test]
 async fn a_request_sent_on_an_idle_keep_alive_connection_while_draining_is_answered() {
     use tokio::io::AsyncWriteExt;
     let mock = MockLlm::start(&[]);
-    let mut gateway = GatewayProcess::start(&[
+    let gateway = GatewayProcess::start(&[
         ("REDIS_URL", "memory://"),
         ("API_KEYS", "sk-drain"),
         ("OLLAMA_BASE_URL", mock.url.as_str()),
     ]);
     let addr = gateway.url.trim_start_matches("http://").to_owned();
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let request = |text: &str| {
-        let body = chat_body(text).to_string();
-        format!(
-            "POST /api/v1/chat HTTP/1.1\r\nhost: {addr}\r\nx-api-key: sk-drain\r\n\
-             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        )
-    };
+    let request = |text: &str| raw_chat_request(&addr, "sk-drain", text);
     stream.write_all(request("first").as_bytes()).await.unwrap();
     let (head, _) = read_response(&mut stream).await.unwrap();
     assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -352,32 +370,22 @@ async fn a_request_sent_on_an_idle_keep_alive_connection_while_draining_is_answe
     let (head, body) = read_response(&mut stream)
         .await
         .expect("the request sent during the drain was answered");
-    assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(head.contains("connection: close"), "{head}");
-    assert!(body.contains("Echo: second"), "{body}");
-    let status = tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(10)))
-        .await
-        .unwrap();
-    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert_answered_while_draining(&head, &body, "second");
+    assert_exits_zero(gateway).await;
 }
 
 #[tokio::test]
 async fn connections_waiting_to_be_accepted_at_sigterm_are_answered() {
     use tokio::io::AsyncWriteExt;
     let mock = MockLlm::start(&[]);
-    let mut gateway = GatewayProcess::start(&[
+    let gateway = GatewayProcess::start(&[
         ("REDIS_URL", "memory://"),
         ("API_KEYS", "sk-backlog"),
         ("RATE_LIMITER_CAPACITY", "100"),
         ("OLLAMA_BASE_URL", mock.url.as_str()),
     ]);
     let addr = gateway.url.trim_start_matches("http://").to_owned();
-    let body = chat_body("queued").to_string();
-    let request = format!(
-        "POST /api/v1/chat HTTP/1.1\r\nhost: {addr}\r\nx-api-key: sk-backlog\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let request = raw_chat_request(&addr, "sk-backlog", "queued");
     // With the gateway frozen, the kernel completes these connections and holds them,
     // requests written, in the listener's queue: clients that connected just before the
     // stop signal. They must be answered, not reset with the listener.
@@ -394,14 +402,9 @@ async fn connections_waiting_to_be_accepted_at_sigterm_are_answered() {
         let (head, body) = read_response(stream)
             .await
             .unwrap_or_else(|e| panic!("queued connection {i} was not answered: {e}"));
-        assert!(head.starts_with("http/1.1 200"), "{head}");
-        assert!(head.contains("connection: close"), "{head}");
-        assert!(body.contains("Echo: queued"), "{body}");
+        assert_answered_while_draining(&head, &body, "queued");
     }
-    let status = tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(10)))
-        .await
-        .unwrap();
-    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert_exits_zero(gateway).await;
 }
 
 #[tokio::test]
