@@ -145,7 +145,7 @@ impl UpstreamClient {
                 if let Some((name, value)) = extra_header {
                     request = request.header(name, value);
                 }
-                let response = request.send().await.map_err(|e| from_reqwest(&e))?;
+                let mut response = request.send().await.map_err(|e| from_reqwest(&e))?;
                 let status = response.status();
                 if !status.is_success() {
                     return Err(ProviderError::Status(status.as_u16()));
@@ -156,11 +156,16 @@ impl UpstreamClient {
                 {
                     return Err(too_large());
                 }
-                let answer = response.bytes().await.map_err(|e| from_reqwest(&e))?;
-                if answer.len() > MAX_ANSWER_BYTES {
-                    return Err(too_large());
+                // Chunk by chunk: an answer without a length is refused as soon as it
+                // passes the limit, not after all of it has been buffered.
+                let mut answer = Vec::new();
+                while let Some(chunk) = response.chunk().await.map_err(|e| from_reqwest(&e))? {
+                    if answer.len() + chunk.len() > MAX_ANSWER_BYTES {
+                        return Err(too_large());
+                    }
+                    answer.extend_from_slice(&chunk);
                 }
-                answer
+                Bytes::from(answer)
             }
         };
         serde_json::from_slice(&answer)
@@ -272,6 +277,42 @@ mod tests {
         assert!(
             seen.starts_with("POST http://upstream.invalid:9/api/chat HTTP/1.1\r\n"),
             "{seen}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_proxied_answer_without_a_length_is_refused_once_it_passes_the_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = format!("http://{}", listener.local_addr().unwrap());
+        let sent = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await.unwrap();
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await
+                .unwrap();
+            // Chunks of 1 MiB until the client stops reading (it hangs up past the limit).
+            let chunk = format!("100000\r\n{}\r\n", "x".repeat(1 << 20));
+            let mut sent = 0usize;
+            while sent <= 2 * MAX_ANSWER_BYTES && stream.write_all(chunk.as_bytes()).await.is_ok() {
+                sent += 1 << 20;
+            }
+            sent
+        });
+        let client = UpstreamClient::through_proxy(Duration::from_secs(1), &proxy).unwrap();
+        let uri: Uri = "http://upstream.invalid:9/api/chat".parse().unwrap();
+        let result = client
+            .post_json::<serde_json::Value>(&uri, None, b"{\"q\":1}".to_vec())
+            .await;
+        assert!(
+            matches!(result, Err(ProviderError::Invalid(ref m)) if m.contains("larger")),
+            "{result:?}"
+        );
+        drop(client);
+        assert!(
+            sent.await.unwrap() <= 2 * MAX_ANSWER_BYTES,
+            "the client stopped reading near the limit"
         );
     }
 
