@@ -34,7 +34,7 @@ wait_port() {
 }
 
 echo "building (release)..." >&2
-cargo build --release --quiet --bins
+cargo build --release --quiet --bins --example bound_relay
 
 REDIS_PORT=$(free_port); MOCK_PORT=$(free_port); GW_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
@@ -60,6 +60,14 @@ GATEWAY_CONFIG="$WORK/gateway.toml" HOST=127.0.0.1 PORT=$GW_PORT \
   CACHE_TTL_SECONDS=600 LOG_LEVEL=${LOG_LEVEL:-info} ./target/release/llm-gateway >"$WORK/gateway.log" 2>&1 & GW_PID=$!
 PIDS+=("$GW_PID")
 wait_port "$GW_PORT"
+
+# The bound for one connection: a relay that only makes the round trips a miss needs
+# (examples/bound_relay.rs), against the same Redis script and mock.
+SCRIPT_SHA=$(redis-cli -p "$REDIS_PORT" script load "$(cat src/ratelimit/token_bucket.lua)")
+RELAY_PORT=$(free_port)
+./target/release/examples/bound_relay "$RELAY_PORT" "$REDIS_PORT" "$MOCK_PORT" "$SCRIPT_SHA" \
+  >/dev/null 2>"$WORK/relay.log" & RELAY_PID=$!; PIDS+=("$RELAY_PID")
+wait_port "$RELAY_PORT"
 
 # wrk scripts: each prints "RESULT <requests> <seconds> <p50 us> <p99 us> <non-2xx> <socket errors>"
 # when done. No response() hook: it would make wrk itself the bottleneck.
@@ -99,6 +107,7 @@ LUA
   } >"$WORK/$name.lua"
 }
 scenario_lua floor   none             vary  200 /api/chat
+scenario_lua bound   sk-bench-00001   vary  200 /api/v1/chat
 scenario_lua miss    sk-bench-00001   vary  200 /api/v1/chat
 scenario_lua hit     sk-bench-00002   fixed 200 /api/v1/chat
 scenario_lua limited sk-bench-limited vary  429 /api/v1/chat
@@ -114,8 +123,8 @@ redis_calls() {
     awk -F'[:=,]' '/^cmdstat_/ && $1 !~ /^cmdstat_(info|time|hmget|hset|pexpire)$/ { n += $3 } END { print n + 0 }'
 }
 rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$GW_PID/status"; }
-peak_kb() { awk '/VmHWM/ { print $2 }' "/proc/$GW_PID/status"; }
-reset_peak() { echo 5 >"/proc/$GW_PID/clear_refs" 2>/dev/null || true; }
+peak_kb() { awk '/VmHWM/ { print $2 }' "/proc/$1/status"; }
+reset_peak() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true; }
 # CPU time (user + system, in clock ticks) a process has used so far: per-request CPU of
 # each process shows where a scenario's cost goes on the shared cores.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -126,24 +135,25 @@ IDLE_KB=$(rss_kb)
 wrk -t1 -c4 -d1s -s "$WORK/hit.lua" "http://127.0.0.1:$GW_PORT" >/dev/null 2>&1 || true
 
 ROWS=()
-run() { # scenario connections url
-  local name=$1 conns=$2 url=$3 threads=1
+run() { # scenario connections url [pid in the "gateway" columns, default the gateway]
+  local name=$1 conns=$2 url=$3 threads=1 pid=${4:-$GW_PID}
   [ "$conns" -gt 1 ] && threads=2
-  reset_peak
+  reset_peak "$pid"
   local before after out
   before=$(redis_calls)
   local gw0 rd0 mk0
-  gw0=$(cpu_ticks "$GW_PID"); rd0=$(cpu_ticks "$REDIS_PID"); mk0=$(cpu_ticks "$MOCK_PID")
+  gw0=$(cpu_ticks "$pid"); rd0=$(cpu_ticks "$REDIS_PID"); mk0=$(cpu_ticks "$MOCK_PID")
   out=$(wrk -t"$threads" -c"$conns" -d"${DURATION}s" --timeout 10s -s "$WORK/$name.lua" "$url" \
     -- "$name-$conns-$RANDOM$RANDOM-" | grep '^RESULT')
   after=$(redis_calls)
-  local cpu="$(($(cpu_ticks "$GW_PID") - gw0)) $(($(cpu_ticks "$REDIS_PID") - rd0)) $(($(cpu_ticks "$MOCK_PID") - mk0))"
+  local cpu="$(($(cpu_ticks "$pid") - gw0)) $(($(cpu_ticks "$REDIS_PID") - rd0)) $(($(cpu_ticks "$MOCK_PID") - mk0))"
   # Redis' own INFO and cluster chatter are excluded; what is left is per request.
-  ROWS+=("$name $conns $out $((after - before)) $(peak_kb) $cpu")
+  ROWS+=("$name $conns $out $((after - before)) $(peak_kb "$pid") $cpu")
 }
 
 for conns in 1 64; do
   run floor "$conns" "http://127.0.0.1:$MOCK_PORT"
+  [ "$conns" = 1 ] && run bound 1 "http://127.0.0.1:$RELAY_PORT" "$RELAY_PID"
   for name in miss hit limited keys10k body64k; do
     run "$name" "$conns" "http://127.0.0.1:$GW_PORT"
   done
@@ -152,7 +162,6 @@ FINAL_KB=$(rss_kb)
 
 # Reference round trips on the same loopback, one connection: a bare PING, and the
 # limiter script alone. The one-connection rows cannot beat these by construction.
-SCRIPT_SHA=$(redis-cli -p "$REDIS_PORT" script load "$(cat src/ratelimit/token_bucket.lua)")
 rtt_p50() { # redis-benchmark arguments; prints the p50 in microseconds
   redis-benchmark -p "$REDIS_PORT" -c 1 -n 20000 "$@" 2>/dev/null |
     awk '/latency summary/ { getline; getline; printf "%.0f", $3 * 1000; exit }'
@@ -170,6 +179,8 @@ for row in "${ROWS[@]}"; do
   read -r name conns _ requests seconds p50 p99 non2xx sockerr calls peak gw_t rd_t mk_t <<<"$row"
   rps=$(awk -v r="$requests" -v s="$seconds" 'BEGIN { printf "%.0f", r / s }')
   if [ "$name" = floor ]; then FLOOR_RPS[$conns]=$rps; FLOOR_P50[$conns]=$p50; fi
+  [ "$name" = bound ] && BOUND_P50=$p50
+  [ "$name" = miss ] && [ "$conns" = 1 ] && MISS_P50=$p50
   ratio=$(awk -v a="$rps" -v b="${FLOOR_RPS[$conns]}" 'BEGIN { printf "%.2f", a / b }')
   delta=$((p50 - ${FLOOR_P50[$conns]}))
   per=$(awk -v c="$calls" -v r="$requests" 'BEGIN { printf "%.2f", (r > 0 ? c / r : 0) }')
@@ -180,6 +191,9 @@ for row in "${ROWS[@]}"; do
     "$name" "$conns" "$rps" "$p50" "$p99" "$ratio" "$delta" "$per" "$((peak / 1024))" "$non2xx" "$sockerr" "  $cpu"
 done
 echo "gateway RSS: idle $((IDLE_KB / 1024)) MiB before the run, $((FINAL_KB / 1024)) MiB after it"
+echo "bound, 1 connection: a relay doing only a miss's round trips (Redis pipeline, upstream call) is" \
+  "$((BOUND_P50 - FLOOR_P50[1])) us over the floor's p50; the gateway's miss $((MISS_P50 - FLOOR_P50[1])) us," \
+  "so its own work adds $((MISS_P50 - BOUND_P50)) us"
 echo "reference, 1 connection: a bare Redis round trip p50 ${PING_P50} us (PING), the limiter script alone ${EVALSHA_P50} us (EVALSHA)"
 echo "cpu us/r: CPU time each process spent per request in that row (the cores also run wrk);"
 echo "  $(nproc) cores give $(nproc) million CPU-us per second, so req/s <= $(nproc)e6 / (the four processes' sum)"
