@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::api;
 use crate::auth::{require_api_key, AuthConfig};
-use crate::cache::{memory::MemoryCache, redis::RedisCache, Cache};
+use crate::cache::{memory::MemoryCache, pending::PendingStores, redis::RedisCache, Cache};
 use crate::chat::service::{ChatConfig, ChatService, Providers};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -93,10 +93,24 @@ impl AppState {
         let conn = RedisConn::open(&store, settings.redis_timeout())
             .map_err(|e| StartupError::Redis(e.to_string()))?;
         let (backend, cache): (Arc<dyn LimiterBackend>, Arc<dyn Cache>) = match &conn {
-            Some(conn) => (
-                Arc::new(RedisLimiter::new(conn.clone(), metrics.clone())),
-                Arc::new(RedisCache::new(conn.clone(), settings.redis_timeout())),
-            ),
+            Some(conn) => {
+                // On one node, cache writes ride along with limiter calls; on a cluster
+                // they live on other nodes than the buckets.
+                let pending = matches!(conn, RedisConn::Single(_))
+                    .then(|| Arc::new(PendingStores::default()));
+                (
+                    Arc::new(RedisLimiter::new(
+                        conn.clone(),
+                        metrics.clone(),
+                        pending.clone(),
+                    )),
+                    Arc::new(RedisCache::new(
+                        conn.clone(),
+                        settings.redis_timeout(),
+                        pending,
+                    )),
+                )
+            }
             None => (
                 Arc::new(MemoryLimiter::new()),
                 Arc::new(MemoryCache::new(MEMORY_CACHE_ENTRIES)),

@@ -3,6 +3,7 @@
 //! A cache failure is never a failed request: callers treat errors as misses.
 
 pub mod memory;
+pub mod pending;
 pub mod redis;
 
 use std::time::Duration;

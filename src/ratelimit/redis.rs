@@ -1,9 +1,12 @@
 //! The Redis backend: the token-bucket script called with EVALSHA, reloaded on NOSCRIPT.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
-use redis::{ErrorKind, RedisError, ServerErrorKind};
+use redis::{ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
 
 use super::{BackendError, BucketPolicy, Decision, LimiterBackend, Prefetch};
+use crate::cache::pending::{PendingStores, TakenStores};
 use crate::metrics::Metrics;
 use crate::redis_conn::RedisConn;
 
@@ -16,15 +19,23 @@ pub struct RedisLimiter {
     /// SHA1 of the script, computed once.
     sha: String,
     metrics: Metrics,
+    /// Cache writes that ride along with calls that read the cache (see `cache::pending`).
+    pending: Option<Arc<PendingStores>>,
 }
 
 impl RedisLimiter {
-    /// A limiter on `conn`.
-    pub fn new(conn: RedisConn, metrics: Metrics) -> RedisLimiter {
+    /// A limiter on `conn`. With `pending`, each call that also reads the cache first
+    /// sends the cache writes waiting there.
+    pub fn new(
+        conn: RedisConn,
+        metrics: Metrics,
+        pending: Option<Arc<PendingStores>>,
+    ) -> RedisLimiter {
         RedisLimiter {
             conn,
             sha: redis::Script::new(TOKEN_BUCKET_LUA).get_hash().to_owned(),
             metrics,
+            pending,
         }
     }
 
@@ -48,6 +59,10 @@ impl RedisLimiter {
 
 fn is_noscript(error: &RedisError) -> bool {
     error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+fn missing_reply() -> RedisError {
+    RedisError::from((ErrorKind::UnexpectedReturnType, "pipeline reply too short"))
 }
 
 fn backend_error(error: RedisError) -> BackendError {
@@ -82,14 +97,20 @@ impl RedisLimiter {
         policy: &BucketPolicy,
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), BackendError> {
+        let stores = match (&self.pending, prefetch) {
+            (Some(pending), Some(_)) => pending.take(),
+            _ => TakenStores::default(),
+        };
         match self
-            .run_with("EVALSHA", &self.sha, key, policy, prefetch)
+            .run_with("EVALSHA", &self.sha, key, policy, prefetch, stores)
             .await
         {
             Err(error) if is_noscript(&error) => {
                 self.metrics.limiter_script_reloads.inc();
                 tracing::info!("rate limiter script missing on Redis (NOSCRIPT); reloading");
-                self.run_with("EVAL", TOKEN_BUCKET_LUA, key, policy, prefetch)
+                // The first pipeline has already delivered its cache writes.
+                let stores = TakenStores::default();
+                self.run_with("EVAL", TOKEN_BUCKET_LUA, key, policy, prefetch, stores)
                     .await
             }
             other => other,
@@ -104,26 +125,39 @@ impl RedisLimiter {
         key: &str,
         policy: &BucketPolicy,
         prefetch: Option<&str>,
+        stores: TakenStores,
     ) -> Result<(Decision, Prefetch), RedisError> {
         let mut conn = self.conn.clone();
         let call = self.invocation(command, script, key, policy);
-        match prefetch {
-            None => {
-                let reply: ScriptReply = call.query_async(&mut conn).await?;
-                Ok((decision(reply), Prefetch::NotFetched))
+        let Some(cache_key) = prefetch else {
+            let reply: ScriptReply = call.query_async(&mut conn).await?;
+            return Ok((decision(reply), Prefetch::NotFetched));
+        };
+        // Waiting cache writes first, so the GET below already sees them; every reply on
+        // its own, so a failed cache write or read never fails the decision.
+        let mut pipe = redis::pipe();
+        stores.add_to(&mut pipe);
+        pipe.add_command(call).cmd("GET").arg(cache_key);
+        pipe.ignore_errors();
+        let replies: Vec<RedisResult<Value>> = match pipe.query_async(&mut conn).await {
+            Ok(replies) => replies,
+            Err(error) => {
+                stores.fail(&error.to_string());
+                return Err(error);
             }
-            Some(cache_key) => {
-                let mut pipe = redis::pipe();
-                pipe.add_command(call).cmd("GET").arg(cache_key);
-                let (reply, cached): (ScriptReply, Option<Vec<u8>>) =
-                    pipe.query_async(&mut conn).await?;
-                let prefetched = match cached {
-                    Some(body) => Prefetch::Found(bytes::Bytes::from(body)),
-                    None => Prefetch::Missing,
-                };
-                Ok((decision(reply), prefetched))
-            }
-        }
+        };
+        let mut replies = replies.into_iter();
+        stores.finish(&mut replies);
+        let script_reply = replies.next().unwrap_or_else(|| Err(missing_reply()))?;
+        let reply: ScriptReply = redis::from_redis_value(script_reply)?;
+        let prefetched = match replies.next() {
+            Some(Ok(Value::Nil)) => Prefetch::Missing,
+            Some(Ok(value)) => redis::from_redis_value::<Vec<u8>>(value)
+                .map(|body| Prefetch::Found(bytes::Bytes::from(body)))
+                .unwrap_or(Prefetch::Failed),
+            Some(Err(_)) | None => Prefetch::Failed,
+        };
+        Ok((decision(reply), prefetched))
     }
 }
 

@@ -130,5 +130,5 @@ async fn the_redis_backend_passes_the_behaviour_suite() {
     let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1))
         .unwrap()
         .unwrap();
-    run_suite(&RedisLimiter::new(conn, Metrics::new())).await;
+    run_suite(&RedisLimiter::new(conn, Metrics::new(), None)).await;
 }

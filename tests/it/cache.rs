@@ -1,9 +1,20 @@
 //! The response cache on real Redis: identical hits, the key's fields, single flight,
-//! TTL, and fail-open when Redis is gone.
+//! TTL, fail-open when Redis is gone, and cache writes riding with limiter calls.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use llm_gateway::cache::pending::PendingStores;
+use llm_gateway::cache::redis::RedisCache;
+use llm_gateway::cache::Cache;
+use llm_gateway::metrics::Metrics;
+use llm_gateway::ratelimit::redis::RedisLimiter;
+use llm_gateway::ratelimit::{BucketPolicy, LimiterBackend, Prefetch};
+use llm_gateway::redis_conn::RedisConn;
+use llm_gateway::settings::StoreUrl;
 use serde_json::{json, Value};
+use tokio::task::JoinHandle;
 use wiremock::matchers::path;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -21,6 +32,11 @@ async fn app(redis_url: &str, upstream: &MockServer, extra: &[(&str, &str)]) -> 
     ];
     pairs.extend_from_slice(extra);
     TestApp::spawn(&pairs).await
+}
+
+fn assert_stored_for_30_seconds(redis: &RedisServer, key: &str) {
+    let ttl: i64 = redis::cmd("TTL").arg(key).query(&mut redis.conn()).unwrap();
+    assert!((1..=30).contains(&ttl), "{key}: TTL {ttl}");
 }
 
 #[tokio::test]
@@ -47,11 +63,7 @@ async fn a_hit_returns_the_identical_body() {
         .find(|k| k.starts_with("cache:"))
         .unwrap();
     assert_eq!(cache_key.len(), "cache:".len() + 64);
-    let ttl: i64 = redis::cmd("TTL")
-        .arg(&cache_key)
-        .query(&mut redis.conn())
-        .unwrap();
-    assert!((1..=30).contains(&ttl), "{ttl}");
+    assert_stored_for_30_seconds(&redis, &cache_key);
 }
 
 #[tokio::test]
@@ -208,4 +220,111 @@ async fn the_order_of_checks_holds_when_the_limiter_fails_closed() {
     // A bad body is a 422 before the limiter's 503 (CONTRACT §2 order).
     assert_eq!(app.chat(KEY, &json!({"messages": []})).await.status(), 422);
     assert_eq!(app.chat(KEY, &chat_body("fine")).await.status(), 503);
+}
+
+/// The Redis limiter and cache wired as the app wires them on one node: cache writes
+/// wait in a shared queue for the limiter's next pipeline.
+fn limiter_and_cache(redis: &RedisServer) -> (RedisLimiter, Arc<RedisCache>) {
+    let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1))
+        .unwrap()
+        .unwrap();
+    let pending = Some(Arc::new(PendingStores::default()));
+    (
+        RedisLimiter::new(conn.clone(), Metrics::new(), pending.clone()),
+        Arc::new(RedisCache::new(conn, Duration::from_secs(1), pending)),
+    )
+}
+
+fn roomy_bucket() -> BucketPolicy {
+    BucketPolicy {
+        tier: "default".into(),
+        capacity: 100,
+        refill_rate: 1.0,
+    }
+}
+
+/// Starts `cache.set` and runs it until its store is queued (the test runtime has one
+/// thread, so the spawned task runs at the yield).
+async fn queue_store(
+    cache: &Arc<RedisCache>,
+    key: &'static str,
+    body: &'static [u8],
+) -> JoinHandle<()> {
+    let cache = cache.clone();
+    let task = tokio::spawn(async move {
+        cache
+            .set(key, Bytes::from_static(body), Duration::from_secs(30))
+            .await
+            .expect("stored");
+    });
+    tokio::task::yield_now().await;
+    task
+}
+
+#[tokio::test]
+async fn a_waiting_cache_write_rides_with_the_next_limiter_call_which_already_reads_it() {
+    let redis = RedisServer::start();
+    let (limiter, cache) = limiter_and_cache(&redis);
+    let store = queue_store(&cache, "cache:ride", b"answer").await;
+    let (decision, prefetched) = limiter
+        .check_and_prefetch("ratelimit:ride", &roomy_bucket(), "cache:ride")
+        .await
+        .unwrap();
+    assert!(decision.allowed);
+    assert_eq!(prefetched, Prefetch::Found(Bytes::from_static(b"answer")));
+    store.await.unwrap();
+    // Well past the wait: the store did not write itself a second time.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(redis.command_calls("setex"), 1);
+    assert_stored_for_30_seconds(&redis, "cache:ride");
+}
+
+#[tokio::test]
+async fn a_cache_write_no_limiter_call_takes_writes_itself() {
+    let redis = RedisServer::start();
+    let (_limiter, cache) = limiter_and_cache(&redis);
+    let store = queue_store(&cache, "cache:alone", b"solo").await;
+    tokio::time::timeout(Duration::from_secs(2), store)
+        .await
+        .expect("written within the wait and one round trip")
+        .unwrap();
+    assert_eq!(
+        cache.get("cache:alone").await.unwrap(),
+        Some(Bytes::from_static(b"solo"))
+    );
+    assert_eq!(redis.command_calls("setex"), 1);
+}
+
+#[tokio::test]
+async fn a_riding_write_survives_a_script_reload_and_a_broken_cache_read_fails_only_the_read() {
+    let redis = RedisServer::start();
+    let (limiter, cache) = limiter_and_cache(&redis);
+    // A value of the wrong type under the cache key: its GET fails with WRONGTYPE.
+    redis::cmd("HSET")
+        .arg("cache:hash")
+        .arg("field")
+        .arg("value")
+        .exec(&mut redis.conn())
+        .unwrap();
+    let store = queue_store(&cache, "cache:reload", b"kept").await;
+    redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .exec(&mut redis.conn())
+        .unwrap();
+    let (decision, prefetched) = limiter
+        .check_and_prefetch("ratelimit:reload", &roomy_bucket(), "cache:hash")
+        .await
+        .unwrap();
+    assert!(decision.allowed, "decided by EVAL after NOSCRIPT");
+    assert_eq!(prefetched, Prefetch::Failed);
+    store.await.unwrap();
+    assert_eq!(
+        redis.command_calls("setex"),
+        1,
+        "sent once, not again with EVAL"
+    );
+    assert_eq!(
+        cache.get("cache:reload").await.unwrap(),
+        Some(Bytes::from_static(b"kept"))
+    );
 }
