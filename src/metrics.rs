@@ -1,5 +1,8 @@
 //! The one Prometheus registry and every metric handle. Labels come from closed sets only.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -7,6 +10,38 @@ use prometheus::{
 
 /// Provider label values: the closed set of providers plus `none` (answered before one).
 pub const PROVIDER_LABELS: [&str; 3] = ["gemini", "ollama", "none"];
+
+/// Provider label values of the per-provider call metrics.
+const PROVIDERS: [&str; 2] = ["gemini", "ollama"];
+
+/// A metric with one label whose values come from a closed set. Every value's series is
+/// made up front (so dashboards show zeros rather than gaps) and found again by a short
+/// scan: `with_label_values` hashes the value and takes a read lock on every call, and
+/// the request path records five such series per miss.
+#[derive(Clone)]
+pub struct Labelled<M: Clone> {
+    series: Arc<[(&'static str, M)]>,
+    /// The metric's `with_label_values`, for a value outside the set.
+    make: Arc<dyn Fn(&str) -> M + Send + Sync>,
+}
+
+impl<M: Clone> Labelled<M> {
+    fn new(values: &[&'static str], make: impl Fn(&str) -> M + Send + Sync + 'static) -> Self {
+        let series = values.iter().map(|value| (*value, make(value))).collect();
+        Labelled {
+            series,
+            make: Arc::new(make),
+        }
+    }
+
+    /// The series for `value` (made on first use if it is outside the closed set).
+    pub fn get(&self, value: &str) -> Cow<'_, M> {
+        match self.series.iter().find(|(known, _)| *known == value) {
+            Some((_, series)) => Cow::Borrowed(series),
+            None => Cow::Owned((self.make)(value)),
+        }
+    }
+}
 
 /// Every metric the gateway exports.
 #[derive(Clone)]
@@ -23,23 +58,23 @@ pub struct Metrics {
     /// Cache reads or writes that failed and were treated as misses.
     pub cache_errors: IntCounter,
     /// Provider attempts by provider (orig).
-    pub provider_calls: IntCounterVec,
+    pub provider_calls: Labelled<IntCounter>,
     /// Provider attempts that failed, by provider (orig).
-    pub provider_failures: IntCounterVec,
+    pub provider_failures: Labelled<IntCounter>,
     /// Chat requests by status class.
-    pub chat_requests: IntCounterVec,
+    pub chat_requests: Labelled<IntCounter>,
     /// Requests being served right now.
     pub active_requests: IntGauge,
     /// End-to-end latency of chat requests, by provider.
-    pub request_latency: HistogramVec,
+    pub request_latency: Labelled<Histogram>,
     /// Latency of one provider attempt, by provider.
-    pub provider_latency: HistogramVec,
+    pub provider_latency: Labelled<Histogram>,
     /// Limiter calls to Redis that failed, by kind (`error`, `timeout`, `unavailable`).
-    pub limiter_redis_errors: IntCounterVec,
+    pub limiter_redis_errors: Labelled<IntCounter>,
     /// Times the limiter script was loaded again after NOSCRIPT.
     pub limiter_script_reloads: IntCounter,
     /// Decisions made by the failure policy instead of Redis, by mode.
-    pub limiter_fallback_decisions: IntCounterVec,
+    pub limiter_fallback_decisions: Labelled<IntCounter>,
     /// Latency of one limiter decision, including any fallback.
     pub limiter_call_latency: Histogram,
     /// 1 when the limiter's last store call succeeded, 0 while it fails.
@@ -56,21 +91,32 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     c
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c =
-        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic_metric(name, e));
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&'static str],
+) -> Labelled<IntCounter> {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label])
+        .unwrap_or_else(|e| panic_metric(name, e));
     register(registry, name, Box::new(c.clone()));
-    c
+    Labelled::new(values, move |value| c.with_label_values(&[value]))
 }
 
-fn histogram_vec(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    values: &[&'static str],
+) -> Labelled<Histogram> {
     let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        HistogramOpts::new(name, help).buckets(REQUEST_BUCKETS.to_vec()),
         &["provider"],
     )
     .unwrap_or_else(|e| panic_metric(name, e));
     register(registry, name, Box::new(h.clone()));
-    h
+    Labelled::new(values, move |value| h.with_label_values(&[value]))
 }
 
 fn register(registry: &Registry, name: &str, collector: Box<dyn prometheus::core::Collector>) {
@@ -94,12 +140,12 @@ const LIMITER_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
-    /// Creates the registry and every metric, with label series pre-created so dashboards
-    /// show zeros rather than gaps.
+    /// Creates the registry and every metric, with the series of every closed-set label
+    /// value made up front.
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let r = &registry;
-        let metrics = Metrics {
+        Metrics {
             rate_limit_allowed: counter(
                 r,
                 "rate_limit_allowed_total",
@@ -121,19 +167,22 @@ impl Metrics {
                 r,
                 "provider_calls_total",
                 "Total number of calls to LLM providers",
-                &["provider"],
+                "provider",
+                &PROVIDERS,
             ),
             provider_failures: counter_vec(
                 r,
                 "provider_failures_total",
                 "Total number of failed calls to LLM providers",
-                &["provider"],
+                "provider",
+                &PROVIDERS,
             ),
             chat_requests: counter_vec(
                 r,
                 "chat_requests_total",
                 "Total number of chat requests, by status class",
-                &["status"],
+                "status",
+                &STATUS_CLASSES,
             ),
             active_requests: {
                 let g = IntGauge::new("active_requests", "Number of requests being served")
@@ -145,19 +194,20 @@ impl Metrics {
                 r,
                 "request_latency_seconds",
                 "End-to-end latency of chat requests in seconds, by provider",
-                REQUEST_BUCKETS,
+                &PROVIDER_LABELS,
             ),
             provider_latency: histogram_vec(
                 r,
                 "provider_latency_seconds",
                 "Latency of one provider attempt in seconds, by provider",
-                REQUEST_BUCKETS,
+                &PROVIDERS,
             ),
             limiter_redis_errors: counter_vec(
                 r,
                 "rate_limiter_redis_errors_total",
                 "Limiter calls to Redis that failed, by kind",
-                &["kind"],
+                "kind",
+                &["error", "timeout", "unavailable"],
             ),
             limiter_script_reloads: counter(
                 r,
@@ -168,7 +218,8 @@ impl Metrics {
                 r,
                 "rate_limiter_fallback_decisions_total",
                 "Limiter decisions made by the failure policy instead of Redis, by mode",
-                &["mode"],
+                "mode",
+                &["local", "open", "closed"],
             ),
             limiter_call_latency: {
                 let h = Histogram::with_opts(
@@ -209,27 +260,7 @@ impl Metrics {
                 "Denials answered by the local deny cache without a Redis call",
             ),
             registry,
-        };
-        for provider in ["gemini", "ollama"] {
-            metrics.provider_calls.with_label_values(&[provider]);
-            metrics.provider_failures.with_label_values(&[provider]);
-            metrics.provider_latency.with_label_values(&[provider]);
         }
-        for provider in PROVIDER_LABELS {
-            metrics.request_latency.with_label_values(&[provider]);
-        }
-        for class in STATUS_CLASSES {
-            metrics.chat_requests.with_label_values(&[class]);
-        }
-        for kind in ["error", "timeout", "unavailable"] {
-            metrics.limiter_redis_errors.with_label_values(&[kind]);
-        }
-        for mode in ["local", "open", "closed"] {
-            metrics
-                .limiter_fallback_decisions
-                .with_label_values(&[mode]);
-        }
-        metrics
     }
 
     /// The registry in Prometheus text format 0.0.4.

@@ -111,15 +111,11 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     let provider = meta.map(|m| m.provider.as_str()).unwrap_or("none");
     let cache = meta.map(|m| m.cache.as_str()).unwrap_or("-");
     if route.ends_with("/chat") {
-        state
-            .metrics
-            .chat_requests
-            .with_label_values(&[status_class(status)])
-            .inc();
+        state.metrics.chat_requests.get(status_class(status)).inc();
         state
             .metrics
             .request_latency
-            .with_label_values(&[provider])
+            .get(provider)
             .observe(latency.as_secs_f64());
     }
     tracing::info!(

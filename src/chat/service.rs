@@ -2,6 +2,7 @@
 //! with one provider call for concurrent identical misses.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,6 +66,31 @@ impl Providers {
 
 type Shared = Arc<OnceCell<Result<Bytes, ApiError>>>;
 
+/// Provider calls under way, by cache key.
+type InFlight = Mutex<HashMap<String, Shared, BuildHasherDefault<CacheKeyHasher>>>;
+
+/// Hashes the in-flight map's keys a word at a time. They are hex SHA-256 digests, so
+/// already evenly spread, and no client can aim them at one bucket; SipHash's flooding
+/// resistance bought nothing and cost ~1k instructions per lookup, three per miss.
+#[derive(Default)]
+struct CacheKeyHasher(u64);
+
+impl Hasher for CacheKeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            // The FxHash step: rotate, mix in, multiply by an odd constant.
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Answers chat requests.
 pub struct ChatService {
     cache: Option<Arc<dyn Cache>>,
@@ -75,7 +101,7 @@ pub struct ChatService {
     ollama_model: String,
     metrics: Metrics,
     /// Provider calls under way, by cache key, so identical misses share one call.
-    in_flight: Arc<Mutex<HashMap<String, Shared>>>,
+    in_flight: Arc<InFlight>,
 }
 
 /// Settings of the chat service that are not its collaborators.
@@ -106,7 +132,7 @@ impl ChatService {
             gemini_model: config.gemini_model,
             ollama_model: config.ollama_model,
             metrics,
-            in_flight: Arc::new(Mutex::new(HashMap::new())),
+            in_flight: Arc::default(),
         }
     }
 
@@ -191,7 +217,7 @@ impl ChatService {
         let in_flight = self.in_flight.clone();
         let shared = shared.clone();
         let key = key.to_owned();
-        let forget = move |in_flight: &Mutex<HashMap<String, Shared>>, key: &str| {
+        let forget = move |in_flight: &InFlight, key: &str| {
             let mut map = in_flight.lock().unwrap_or_else(|p| p.into_inner());
             if map.get(key).is_some_and(|s| Arc::ptr_eq(s, &shared)) {
                 map.remove(key);
@@ -244,5 +270,31 @@ impl ChatService {
                     kind.as_str()
                 ))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::hash::BuildHasher;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    #[test]
+    fn cache_keys_spread_over_the_in_flight_maps_buckets() {
+        let build = BuildHasherDefault::<CacheKeyHasher>::default();
+        let hashes: Vec<u64> = (0u32..10_000)
+            .map(|i| {
+                let key = format!("cache:{}", hex::encode(Sha256::digest(i.to_le_bytes())));
+                build.hash_one(key)
+            })
+            .collect();
+        assert_eq!(hashes.iter().collect::<HashSet<_>>().len(), hashes.len());
+        // The map picks buckets by the low bits and tags entries with the top seven.
+        let low: HashSet<u64> = hashes.iter().map(|h| h & 0xff).collect();
+        let top: HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert_eq!((low.len(), top.len()), (256, 128));
     }
 }

@@ -107,7 +107,7 @@ pub async fn complete_with_retries(
     let mut attempt = 0;
     loop {
         let started = Instant::now();
-        metrics.provider_calls.with_label_values(&[name]).inc();
+        metrics.provider_calls.get(name).inc();
         // One timer bounds the whole attempt (connect, send, response body). A second
         // per-request timer inside reqwest only added timer-wheel work to every call.
         let result =
@@ -116,13 +116,13 @@ pub async fn complete_with_retries(
                 .unwrap_or(Err(ProviderError::Timeout));
         metrics
             .provider_latency
-            .with_label_values(&[name])
+            .get(name)
             .observe(started.elapsed().as_secs_f64());
         let error = match result {
             Ok(completion) => return Ok(completion),
             Err(error) => error,
         };
-        metrics.provider_failures.with_label_values(&[name]).inc();
+        metrics.provider_failures.get(name).inc();
         let attempts = attempt + 1;
         if !error.is_transient() || attempt >= policy.max_retries {
             tracing::warn!(provider = name, attempts, %error, "provider call failed");

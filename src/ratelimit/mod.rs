@@ -142,6 +142,8 @@ struct RemoteGuards {
     fallback: memory::MemoryLimiter,
     breaker: breaker::Breaker,
     deny_cache: deny_cache::DenyCache,
+    /// `rate_limiter_backend_up` of this backend, resolved once: it is set on every call.
+    backend_up: prometheus::IntGauge,
 }
 
 /// How the limiter protects itself from its remote store.
@@ -166,16 +168,17 @@ impl RateLimiter {
         config: LimiterConfig,
         metrics: Metrics,
     ) -> RateLimiter {
-        metrics
+        let backend_up = metrics
             .limiter_backend_state
-            .with_label_values(&[backend.name()])
-            .set(1);
+            .with_label_values(&[backend.name()]);
+        backend_up.set(1);
         RateLimiter {
             backend,
             remote: remote.then(|| RemoteGuards {
                 fallback: memory::MemoryLimiter::new(),
                 breaker: breaker::Breaker::new(config.breaker_threshold, config.breaker_cooldown),
                 deny_cache: deny_cache::DenyCache::new(),
+                backend_up,
             }),
             mode: config.mode,
             timeout: config.timeout,
@@ -264,22 +267,13 @@ impl RateLimiter {
                         "rate limiter backend recovered; breaker closed"
                     );
                 }
-                self.metrics
-                    .limiter_backend_state
-                    .with_label_values(&[name])
-                    .set(1);
+                guards.backend_up.set(1);
                 guards.deny_cache.record(key, &decision);
                 (Ok(decision), prefetched)
             }
             Err(error) => {
-                self.metrics
-                    .limiter_backend_state
-                    .with_label_values(&[name])
-                    .set(0);
-                self.metrics
-                    .limiter_redis_errors
-                    .with_label_values(&[error.kind()])
-                    .inc();
+                guards.backend_up.set(0);
+                self.metrics.limiter_redis_errors.get(error.kind()).inc();
                 if guards
                     .breaker
                     .on_failure(admission == breaker::Admission::Probe)
@@ -304,7 +298,7 @@ impl RateLimiter {
     ) -> Result<Decision, ApiError> {
         self.metrics
             .limiter_fallback_decisions
-            .with_label_values(&[self.mode.as_str()])
+            .get(self.mode.as_str())
             .inc();
         match self.mode {
             FailureMode::Local => Ok(guards.fallback.take(key, policy)),
