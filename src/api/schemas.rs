@@ -93,6 +93,47 @@ pub fn parse_chat_request(
             )]));
         }
     }
+    if let Some(request) = parse_plain(body) {
+        return Ok(request);
+    }
+    parse_full(body)
+}
+
+/// The shape nearly every valid body has, read straight into its types: no `Value` tree
+/// and no map of field names to build and take apart (~5% of a cache hit's instructions
+/// in callgrind).
+#[derive(Deserialize)]
+struct PlainBody {
+    messages: Vec<Message>,
+    model: Option<String>,
+    model_hint: Option<String>,
+    max_tokens: Option<u64>,
+    temperature: Option<f64>,
+    stream: Option<bool>,
+}
+
+/// The request, when `body` is a plain valid one. Anything else (an error, a lax value
+/// such as `"64"` or `64.0`, a duplicate key) is `None` and left to [`parse_full`], which
+/// decides; for what this takes, it gives the same request.
+fn parse_plain(body: &[u8]) -> Option<ChatRequest> {
+    let plain: PlainBody = serde_json::from_slice(body).ok()?;
+    let max_tokens = plain.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    let temperature = plain.temperature.unwrap_or(DEFAULT_TEMPERATURE);
+    let valid = !plain.messages.is_empty()
+        && (1..=MAX_TOKENS_LIMIT).contains(&max_tokens)
+        && (0.0..=2.0).contains(&temperature);
+    valid.then(|| ChatRequest {
+        messages: plain.messages,
+        model: plain.model,
+        model_hint: plain.model_hint,
+        max_tokens,
+        temperature,
+        stream: plain.stream.unwrap_or(false),
+    })
+}
+
+/// Parses any body with pydantic's lax rules and error shapes.
+fn parse_full(body: &[u8]) -> Result<ChatRequest, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         // serde_json points at the last byte read; Python's decoder at the next one when
         // the input ended early.
@@ -413,6 +454,54 @@ mod tests {
             Err(ApiError::Validation(errors)) => errors,
             other => panic!("expected a validation error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_plain_path_takes_plain_bodies_and_agrees_with_full_validation() {
+        let m = r#""messages":[{"role":"user","content":"hi \"there\" \u00e9"}]"#;
+        let plain = [
+            format!("{{{m}}}"),
+            format!(r#"{{{m},"max_tokens":64,"temperature":0,"stream":true,"x":[1]}}"#),
+            format!(r#"{{{m},"model":"gemini-pro","model_hint":null,"temperature":2}}"#),
+            format!(r#"{{"max_tokens":4294967295,"temperature":-0.0,{m}}}"#),
+            r#"{"m\u0065ssages":[{"content":"c","role":"r","extra":{}}]}"#.to_owned(),
+        ];
+        for body in &plain {
+            let fast = parse_plain(body.as_bytes()).unwrap_or_else(|| panic!("{body}"));
+            assert_eq!(parse_full(body.as_bytes()).unwrap(), fast, "{body}");
+        }
+        // Left to full validation: errors, lax values, duplicates, out-of-range values.
+        let others = [
+            format!("{{{m},\"max_tokens\":\"64\"}}"),
+            format!("{{{m},\"max_tokens\":64.0}}"),
+            format!("{{{m},\"max_tokens\":0}}"),
+            format!("{{{m},\"max_tokens\":4294967296}}"),
+            format!("{{{m},\"max_tokens\":-1}}"),
+            format!("{{{m},\"temperature\":2.0001}}"),
+            format!("{{{m},\"temperature\":\"1\"}}"),
+            format!("{{{m},\"stream\":\"yes\"}}"),
+            format!("{{{m},\"stream\":1}}"),
+            format!("{{{m},\"model\":7}}"),
+            format!("{{{m},{m}}}"),
+            r#"{"messages":[{"role":"u","content":"a","content":"b"}]}"#.to_owned(),
+            r#"{"messages":[]}"#.to_owned(),
+            r#"{"messages":[{"role":"u"}]}"#.to_owned(),
+            r#"{"messages":null}"#.to_owned(),
+            "[]".to_owned(),
+            "{".to_owned(),
+        ];
+        for body in &others {
+            assert_eq!(parse_plain(body.as_bytes()), None, "{body}");
+        }
+        // Where full validation accepts one of them, it is by its own lax rules.
+        assert_eq!(
+            parse_full(format!("{{{m},\"max_tokens\":64.0}}").as_bytes())
+                .unwrap()
+                .max_tokens,
+            64
+        );
+        let last_wins = parse_chat_request(others[11].as_bytes(), None).unwrap();
+        assert_eq!(last_wins.messages[0].content, "b");
     }
 
     #[test]
