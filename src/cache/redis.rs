@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{AsyncCommands, RedisResult, Value};
 
-use super::pending::{PendingStores, RIDE_ALONG_WAIT};
+use super::pending::{PendingStores, RIDE_ALONG_MAX_BYTES, RIDE_ALONG_WAIT};
 use super::{Cache, CacheError};
 use crate::redis_conn::RedisConn;
 
@@ -91,8 +91,10 @@ impl Cache for RedisCache {
 
     async fn set(&self, key: &str, body: Bytes, ttl: Duration) -> Result<(), CacheError> {
         let ttl_secs = ttl.as_secs().max(1);
-        if let Some(pending) = &self.pending {
-            return self.store_along(pending, key, body, ttl_secs).await;
+        if let Some(pending) = self.pending.as_ref() {
+            if body.len() <= RIDE_ALONG_MAX_BYTES {
+                return self.store_along(pending, key, body, ttl_secs).await;
+            }
         }
         let mut conn = self.conn.clone();
         self.bounded(conn.set_ex::<_, _, ()>(key, body.as_ref(), ttl_secs))

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use llm_gateway::cache::pending::PendingStores;
+use llm_gateway::cache::pending::{PendingStores, RIDE_ALONG_MAX_BYTES};
 use llm_gateway::cache::redis::RedisCache;
 use llm_gateway::cache::Cache;
 use llm_gateway::metrics::Metrics;
@@ -224,14 +224,19 @@ async fn the_order_of_checks_holds_when_the_limiter_fails_closed() {
 
 /// The Redis limiter and cache wired as the app wires them on one node: cache writes
 /// wait in a shared queue for the limiter's next pipeline.
-fn limiter_and_cache(redis: &RedisServer) -> (RedisLimiter, Arc<RedisCache>) {
+fn limiter_and_cache(redis: &RedisServer) -> (RedisLimiter, Arc<RedisCache>, Arc<PendingStores>) {
     let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1))
         .unwrap()
         .unwrap();
-    let pending = Some(Arc::new(PendingStores::default()));
+    let pending = Arc::new(PendingStores::default());
     (
-        RedisLimiter::new(conn.clone(), Metrics::new(), pending.clone()),
-        Arc::new(RedisCache::new(conn, Duration::from_secs(1), pending)),
+        RedisLimiter::new(conn.clone(), Metrics::new(), Some(pending.clone())),
+        Arc::new(RedisCache::new(
+            conn,
+            Duration::from_secs(1),
+            Some(pending.clone()),
+        )),
+        pending,
     )
 }
 
@@ -248,12 +253,12 @@ fn roomy_bucket() -> BucketPolicy {
 async fn queue_store(
     cache: &Arc<RedisCache>,
     key: &'static str,
-    body: &'static [u8],
+    body: impl Into<Bytes>,
 ) -> JoinHandle<()> {
-    let cache = cache.clone();
+    let (cache, body) = (cache.clone(), body.into());
     let task = tokio::spawn(async move {
         cache
-            .set(key, Bytes::from_static(body), Duration::from_secs(30))
+            .set(key, body, Duration::from_secs(30))
             .await
             .expect("stored");
     });
@@ -264,8 +269,9 @@ async fn queue_store(
 #[tokio::test]
 async fn a_waiting_cache_write_rides_with_the_next_limiter_call_which_already_reads_it() {
     let redis = RedisServer::start();
-    let (limiter, cache) = limiter_and_cache(&redis);
-    let store = queue_store(&cache, "cache:ride", b"answer").await;
+    let (limiter, cache, pending) = limiter_and_cache(&redis);
+    let store = queue_store(&cache, "cache:ride", &b"answer"[..]).await;
+    assert!(!pending.is_empty(), "waiting for a ride");
     let (decision, prefetched) = limiter
         .check_and_prefetch("ratelimit:ride", &roomy_bucket(), "cache:ride")
         .await
@@ -282,8 +288,8 @@ async fn a_waiting_cache_write_rides_with_the_next_limiter_call_which_already_re
 #[tokio::test]
 async fn a_cache_write_no_limiter_call_takes_writes_itself() {
     let redis = RedisServer::start();
-    let (_limiter, cache) = limiter_and_cache(&redis);
-    let store = queue_store(&cache, "cache:alone", b"solo").await;
+    let (_limiter, cache, _) = limiter_and_cache(&redis);
+    let store = queue_store(&cache, "cache:alone", &b"solo"[..]).await;
     tokio::time::timeout(Duration::from_secs(2), store)
         .await
         .expect("written within the wait and one round trip")
@@ -298,7 +304,7 @@ async fn a_cache_write_no_limiter_call_takes_writes_itself() {
 #[tokio::test]
 async fn a_riding_write_survives_a_script_reload_and_a_broken_cache_read_fails_only_the_read() {
     let redis = RedisServer::start();
-    let (limiter, cache) = limiter_and_cache(&redis);
+    let (limiter, cache, _) = limiter_and_cache(&redis);
     // A value of the wrong type under the cache key: its GET fails with WRONGTYPE.
     redis::cmd("HSET")
         .arg("cache:hash")
@@ -306,7 +312,7 @@ async fn a_riding_write_survives_a_script_reload_and_a_broken_cache_read_fails_o
         .arg("value")
         .exec(&mut redis.conn())
         .unwrap();
-    let store = queue_store(&cache, "cache:reload", b"kept").await;
+    let store = queue_store(&cache, "cache:reload", &b"kept"[..]).await;
     redis::cmd("SCRIPT")
         .arg("FLUSH")
         .exec(&mut redis.conn())
@@ -326,5 +332,19 @@ async fn a_riding_write_survives_a_script_reload_and_a_broken_cache_read_fails_o
     assert_eq!(
         cache.get("cache:reload").await.unwrap(),
         Some(Bytes::from_static(b"kept"))
+    );
+}
+
+#[tokio::test]
+async fn a_large_answer_is_written_at_once_instead_of_waiting_for_a_ride() {
+    let redis = RedisServer::start();
+    let (_limiter, cache, pending) = limiter_and_cache(&redis);
+    let answer = vec![b'a'; RIDE_ALONG_MAX_BYTES + 1];
+    let store = queue_store(&cache, "cache:large", answer.clone()).await;
+    assert!(pending.is_empty(), "not queued");
+    store.await.unwrap();
+    assert_eq!(
+        cache.get("cache:large").await.unwrap(),
+        Some(Bytes::from(answer))
     );
 }
