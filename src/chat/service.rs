@@ -164,7 +164,7 @@ impl ChatService {
         let cached = match prefetched {
             Prefetch::Found(body) => Ok(Some(body)),
             Prefetch::Missing => Ok(None),
-            Prefetch::Failed => Err(CacheError("redis is unavailable".into())),
+            Prefetch::Failed => Err(CacheError("the read with the limiter call failed".into())),
             Prefetch::NotFetched => cache.get(&key).await,
         };
         match cached {

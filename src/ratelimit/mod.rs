@@ -70,7 +70,8 @@ pub enum Prefetch {
     Found(bytes::Bytes),
     /// The key does not exist.
     Missing,
-    /// Redis failed; reading the key again would fail too.
+    /// Redis failed (reading the key again would fail too), or the read itself did (a
+    /// value of another type under the key).
     Failed,
 }
 
