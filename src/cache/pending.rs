@@ -6,7 +6,8 @@
 //! a one-connection miss in `scripts/bench.sh`. Queued here instead, a store goes out in
 //! the same write as the next limiter call (under load, microseconds later); when none
 //! comes within [`RIDE_ALONG_WAIT`], the store writes itself, with whatever else waits.
-//! Answers over [`RIDE_ALONG_MAX_BYTES`] do not wait.
+//! Answers over [`RIDE_ALONG_MAX_BYTES`] do not wait, and one call carries at most
+//! [`RIDE_MAX_BYTES`] of them.
 //! Redis runs a pipeline in order, so a request that follows a store on this instance
 //! always reads it.
 
@@ -26,6 +27,11 @@ pub const RIDE_ALONG_WAIT: Duration = Duration::from_millis(1);
 /// buffer to hundreds of KiB (peak RSS with 64 KiB answers rose by ~4 MiB), and for them
 /// the round trip is a small part of the cost anyway.
 pub const RIDE_ALONG_MAX_BYTES: usize = 16 * 1024;
+
+/// At most this much answer text rides with one limiter call (at least one store), so
+/// the writes it carries add little to the limiter's own deadline; the rest waits for
+/// the next call.
+pub const RIDE_MAX_BYTES: usize = 64 * 1024;
 
 /// What the writer of a store learns: done, or why not.
 pub type StoreOutcome = Result<(), String>;
@@ -67,6 +73,23 @@ impl PendingStores {
     /// Takes every queued store; the caller sends them.
     pub fn take(&self) -> TakenStores {
         TakenStores(std::mem::take(&mut *self.lock()))
+    }
+
+    /// Takes the oldest stores, up to [`RIDE_MAX_BYTES`] of answers (at least one), for a
+    /// limiter call to carry.
+    pub fn take_for_ride(&self) -> TakenStores {
+        let mut queue = self.lock();
+        let mut bytes = 0;
+        let count = queue
+            .iter()
+            .take_while(|store| {
+                bytes += store.body.len();
+                bytes <= RIDE_MAX_BYTES
+            })
+            .count()
+            .max(1)
+            .min(queue.len());
+        TakenStores(queue.drain(..count).collect())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PendingStore>> {
@@ -144,6 +167,29 @@ mod tests {
         let b = packed.find("cache:b").unwrap();
         assert!(a < b, "{packed}");
         assert_eq!(packed.matches("SETEX").count(), 2);
+    }
+
+    #[test]
+    fn a_ride_carries_the_oldest_stores_up_to_its_byte_budget_and_at_least_one() {
+        let pending = PendingStores::default();
+        let half = Bytes::from(vec![b'x'; RIDE_MAX_BYTES / 2]);
+        let _receivers: Vec<_> = ["cache:1", "cache:2", "cache:3"]
+            .iter()
+            .map(|key| pending.push(key, half.clone(), 5))
+            .collect();
+        assert_eq!(pending.take_for_ride().0.len(), 2);
+        let left = pending.take_for_ride();
+        assert_eq!(left.0.len(), 1);
+        assert_eq!(left.0[0].key, "cache:3");
+        assert!(pending.is_empty());
+
+        let _big = pending.push("cache:big", Bytes::from(vec![b'x'; RIDE_MAX_BYTES + 1]), 5);
+        assert_eq!(
+            pending.take_for_ride().0.len(),
+            1,
+            "never stuck behind its budget"
+        );
+        assert!(pending.take_for_ride().is_empty());
     }
 
     #[test]

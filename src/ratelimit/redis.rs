@@ -98,7 +98,7 @@ impl RedisLimiter {
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), BackendError> {
         let stores = match (&self.pending, prefetch) {
-            (Some(pending), Some(_)) => pending.take(),
+            (Some(pending), Some(_)) => pending.take_for_ride(),
             _ => TakenStores::default(),
         };
         match self
