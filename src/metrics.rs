@@ -295,6 +295,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn labelled_series_are_shared_and_values_outside_the_set_still_count() {
+        let m = Metrics::new();
+        m.chat_requests.get("2xx").inc();
+        m.chat_requests.get(status_class(204)).inc();
+        m.limiter_redis_errors.get("surprise").inc();
+        let text = m.render();
+        assert!(
+            text.contains("chat_requests_total{status=\"2xx\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("chat_requests_total{status=\"5xx\"} 0"));
+        assert!(text.contains("rate_limiter_redis_errors_total{kind=\"surprise\"} 1"));
+    }
+
+    #[test]
     fn original_metric_names_and_help_texts_are_exported() {
         let m = Metrics::new();
         m.rate_limit_allowed.inc();
