@@ -97,14 +97,9 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        response.extensions_mut().insert(ErrorKind(status));
         response
     }
 }
-
-/// Marker left on error responses so the logging layer can tell them apart.
-#[derive(Debug, Clone, Copy)]
-pub struct ErrorKind(pub StatusCode);
 
 #[cfg(test)]
 mod tests {

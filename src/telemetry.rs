@@ -43,10 +43,7 @@ pub fn init(settings: &Settings) -> FlushGuard {
 }
 
 /// The request id of a request: a client-sent `X-Request-Id` if it is short and plain,
-/// else a fresh UUID. Stored in the request's extensions and echoed on the response.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub HeaderValue);
-
+/// else a fresh UUID. Logged with the request and echoed on the response.
 fn request_id(request: &Request) -> HeaderValue {
     request
         .headers()
@@ -94,10 +91,9 @@ impl Drop for ActiveGuard {
 }
 
 /// Middleware, outermost: request id, active gauge, chat metrics and the request log line.
-pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request_id(&request);
-    request.extensions_mut().insert(RequestId(id.clone()));
     let route = route_label(request.uri().path());
     let method = request.method().clone();
     state.metrics.active_requests.inc();
