@@ -70,7 +70,9 @@ impl PendingStores {
         self.lock().is_empty()
     }
 
-    /// Takes every queued store; the caller sends them.
+    /// Takes every queued store; the caller sends them. A store whose wait has ended
+    /// uses this, not the budgeted [`PendingStores::take_for_ride`]: it must not be left
+    /// queued with no timer of its own to write it.
     pub fn take(&self) -> TakenStores {
         TakenStores(std::mem::take(&mut *self.lock()))
     }

@@ -81,18 +81,26 @@ pub fn apply(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision
 mod tests {
     use super::*;
 
+    fn policy(tier: &str, capacity: u64, refill_rate: f64) -> BucketPolicy {
+        BucketPolicy {
+            tier: tier.into(),
+            capacity,
+            refill_rate,
+        }
+    }
+
+    /// The headers `apply` writes for `decision` under `policy`.
+    fn headers_for(policy: &BucketPolicy, decision: Decision) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        apply(&mut headers, policy, &decision);
+        headers
+    }
+
     #[test]
     fn denied_decisions_carry_retry_after_of_at_least_one_second() {
-        let policy = BucketPolicy {
-            tier: "default".into(),
-            capacity: 5,
-            refill_rate: 2.0,
-        };
-        let mut headers = HeaderMap::new();
-        apply(
-            &mut headers,
-            &policy,
-            &Decision::from_millis(false, 400, 2300, 300),
+        let headers = headers_for(
+            &policy("default", 5, 2.0),
+            Decision::from_millis(false, 400, 2300, 300),
         );
         assert_eq!(headers["x-ratelimit-limit"], "5");
         assert_eq!(headers["x-ratelimit-remaining"], "0");
@@ -105,16 +113,9 @@ mod tests {
 
     #[test]
     fn allowed_decisions_have_no_retry_after() {
-        let policy = BucketPolicy {
-            tier: "gold".into(),
-            capacity: 100,
-            refill_rate: 10.0,
-        };
-        let mut headers = HeaderMap::new();
-        apply(
-            &mut headers,
-            &policy,
-            &Decision::from_millis(true, 99_000, 100, 0),
+        let headers = headers_for(
+            &policy("gold", 100, 10.0),
+            Decision::from_millis(true, 99_000, 100, 0),
         );
         assert_eq!(headers["x-ratelimit-remaining"], "99");
         assert_eq!(headers["ratelimit"], "\"gold\";r=99;t=1");
@@ -124,16 +125,10 @@ mod tests {
     #[test]
     fn long_tier_names_and_large_numbers_are_written_whole() {
         let tier = "t".repeat(300);
-        let policy = BucketPolicy {
-            tier: tier.as_str().into(),
-            capacity: u64::MAX,
-            refill_rate: 1.0,
-        };
-        let mut headers = HeaderMap::new();
-        apply(
-            &mut headers,
+        let policy = policy(&tier, u64::MAX, 1.0);
+        let headers = headers_for(
             &policy,
-            &Decision::from_millis(true, 6_000, 10_000_000_000, 0),
+            Decision::from_millis(true, 6_000, 10_000_000_000, 0),
         );
         let fill = policy.seconds_to_fill();
         assert_eq!(

@@ -330,6 +330,18 @@ fn assert_answered_while_draining(head: &str, body: &str, text: &str) {
     assert!(body.contains(&format!("Echo: {text}")), "{body}");
 }
 
+/// A gateway in memory mode in front of `mock`, for the drain tests, and its host:port.
+fn drain_gateway(mock: &MockLlm, key: &str) -> (GatewayProcess, String) {
+    let gateway = GatewayProcess::start(&[
+        ("REDIS_URL", "memory://"),
+        ("API_KEYS", key),
+        ("RATE_LIMITER_CAPACITY", "100"),
+        ("OLLAMA_BASE_URL", mock.url.as_str()),
+    ]);
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    (gateway, addr)
+}
+
 /// Waits (10 s at most) for the gateway to exit and checks it exited 0.
 async fn assert_exits_zero(mut gateway: GatewayProcess) {
     let status = tokio::task::spawn_blocking(move || gateway.wait_exit(Duration::from_secs(10)))
@@ -342,12 +354,7 @@ async fn assert_exits_zero(mut gateway: GatewayProcess) {
 async fn a_request_sent_on_an_idle_keep_alive_connection_while_draining_is_answered() {
     use tokio::io::AsyncWriteExt;
     let mock = MockLlm::start(&[]);
-    let gateway = GatewayProcess::start(&[
-        ("REDIS_URL", "memory://"),
-        ("API_KEYS", "sk-drain"),
-        ("OLLAMA_BASE_URL", mock.url.as_str()),
-    ]);
-    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let (gateway, addr) = drain_gateway(&mock, "sk-drain");
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let request = |text: &str| raw_chat_request(&addr, "sk-drain", text);
     stream.write_all(request("first").as_bytes()).await.unwrap();
@@ -378,13 +385,7 @@ async fn a_request_sent_on_an_idle_keep_alive_connection_while_draining_is_answe
 async fn connections_waiting_to_be_accepted_at_sigterm_are_answered() {
     use tokio::io::AsyncWriteExt;
     let mock = MockLlm::start(&[]);
-    let gateway = GatewayProcess::start(&[
-        ("REDIS_URL", "memory://"),
-        ("API_KEYS", "sk-backlog"),
-        ("RATE_LIMITER_CAPACITY", "100"),
-        ("OLLAMA_BASE_URL", mock.url.as_str()),
-    ]);
-    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let (gateway, addr) = drain_gateway(&mock, "sk-backlog");
     let request = raw_chat_request(&addr, "sk-backlog", "queued");
     // With the gateway frozen, the kernel completes these connections and holds them,
     // requests written, in the listener's queue: clients that connected just before the
