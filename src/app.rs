@@ -27,6 +27,7 @@ use crate::redis_conn::RedisConn;
 use crate::server::{self, ServerLimits};
 use crate::settings::{Settings, SettingsError};
 use crate::telemetry;
+use crate::workers;
 
 /// Everything a handler needs. One `Arc`, so the clone each middleware layer makes is a
 /// single atomic increment (cloning every metric handle showed up in profiles).
@@ -87,10 +88,11 @@ impl AppState {
     /// lazy, so the gateway starts (and limits under its failure policy) while Redis is down.
     pub fn new(settings: Settings) -> Result<AppState, StartupError> {
         let metrics = Metrics::new();
+        let workers = workers::count(settings.worker_threads);
         let store = settings
             .store_url()
             .map_err(|e| StartupError::Redis(e.to_string()))?;
-        let conn = RedisConn::open(&store, settings.redis_timeout())
+        let conn = RedisConn::open(&store, settings.redis_timeout(), workers)
             .map_err(|e| StartupError::Redis(e.to_string()))?;
         let (backend, cache): (Arc<dyn LimiterBackend>, Arc<dyn Cache>) = match &conn {
             Some(conn) => {
@@ -128,8 +130,8 @@ impl AppState {
             metrics.clone(),
         );
 
-        let client = UpstreamClient::new(Duration::from_secs(10).min(settings.provider_timeout()))
-            .map_err(StartupError::Http)?;
+        let connect_timeout = Duration::from_secs(10).min(settings.provider_timeout());
+        let client = UpstreamClient::new(connect_timeout, workers).map_err(StartupError::Http)?;
         let providers = Providers {
             gemini: Arc::new(Gemini::new(
                 client.clone(),
@@ -285,6 +287,7 @@ impl App {
             header_read_timeout: Duration::from_secs_f64(settings.header_read_timeout_seconds),
             body_read_timeout: Duration::from_secs_f64(settings.body_read_timeout_seconds),
             shutdown_grace: settings.shutdown_grace(),
+            workers: workers::count(settings.worker_threads),
         };
         server::serve(self.listener, build_router(self.state), limits, shutdown).await
     }

@@ -17,3 +17,4 @@ pub mod redis_conn;
 pub mod server;
 pub mod settings;
 pub mod telemetry;
+pub mod workers;

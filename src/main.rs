@@ -21,12 +21,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all().thread_name("gateway-worker");
-    // 0 leaves the choice to tokio: one per core, or TOKIO_WORKER_THREADS.
-    if settings.worker_threads > 0 {
-        runtime.worker_threads(settings.worker_threads);
-    }
+    // This thread accepts connections and handles signals; requests are served by the
+    // worker threads, each on a runtime of its own (see `llm_gateway::workers`).
+    let mut runtime = tokio::runtime::Builder::new_current_thread();
+    runtime.enable_all();
     match runtime.build() {
         Ok(runtime) => runtime.block_on(run(settings)),
         Err(error) => {

@@ -1,10 +1,13 @@
-//! The one Redis connection the limiter and the cache share: a multiplexed, self-healing
-//! `ConnectionManager` for a single server, or the cluster client for Redis Cluster.
+//! The Redis connections the limiter and the cache share: for a single server, one
+//! multiplexed, self-healing `ConnectionManager` per worker thread (see `workers`: a
+//! connection used from one thread only never wakes another); for Redis Cluster, the
+//! cluster client.
 //!
 //! Both pipeline concurrent requests on one socket per node, so the hot path never waits
 //! for a pool. Both connect lazily and reconnect by themselves, so the gateway starts
 //! and keeps serving (under the limiter's failure policy) while Redis is down.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -14,13 +17,22 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use tokio::sync::OnceCell;
 
 use crate::settings::StoreUrl;
+use crate::workers::PerWorker;
 
-/// A cheap-to-clone handle on the shared Redis connection.
+/// A cheap-to-clone handle on the shared Redis connections.
 #[derive(Clone)]
 pub enum RedisConn {
+    /// One server: a connection per worker thread.
+    Single(Arc<PerWorker<ConnectionManager>>),
+    /// A Redis Cluster; commands are routed by key slot.
+    Cluster(ClusterHandle),
+}
+
+/// The connection a call uses: the calling thread's own (see [`RedisConn::connection`]).
+pub enum RedisConnection {
     /// One server.
     Single(ConnectionManager),
-    /// A Redis Cluster; commands are routed by key slot.
+    /// A Redis Cluster.
     Cluster(ClusterHandle),
 }
 
@@ -28,8 +40,8 @@ pub enum RedisConn {
 /// learn the slot map, and start-up must not wait for that.
 #[derive(Clone)]
 pub struct ClusterHandle {
-    client: std::sync::Arc<ClusterClient>,
-    conn: std::sync::Arc<OnceCell<ClusterConnection>>,
+    client: Arc<ClusterClient>,
+    conn: Arc<OnceCell<ClusterConnection>>,
 }
 
 impl ClusterHandle {
@@ -42,10 +54,15 @@ impl ClusterHandle {
 }
 
 impl RedisConn {
-    /// Prepares a connection to the store named by `url` without connecting yet.
-    /// `timeout` bounds every connect (and, on a cluster, every response; callers bound
-    /// their calls on a single node).
-    pub fn open(url: &StoreUrl, timeout: Duration) -> redis::RedisResult<Option<RedisConn>> {
+    /// Prepares connections to the store named by `url` for `workers` worker threads
+    /// without connecting yet. `timeout` bounds every connect (and, on a cluster, every
+    /// response; callers bound their calls on a single node). Must be called within a
+    /// tokio runtime.
+    pub fn open(
+        url: &StoreUrl,
+        timeout: Duration,
+        workers: usize,
+    ) -> redis::RedisResult<Option<RedisConn>> {
         match url {
             StoreUrl::Memory => Ok(None),
             StoreUrl::Redis(url) => {
@@ -63,9 +80,10 @@ impl RedisConn {
                     .set_number_of_retries(1)
                     .set_min_delay(Duration::from_millis(20))
                     .set_max_delay(Duration::from_millis(100));
-                Ok(Some(RedisConn::Single(
-                    ConnectionManager::new_lazy_with_config(client, config)?,
-                )))
+                let connections = PerWorker::new(workers, || {
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                })?;
+                Ok(Some(RedisConn::Single(Arc::new(connections))))
             }
             StoreUrl::Cluster(nodes) => {
                 let client = ClusterClientBuilder::new(nodes.clone())
@@ -74,19 +92,27 @@ impl RedisConn {
                     .retries(2)
                     .build()?;
                 Ok(Some(RedisConn::Cluster(ClusterHandle {
-                    client: std::sync::Arc::new(client),
-                    conn: std::sync::Arc::new(OnceCell::new()),
+                    client: Arc::new(client),
+                    conn: Arc::new(OnceCell::new()),
                 })))
             }
         }
     }
+
+    /// The calling thread's connection, for one call.
+    pub fn connection(&self) -> RedisConnection {
+        match self {
+            RedisConn::Single(connections) => RedisConnection::Single(connections.get().clone()),
+            RedisConn::Cluster(handle) => RedisConnection::Cluster(handle.clone()),
+        }
+    }
 }
 
-impl ConnectionLike for RedisConn {
+impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            RedisConn::Single(conn) => conn.req_packed_command(cmd),
-            RedisConn::Cluster(handle) => Box::pin(async move {
+            RedisConnection::Single(conn) => conn.req_packed_command(cmd),
+            RedisConnection::Cluster(handle) => Box::pin(async move {
                 let mut conn = handle.get().await?;
                 conn.req_packed_command(cmd).await
             }),
@@ -100,8 +126,8 @@ impl ConnectionLike for RedisConn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            RedisConn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            RedisConn::Cluster(handle) => Box::pin(async move {
+            RedisConnection::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Cluster(handle) => Box::pin(async move {
                 let mut conn = handle.get().await?;
                 conn.req_packed_commands(pipeline, offset, count).await
             }),
@@ -110,8 +136,8 @@ impl ConnectionLike for RedisConn {
 
     fn get_db(&self) -> i64 {
         match self {
-            RedisConn::Single(conn) => conn.get_db(),
-            RedisConn::Cluster(_) => 0,
+            RedisConnection::Single(conn) => conn.get_db(),
+            RedisConnection::Cluster(_) => 0,
         }
     }
 }

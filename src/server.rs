@@ -1,5 +1,5 @@
-//! The HTTP server loop: accepts connections up to a cap, serves them with hyper with
-//! header and body read timeouts (so slow clients cannot hold connections forever), and
+//! The HTTP server loop: accepts connections up to a cap, hands each to a worker thread
+//! (`workers`), which serves it with hyper with header and body read timeouts (so slow clients cannot hold connections forever), and
 //! drains them with a bound on shutdown. `axum::serve` offers neither the cap nor the
 //! header timeout.
 //!
@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::body_timeout::TimeoutBody;
+use crate::workers::Workers;
 
 /// Limits of the connection layer.
 #[derive(Debug, Clone)]
@@ -43,6 +44,8 @@ pub struct ServerLimits {
     pub body_read_timeout: Duration,
     /// Bound on the drain after the stop signal.
     pub shutdown_grace: Duration,
+    /// Threads serving connections (see `workers`).
+    pub workers: usize,
 }
 
 /// How long draining waits for requests already sent on idle keep-alive connections
@@ -68,14 +71,19 @@ pub async fn serve(
         .header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
+    let workers = Workers::start(limits.workers)?;
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let draining = Arc::new(AtomicBool::new(false));
-    // Serves one accepted connection, or refuses it over the connection cap.
-    let start_connection = |stream: TcpStream, peer: SocketAddr| {
+    // Serves one accepted connection on a worker, or refuses it over the connection cap.
+    // The socket travels as a std one: a tokio socket stays tied to the runtime that
+    // made it, and the worker's own runtime must watch it.
+    let start_connection = |stream: std::net::TcpStream, peer: SocketAddr| {
         let _ = stream.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream));
+            if let Ok(stream) = TcpStream::from_std(stream) {
+                tokio::spawn(refuse(stream));
+            }
             return;
         };
         let service = connection_service(
@@ -84,14 +92,15 @@ pub async fn serve(
             limits.body_read_timeout,
             draining.clone(),
         );
-        let connection = graceful.watch(
-            builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned(),
-        );
-        tokio::spawn(async move {
-            // Errors here are the client's (reset, bad request head, timeout): nothing to do.
-            let _ = connection.await;
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        workers.run(move || async move {
+            if let Ok(stream) = TcpStream::from_std(stream) {
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                // Errors here are the client's (reset, bad request head, timeout).
+                let _ = watcher.watch(connection).await;
+            }
             drop(slot);
         });
     };
@@ -109,7 +118,10 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        start_connection(stream, peer);
+        match stream.into_std() {
+            Ok(stream) => start_connection(stream, peer),
+            Err(error) => tracing::warn!(%error, "cannot hand an accepted connection over"),
+        }
     }
     // Connections the kernel has already completed are clients that connected before
     // the stop and may have sent their request: serve them (told to close) instead of
@@ -118,10 +130,7 @@ pub async fn serve(
     match listener.into_std() {
         Ok(listener) => {
             while let Ok((stream, peer)) = listener.accept() {
-                let stream = stream
-                    .set_nonblocking(true)
-                    .and_then(|()| TcpStream::from_std(stream));
-                if let Ok(stream) = stream {
+                if stream.set_nonblocking(true).is_ok() {
                     start_connection(stream, peer);
                 }
             }

@@ -54,7 +54,7 @@ impl RedisCache {
                     let mut pipe = redis::pipe();
                     stores.add_to(&mut pipe);
                     pipe.ignore_errors();
-                    let mut conn = self.conn.clone();
+                    let mut conn = self.conn.connection();
                     let call = pipe.query_async::<Vec<RedisResult<Value>>>(&mut conn);
                     match self.bounded(call).await {
                         Ok(replies) => stores.finish(&mut replies.into_iter()),
@@ -84,7 +84,7 @@ impl RedisCache {
 #[async_trait]
 impl Cache for RedisCache {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.connection();
         let body: Option<Vec<u8>> = self.bounded(conn.get(key)).await?;
         Ok(body.map(Bytes::from))
     }
@@ -96,7 +96,7 @@ impl Cache for RedisCache {
                 return self.store_along(pending, key, body, ttl_secs).await;
             }
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.connection();
         self.bounded(conn.set_ex::<_, _, ()>(key, body.as_ref(), ttl_secs))
             .await
     }

@@ -8,6 +8,7 @@
 //! set-ups because it speaks HTTP proxies and CONNECT tunnels, which hyper's client does
 //! not by itself; a gateway that used to honour those variables keeps honouring them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::DeserializeOwned;
 
 use super::ProviderError;
+use crate::workers::PerWorker;
 
 /// Largest upstream answer read: a bigger one is refused as invalid instead of being
 /// buffered without bound.
@@ -45,15 +47,17 @@ pub struct UpstreamClient(Transport);
 
 #[derive(Clone)]
 enum Transport {
-    // Boxed: hyper's client is ~340 bytes, reqwest's a pointer.
-    Direct(Box<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>),
+    // One pool per worker thread (see `workers`): a pooled connection is then only used
+    // by the thread whose runtime runs its task, so a call never wakes another thread.
+    Direct(Arc<PerWorker<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>>),
     Proxied(reqwest::Client),
 }
 
 impl UpstreamClient {
-    /// The client for this process: direct, unless the environment names a proxy.
-    /// `connect_timeout` bounds connection set-up; callers bound whole attempts.
-    pub fn new(connect_timeout: Duration) -> Result<UpstreamClient, String> {
+    /// The client for this process, for `workers` worker threads: direct, unless the
+    /// environment names a proxy. `connect_timeout` bounds connection set-up; callers
+    /// bound whole attempts.
+    pub fn new(connect_timeout: Duration, workers: usize) -> Result<UpstreamClient, String> {
         let proxied = PROXY_VARIABLES
             .iter()
             .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()));
@@ -61,22 +65,8 @@ impl UpstreamClient {
             // reqwest reads the variables itself, NO_PROXY included.
             return reqwest_client(connect_timeout, None);
         }
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        // Let the TLS layer see https URLs (it decides per URL whether to wrap).
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .pool_timer(TokioTimer::new())
-            .build(https);
-        Ok(UpstreamClient(Transport::Direct(Box::new(client))))
+        let client = PerWorker::new(workers, || Ok::<_, String>(direct_client(connect_timeout)))?;
+        Ok(UpstreamClient(Transport::Direct(Arc::new(client))))
     }
 
     /// A client that sends every call through the HTTP proxy at `proxy`.
@@ -115,6 +105,7 @@ impl UpstreamClient {
                     headers.insert(name, value);
                 }
                 let response = client
+                    .get()
                     .request(request)
                     .await
                     .map_err(|_| ProviderError::Connect)?;
@@ -175,6 +166,25 @@ impl UpstreamClient {
 
 fn too_large() -> ProviderError {
     ProviderError::Invalid(format!("answer is larger than {MAX_ANSWER_BYTES} bytes"))
+}
+
+/// hyper's pooled keep-alive client, for http and https URLs.
+fn direct_client(connect_timeout: Duration) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    // Let the TLS layer see https URLs (it decides per URL whether to wrap).
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .build(https)
 }
 
 fn reqwest_client(
@@ -244,7 +254,7 @@ mod tests {
     #[tokio::test]
     async fn a_direct_call_sends_json_with_the_extra_header_and_decodes_the_answer() {
         let (base, server) = one_shot(OK).await;
-        let client = UpstreamClient::new(Duration::from_secs(1)).unwrap();
+        let client = UpstreamClient::new(Duration::from_secs(1), 1).unwrap();
         let uri: Uri = format!("{base}/api/chat").parse().unwrap();
         let answer: serde_json::Value = client
             .post_json(
@@ -318,7 +328,7 @@ mod tests {
 
     #[tokio::test]
     async fn statuses_bodies_and_refused_connections_are_classified() {
-        let client = UpstreamClient::new(Duration::from_secs(1)).unwrap();
+        let client = UpstreamClient::new(Duration::from_secs(1), 1).unwrap();
         let call = |base: String| {
             let client = client.clone();
             async move {

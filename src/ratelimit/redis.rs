@@ -127,7 +127,7 @@ impl RedisLimiter {
         prefetch: Option<&str>,
         stores: TakenStores,
     ) -> Result<(Decision, Prefetch), RedisError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.connection();
         let call = self.invocation(command, script, key, policy);
         let Some(cache_key) = prefetch else {
             let reply: ScriptReply = call.query_async(&mut conn).await?;
@@ -177,7 +177,7 @@ impl LimiterBackend for RedisLimiter {
     }
 
     async fn ping(&self) -> Result<(), BackendError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.connection();
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await

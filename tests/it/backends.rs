@@ -127,7 +127,7 @@ async fn the_memory_backend_passes_the_behaviour_suite() {
 #[tokio::test]
 async fn the_redis_backend_passes_the_behaviour_suite() {
     let redis = RedisServer::start();
-    let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1))
+    let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1), 1)
         .unwrap()
         .unwrap();
     run_suite(&RedisLimiter::new(conn, Metrics::new(), None)).await;

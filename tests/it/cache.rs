@@ -225,7 +225,7 @@ async fn the_order_of_checks_holds_when_the_limiter_fails_closed() {
 /// The Redis limiter and cache wired as the app wires them on one node: cache writes
 /// wait in a shared queue for the limiter's next pipeline.
 fn limiter_and_cache(redis: &RedisServer) -> (RedisLimiter, Arc<RedisCache>, Arc<PendingStores>) {
-    let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1))
+    let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1), 1)
         .unwrap()
         .unwrap();
     let pending = Arc::new(PendingStores::default());
