@@ -1,7 +1,7 @@
 //! The HTTP server loop: accepts connections up to a cap, hands each to a worker thread
-//! (`workers`), which serves it with hyper with header and body read timeouts (so slow clients cannot hold connections forever), and
-//! drains them with a bound on shutdown. `axum::serve` offers neither the cap nor the
-//! header timeout.
+//! (`workers`), which serves it with hyper with header and body read timeouts (so slow
+//! clients cannot hold connections forever), and drains them with a bound on shutdown.
+//! `axum::serve` offers neither the cap nor the header timeout.
 //!
 //! Draining closes keep-alive connections without losing requests: first every HTTP/1
 //! answer says `Connection: close` (so the client stops reusing the connection) while
