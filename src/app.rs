@@ -99,7 +99,7 @@ impl AppState {
                 // On one node, cache writes ride along with limiter calls; on a cluster
                 // they live on other nodes than the buckets.
                 let pending = matches!(conn, RedisConn::Single(_))
-                    .then(|| Arc::new(PendingStores::default()));
+                    .then(|| Arc::new(PendingStores::new(workers)));
                 (
                     Arc::new(RedisLimiter::new(
                         conn.clone(),
