@@ -76,7 +76,7 @@ pub struct Settings {
     pub max_connections: usize,
     /// Chat requests served at once at most.
     pub max_concurrent_requests: usize,
-    /// Threads serving requests; 0 means one per CPU core.
+    /// Threads serving connections (see `workers`); 0 means one per CPU core.
     pub worker_threads: usize,
     /// Time to send the request head, in seconds.
     pub header_read_timeout_seconds: f64,
