@@ -56,6 +56,9 @@ pub struct AppParts {
     pub chat_slots: Arc<tokio::sync::Semaphore>,
     /// Metrics registry and handles.
     pub metrics: Metrics,
+    /// Worker threads serving connections; the per-worker Redis connections, upstream
+    /// pools and cache-write queues are made for this many.
+    pub workers: usize,
 }
 
 /// Cached bodies the in-process cache holds at most.
@@ -169,6 +172,7 @@ impl AppState {
             chat: Arc::new(chat),
             metrics,
             settings: Arc::new(settings),
+            workers,
         })))
     }
 
@@ -287,7 +291,7 @@ impl App {
             header_read_timeout: Duration::from_secs_f64(settings.header_read_timeout_seconds),
             body_read_timeout: Duration::from_secs_f64(settings.body_read_timeout_seconds),
             shutdown_grace: settings.shutdown_grace(),
-            workers: workers::count(settings.worker_threads),
+            workers: self.state.workers,
         };
         server::serve(self.listener, build_router(self.state), limits, shutdown).await
     }

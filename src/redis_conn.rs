@@ -80,7 +80,7 @@ impl RedisConn {
                     .set_number_of_retries(1)
                     .set_min_delay(Duration::from_millis(20))
                     .set_max_delay(Duration::from_millis(100));
-                let connections = PerWorker::new(workers, || {
+                let connections = PerWorker::try_new(workers, || {
                     ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
                 })?;
                 Ok(Some(RedisConn::Single(Arc::new(connections))))

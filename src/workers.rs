@@ -44,13 +44,18 @@ pub struct PerWorker<T> {
 
 impl<T> PerWorker<T> {
     /// Makes the value of each of `workers` workers, and of the other threads.
-    pub fn new<E>(workers: usize, make: impl FnMut() -> Result<T, E>) -> Result<Self, E> {
+    pub fn new(workers: usize, make: impl FnMut() -> T) -> Self {
+        PerWorker {
+            slots: std::iter::repeat_with(make).take(workers + 1).collect(),
+        }
+    }
+
+    /// Like [`PerWorker::new`], for values whose making can fail.
+    pub fn try_new<E>(workers: usize, make: impl FnMut() -> Result<T, E>) -> Result<Self, E> {
         let slots = std::iter::repeat_with(make)
             .take(workers + 1)
-            .collect::<Result<Vec<T>, E>>()?;
-        Ok(PerWorker {
-            slots: slots.into_boxed_slice(),
-        })
+            .collect::<Result<Box<[T]>, E>>()?;
+        Ok(PerWorker { slots })
     }
 
     /// The calling thread's value.
@@ -157,9 +162,22 @@ mod tests {
         let mut next = 0;
         PerWorker::new(workers, || {
             next += 1;
-            Ok::<_, ()>(next - 1)
+            next - 1
         })
-        .unwrap()
+    }
+
+    #[test]
+    fn a_value_that_cannot_be_made_fails_the_whole() {
+        let mut left = 2;
+        let made = PerWorker::try_new(3, || {
+            left -= 1;
+            if left < 0 {
+                Err("no more")
+            } else {
+                Ok(left)
+            }
+        });
+        assert_eq!(made.err(), Some("no more"));
     }
 
     #[test]

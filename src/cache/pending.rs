@@ -12,7 +12,6 @@
 //! thread always reads it; until the write is done, the chat service answers identical
 //! requests on other threads from the finished call (its in-flight map).
 
-use std::convert::Infallible;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -68,9 +67,8 @@ impl Default for PendingStores {
 impl PendingStores {
     /// Queues for `workers` worker threads, and one for every other thread.
     pub fn new(workers: usize) -> Self {
-        let queues = PerWorker::new(workers, || Ok::<_, Infallible>(Mutex::default()));
         PendingStores {
-            queues: queues.unwrap_or_else(|never| match never {}),
+            queues: PerWorker::new(workers, Mutex::default),
         }
     }
 

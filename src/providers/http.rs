@@ -65,7 +65,7 @@ impl UpstreamClient {
             // reqwest reads the variables itself, NO_PROXY included.
             return reqwest_client(connect_timeout, None);
         }
-        let client = PerWorker::new(workers, || Ok::<_, String>(direct_client(connect_timeout)))?;
+        let client = PerWorker::new(workers, || direct_client(connect_timeout));
         Ok(UpstreamClient(Transport::Direct(Arc::new(client))))
     }
 
