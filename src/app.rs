@@ -289,6 +289,8 @@ impl App {
         let limits = ServerLimits {
             max_connections: settings.max_connections,
             header_read_timeout: Duration::from_secs_f64(settings.header_read_timeout_seconds),
+            keep_alive_timeout: Duration::from_secs_f64(settings.keep_alive_timeout_seconds),
+            max_body_bytes: settings.max_body_bytes,
             body_read_timeout: Duration::from_secs_f64(settings.body_read_timeout_seconds),
             shutdown_grace: settings.shutdown_grace(),
             workers: self.state.workers,

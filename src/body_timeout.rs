@@ -1,5 +1,6 @@
 //! Request bodies that fail when no data arrives for a while (`BODY_READ_TIMEOUT_SECONDS`),
-//! with a timer that exists only while the body is actually waiting for the client.
+//! with a timer that exists only while the body is actually waiting for the client, and
+//! that hand back what a handler left unread (see [`RequestBody`]).
 //!
 //! tower-http's `RequestBodyTimeoutLayer` arms a timer on every poll, before looking at
 //! the body: two timer registrations per request even when the whole body arrived with
@@ -12,8 +13,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::{Body, Frame, SizeHint};
+use std::sync::Arc;
+
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
+
+use crate::conn_io::{ConnectionActivity, InProgress};
 
 /// The error a body yields when the client sent nothing for the whole timeout.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +42,11 @@ impl<B> TimeoutBody<B> {
             timeout,
             idle: None,
         }
+    }
+
+    /// The wrapped body.
+    pub fn into_inner(self) -> B {
+        self.body
     }
 }
 
@@ -73,6 +83,104 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// What became of a request body a handler dropped before its end.
+pub enum Unread {
+    /// The rest of the body, still arriving: the server reads it before answering, so
+    /// the connection can carry the client's next request.
+    Rest(Incoming),
+    /// The body failed (read timeout, broken chunking): the connection must close.
+    Broken,
+}
+
+/// A request body as handlers see it: the client's body under the read timeout, which
+/// counts as part of its request in progress until it ends or is dropped, and which,
+/// dropped before its end on an HTTP/1 connection, leaves its rest to the server.
+///
+/// Why: a handler that answers without reading the body (401, 404, 405, a cached 429)
+/// used to let hyper close the connection after the answer whenever the rest of the
+/// body had not arrived yet, and the answer went out without `Connection: close`, so
+/// the client's next request on that connection was lost.
+pub struct RequestBody {
+    body: Option<TimeoutBody<Incoming>>,
+    state: BodyState,
+    /// Where the rest goes when dropped early; `None` on HTTP/2, where dropping a body
+    /// only resets its own stream.
+    unread: Option<Arc<ConnectionActivity>>,
+    _in_progress: InProgress,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum BodyState {
+    Reading,
+    Ended,
+    Failed,
+}
+
+impl RequestBody {
+    /// `body` with a read `timeout`; `in_progress` is held until the body ends or is
+    /// dropped, and `unread` receives its rest if it is dropped before its end.
+    pub fn new(
+        body: Incoming,
+        timeout: Duration,
+        in_progress: InProgress,
+        unread: Option<Arc<ConnectionActivity>>,
+    ) -> RequestBody {
+        RequestBody {
+            body: Some(TimeoutBody::new(body, timeout)),
+            state: BodyState::Reading,
+            unread,
+            _in_progress: in_progress,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(Pin::new(&mut *body).poll_frame(cx));
+        this.state = match &frame {
+            None => BodyState::Ended,
+            Some(Err(_)) => BodyState::Failed,
+            Some(Ok(_)) if body.is_end_stream() => BodyState::Ended,
+            Some(Ok(_)) => BodyState::Reading,
+        };
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        let (Some(unread), Some(body)) = (self.unread.take(), self.body.take()) else {
+            return;
+        };
+        match self.state {
+            BodyState::Ended => {}
+            BodyState::Failed => unread.leave(Unread::Broken),
+            BodyState::Reading if body.is_end_stream() => {}
+            BodyState::Reading => unread.leave(Unread::Rest(body.into_inner())),
+        }
     }
 }
 

@@ -53,6 +53,9 @@ pub enum ApiError {
     /// 405: the route exists but not for this method.
     #[error("Method Not Allowed")]
     MethodNotAllowed,
+    /// 500: a bug (a handler panicked); the cause is in the log.
+    #[error("Internal Server Error")]
+    Internal,
 }
 
 impl ApiError {
@@ -70,6 +73,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod body_timeout;
 pub mod cache;
 pub mod chat;
+pub mod conn_io;
 pub mod error;
 pub mod log_format;
 pub mod log_writer;

@@ -82,6 +82,8 @@ pub struct Settings {
     pub header_read_timeout_seconds: f64,
     /// Time to send the request body, in seconds.
     pub body_read_timeout_seconds: f64,
+    /// Time an idle keep-alive connection stays open between requests, in seconds.
+    pub keep_alive_timeout_seconds: f64,
     /// Bound on the drain after SIGTERM/Ctrl-C, in seconds.
     pub shutdown_grace_seconds: f64,
     /// Comma-separated client keys, as configured (see [`Settings::api_key_list`]).
@@ -268,6 +270,10 @@ impl Settings {
                 self.header_read_timeout_seconds,
             ),
             ("body_read_timeout_seconds", self.body_read_timeout_seconds),
+            (
+                "keep_alive_timeout_seconds",
+                self.keep_alive_timeout_seconds,
+            ),
         ] {
             if !(value.is_finite() && value > 0.0) {
                 return Err(invalid(name, "must be a number of seconds greater than 0"));

@@ -8,6 +8,7 @@ mod cache;
 mod cluster;
 mod common;
 mod hostile;
+mod keep_alive;
 mod limiter;
 mod limiter_faults;
 mod limiter_policies;

@@ -1,14 +1,18 @@
 //! A bounded soak: steady load on the real binary while Redis restarts twice and freezes
-//! once and the upstream fails, hangs and resets connections at random; then SIGTERM under load. CI runs it
-//! for a few seconds; `scripts/soak.sh` runs it for a minute (`SOAK_SECONDS=60`).
+//! once and the upstream fails, hangs and resets connections at random; then SIGTERM
+//! under load. CI runs it for 10 s; `scripts/soak.sh` runs it for a minute
+//! (`SOAK_SECONDS=60`).
+//!
+//! The load comes from clients that each keep one connection alive and never re-send a
+//! request (as Python's `httpx` does; see `common::raw_http`): a request whose
+//! connection closes before its answer counts as lost.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
+use crate::common::raw_http::{KeepAliveClient, NoAnswer, RawRequest};
 use crate::common::{metric_value, GatewayProcess, MockLlm, RedisServer};
 
 const KEYS: [&str; 3] = ["sk-soak-SECRET-a", "sk-soak-SECRET-b", "sk-soak-SECRET-c"];
@@ -16,6 +20,8 @@ const PROVIDER_SECRET: &str = "AIza-SOAK-PROVIDER-SECRET";
 const MESSAGE_MARK: &str = "SOAKTEXT";
 /// Documented answers; anything else is a failure.
 const DOCUMENTED: [u16; 8] = [200, 401, 413, 422, 429, 502, 503, 504];
+/// Clients, each on its own keep-alive connection.
+const CLIENTS: u64 = 32;
 
 #[derive(Default)]
 struct Tally {
@@ -23,6 +29,7 @@ struct Tally {
     worst: Duration,
     failures: Vec<String>,
     sent: u64,
+    connections: u64,
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -35,6 +42,31 @@ fn rss_kib(pid: u32) -> u64 {
         })
         .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
         .unwrap_or(0)
+}
+
+fn chat(text: &str, extra: &str) -> Vec<u8> {
+    format!(r#"{{"messages":[{{"role":"user","content":"{MESSAGE_MARK} {text}"}}]{extra}}}"#)
+        .into_bytes()
+}
+
+/// The `n`th request of client `client`: mostly chats (a fifth of them popular, cached
+/// questions), 6% with a wrong key, 6% with a broken body (empty, truncated JSON, random
+/// bytes, deeply nested arrays), every seventh with its body sent after its head.
+fn nth_request(client: u64, n: u64) -> (&'static str, Vec<u8>, bool) {
+    let key = match n % 50 {
+        0 | 17 | 33 => "sk-not-a-key",
+        i => KEYS[(i % 3) as usize],
+    };
+    let body = match n % 50 {
+        5 => Vec::new(),
+        21 => chat("truncated", "").split_at(20).0.to_vec(),
+        37 => (0..300).map(|i| ((i * 7919 + n) % 251) as u8).collect(),
+        12 => format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(),
+        i if i % 5 == 1 => chat(&format!("popular question {}", n % 4), ""),
+        i if i % 10 == 3 => chat(&format!("{client}-{n}"), r#","model_hint":"fast""#),
+        _ => chat(&format!("{client}-{n}"), ""),
+    };
+    (key, body, n % 7 == 0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,9 +83,9 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
         "--fail-rate",
         "0.1",
         "--hang-rate",
-        "0.05",
+        "0.03",
         "--reset-rate",
-        "0.05",
+        "0.02",
     ]);
     let upstream = mock.url.clone();
     let keys = KEYS.join(",");
@@ -67,8 +99,8 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
         ("PROVIDER_MAX_RETRIES", "1"),
         ("PROVIDER_RETRY_BASE_MS", "20"),
         ("REDIS_TIMEOUT_MS", "100"),
-        ("RATE_LIMITER_CAPACITY", "30"),
-        ("RATE_LIMITER_REFILL_RATE", "40"),
+        ("RATE_LIMITER_CAPACITY", "100"),
+        ("RATE_LIMITER_REFILL_RATE", "250"),
         ("CACHE_TTL_SECONDS", "2"),
         ("SHUTDOWN_GRACE_SECONDS", "5"),
     ]);
@@ -76,65 +108,57 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
     let rss_before = rss_kib(pid);
     // Worst case of one request: 2 attempts of 0.5 s, a backoff, Redis' 100 ms bound.
     let bound = Duration::from_millis(2500);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    let url = format!("{}/api/v1/chat", gateway.url);
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let sigterm_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
 
     let mut workers = Vec::new();
-    for worker in 0..16u64 {
-        let (client, url, tally, stop, sigterm_at) = (
-            client.clone(),
-            url.clone(),
-            tally.clone(),
-            stop.clone(),
-            sigterm_at.clone(),
-        );
+    for worker in 0..CLIENTS {
+        let (addr, tally, stop) = (addr.clone(), tally.clone(), stop.clone());
         workers.push(tokio::spawn(async move {
+            let mut client = KeepAliveClient::new(&addr, Duration::from_secs(10));
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let key = match n % 20 {
-                    0 => "sk-not-a-key",
-                    i => KEYS[(i % 3) as usize],
-                };
-                let body = match n % 10 {
-                    0 => json!({"messages": []}),
-                    1 | 2 => json!({"messages": [{"role": "user", "content": format!("{MESSAGE_MARK} repeated {}", n % 4)}]}),
-                    3 => json!({"messages": [{"role": "user", "content": format!("{MESSAGE_MARK} {worker}-{n}")}], "model_hint": "fast"}),
-                    _ => json!({"messages": [{"role": "user", "content": format!("{MESSAGE_MARK} {worker}-{n}")}]}),
-                };
+                let (key, body, split) = nth_request(worker, n);
+                let headers = [("X-API-Key", key), ("Content-Type", "application/json")];
                 let started = Instant::now();
-                let result = client.post(&url).header("X-API-Key", key).json(&body).send().await;
+                let result = client
+                    .send(&RawRequest {
+                        method: "POST",
+                        path: "/api/v1/chat",
+                        headers: &headers,
+                        body: &body,
+                        body_after: split.then_some(Duration::from_millis(1)),
+                    })
+                    .await;
                 let elapsed = started.elapsed();
                 let mut t = tally.lock().unwrap();
                 t.sent += 1;
-                let after_sigterm = sigterm_at.lock().unwrap().is_some_and(|at| started >= at);
                 match result {
                     Ok(response) => {
-                        let status = response.status().as_u16();
+                        let status = response.status;
                         *t.statuses.entry(status).or_default() += 1;
                         t.worst = t.worst.max(elapsed);
                         if !DOCUMENTED.contains(&status) {
                             t.failures.push(format!("undocumented status {status}"));
                         }
+                        if !response.body.starts_with(b"{") {
+                            t.failures.push(format!("a {status} without a JSON body"));
+                        }
                         if elapsed > bound {
-                            t.failures.push(format!("a request took {elapsed:?} (bound {bound:?})"));
+                            t.failures
+                                .push(format!("a request took {elapsed:?} (bound {bound:?})"));
                         }
                     }
-                    // Started after SIGTERM: refused connections are expected.
-                    Err(_) if after_sigterm => {
-                        t.sent -= 1;
-                        break;
-                    }
-                    Err(error) => t.failures.push(format!("no answer: {error}")),
+                    Err(error) => t.failures.push(format!(
+                        "no answer after {elapsed:?} on connection {}: {error}",
+                        client.connections
+                    )),
                 }
             }
+            tally.lock().unwrap().connections += client.connections;
         }));
     }
 
@@ -165,6 +189,7 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
         w.await.unwrap();
     }
     let rss_after = rss_kib(pid);
+    let client = reqwest::Client::new();
     let health = client
         .get(format!("{}/health", gateway.url))
         .send()
@@ -208,8 +233,14 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
     let allowed = metric_value(&metrics, "rate_limit_allowed_total") as u64;
     let blocked = metric_value(&metrics, "rate_limit_blocked_total") as u64;
     println!(
-        "soak {seconds}s: {} requests, statuses {:?}, worst {:?}, allowed {allowed} + blocked {blocked} vs authenticated {authenticated}, RSS {} -> {} KiB, failures {}",
-        t.sent, t.statuses, t.worst, rss_before, rss_after, t.failures.len()
+        "soak {seconds}s: {} requests on {} connections, statuses {:?}, worst {:?}, allowed {allowed} + blocked {blocked} vs authenticated {authenticated}, RSS {} -> {} KiB, without an answer {}",
+        t.sent,
+        t.connections,
+        t.statuses,
+        t.worst,
+        rss_before,
+        rss_after,
+        t.failures.iter().filter(|f| f.starts_with("no answer")).count()
     );
     assert!(
         t.failures.is_empty(),
@@ -228,31 +259,43 @@ async fn the_gateway_survives_faults_under_load_and_loses_nothing() {
     // SIGTERM under load: everything in flight is answered, then exit 0.
     stop.store(false, Ordering::Relaxed);
     let tally = Arc::new(Mutex::new(Tally::default()));
-    for _ in 0..8 {
-        let (client, url, tally, stop, sigterm_at) = (
-            client.clone(),
-            url.clone(),
+    for worker in 0..8u64 {
+        let (addr, tally, stop, sigterm_at) = (
+            addr.clone(),
             tally.clone(),
             stop.clone(),
             sigterm_at.clone(),
         );
         workers.push(tokio::spawn(async move {
+            let mut client = KeepAliveClient::new(&addr, Duration::from_secs(10));
+            let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
-                let started = Instant::now();
-                let body = json!({"messages": [{"role": "user", "content": format!("{MESSAGE_MARK} late {started:?}")}]});
-                let result = client.post(&url).header("X-API-Key", KEYS[0]).json(&body).send().await;
-                let after_sigterm = sigterm_at.lock().unwrap().is_some_and(|at| started >= at);
+                n += 1;
+                let body = chat(&format!("late {worker}-{n}"), "");
+                let headers = [("X-API-Key", KEYS[0]), ("Content-Type", "application/json")];
+                let result = client
+                    .send(&RawRequest {
+                        method: "POST",
+                        path: "/api/v1/chat",
+                        headers: &headers,
+                        body: &body,
+                        body_after: None,
+                    })
+                    .await;
                 let mut t = tally.lock().unwrap();
                 match result {
-                    Ok(r) => *t.statuses.entry(r.status().as_u16()).or_default() += 1,
-                    Err(_) if after_sigterm => break,
-                    // Refused once SIGTERM was sent: this request got past `started`
-                    // before the signal but its connection reached the listener after
-                    // it closed, so the gateway never had it. (A connection the kernel
-                    // had already accepted and the gateway then dropped would fail
-                    // after connecting, and count as lost.)
-                    Err(error) if error.is_connect() && sigterm_at.lock().unwrap().is_some() => break,
-                    Err(error) => t.failures.push(format!("in flight at SIGTERM, lost: {error:?}")),
+                    Ok(response) => {
+                        *t.statuses.entry(response.status).or_default() += 1;
+                        // Told to close while draining: the next request needs a new
+                        // connection, which the stopped listener refuses.
+                        if response.closes() && sigterm_at.lock().unwrap().is_some() {
+                            break;
+                        }
+                    }
+                    // A new connection refused once SIGTERM was sent: the gateway never
+                    // had this request.
+                    Err(NoAnswer::Refused(_)) if sigterm_at.lock().unwrap().is_some() => break,
+                    Err(error) => t.failures.push(format!("in flight at SIGTERM: {error}")),
                 }
             }
         }));

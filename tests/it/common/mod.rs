@@ -390,6 +390,7 @@ pub fn wait_for_line(path: &Path, needle: &str) -> Option<String> {
 
 mod cluster;
 mod load;
+pub mod raw_http;
 pub use cluster::{command_calls, RedisCluster};
 pub use load::hammer;
 
