@@ -99,6 +99,34 @@ impl RedisConn {
         }
     }
 
+    /// Sends the commands of `pipeline` in one round trip and returns each reply on its
+    /// own, so one failing command never fails the others. `Err` only when the round trip
+    /// itself failed.
+    ///
+    /// On one server that is a pipeline. On a cluster the commands' keys may live on
+    /// different nodes, and a pipeline across slots fails as a whole (`CrossSlot`), so
+    /// each command goes to the node that owns its key, all of them at once: the caller
+    /// still waits for one round trip, not one per command.
+    pub async fn round_trip(
+        &self,
+        pipeline: &Pipeline,
+    ) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
+        let mut conn = self.connection();
+        match &mut conn {
+            RedisConnection::Single(_) => pipeline.query_async(&mut conn).await,
+            RedisConnection::Cluster(handle) => {
+                let conn = handle.get().await?;
+                let calls = pipeline.cmd_iter().map(|cmd| {
+                    let mut conn = conn.clone();
+                    // A server's error reply arrives as a value here; as an `Err`, like
+                    // the pipeline's replies.
+                    async move { conn.req_packed_command(cmd).await?.extract_error() }
+                });
+                Ok(futures_util::future::join_all(calls).await)
+            }
+        }
+    }
+
     /// The calling thread's connection, for one call.
     pub fn connection(&self) -> RedisConnection {
         match self {

@@ -13,10 +13,12 @@ pub async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Readiness: 200 when the limiter's backend answers, else 503 naming what is down.
+/// Readiness: 200 when the limiter can decide through its backend, else 503 naming what
+/// is down (see `RateLimiter::ready`).
 pub async fn ready(State(state): State<AppState>) -> Response {
     let backend = state.limiter.backend_name();
-    match state.limiter.ping().await {
+    let prefetch = state.chat.readiness_cache_key();
+    match state.limiter.ready(prefetch).await {
         Ok(()) => Json(json!({ "status": "ready", "checks": { backend: "ok" } })).into_response(),
         Err(error) => {
             tracing::warn!(backend, %error, "readiness check failed");
@@ -24,7 +26,10 @@ pub async fn ready(State(state): State<AppState>) -> Response {
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({
                     "status": "unavailable",
-                    "detail": format!("Rate limiter backend ({backend}) is not answering"),
+                    "detail": format!(
+                        "Rate limiter backend ({backend}) is not answering: {}",
+                        error.summary()
+                    ),
                     "checks": { backend: "down" },
                 })),
             )

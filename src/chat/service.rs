@@ -142,6 +142,12 @@ impl ChatService {
         self.cache.as_ref().map(|_| cache_key(request))
     }
 
+    /// A cache key for readiness checks to read with their limiter call, as requests do;
+    /// `None` while the cache is disabled. Nothing is ever stored under it.
+    pub fn readiness_cache_key(&self) -> Option<&'static str> {
+        self.cache.as_ref().map(|_| "cache:readiness")
+    }
+
     /// Answers `request`. `key` is its [`ChatService::cache_key`]; `prefetched` is what
     /// the limiter already read from that key in its round trip, so the cache is only
     /// asked when nothing was read.

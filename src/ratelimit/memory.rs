@@ -85,10 +85,6 @@ impl LimiterBackend for MemoryLimiter {
         Ok(self.take(key, policy))
     }
 
-    async fn ping(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
-
     fn name(&self) -> &'static str {
         "memory"
     }

@@ -113,10 +113,34 @@ pub trait LimiterBackend: Send + Sync {
         let _ = prefetch;
         Ok((self.check(key, policy).await?, Prefetch::NotFetched))
     }
-    /// Checks that the store answers (for readiness).
-    async fn ping(&self) -> Result<(), BackendError>;
     /// Name used in readiness bodies and logs.
     fn name(&self) -> &'static str;
+}
+
+/// The bucket readiness checks use: not a digest, so no client's bucket is ever this one.
+/// Its one token refills in a millisecond, so the key is gone at once.
+const READINESS_BUCKET: &str = "ratelimit:v1:{readiness}";
+
+/// Why the limiter could not reach its backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreachable {
+    /// The circuit breaker is open after consecutive failures: calls skip the backend.
+    #[error("circuit breaker open after repeated failures")]
+    BreakerOpen,
+    /// The call failed.
+    #[error("{0}")]
+    Failed(BackendError),
+}
+
+impl Unreachable {
+    /// What went wrong in words a client may see: no address, no server message.
+    pub fn summary(&self) -> &'static str {
+        match self {
+            Unreachable::BreakerOpen => "circuit breaker open after repeated failures",
+            Unreachable::Failed(BackendError::Timeout) => "limiter calls time out",
+            Unreachable::Failed(BackendError::Redis(_)) => "limiter calls fail",
+        }
+    }
 }
 
 /// The Redis key of a client's bucket: the prefix, a version (so a future algorithm
@@ -238,13 +262,34 @@ impl RateLimiter {
         policy: &BucketPolicy,
         prefetch: Option<&str>,
     ) -> (Result<Decision, ApiError>, Prefetch) {
-        let failed = || match prefetch {
-            Some(_) => Prefetch::Failed,
-            None => Prefetch::NotFetched,
-        };
+        match self.guarded_call(guards, key, policy, prefetch).await {
+            Ok((decision, prefetched)) => {
+                guards.deny_cache.record(key, &decision);
+                (Ok(decision), prefetched)
+            }
+            Err(_) => {
+                let prefetched = match prefetch {
+                    Some(_) => Prefetch::Failed,
+                    None => Prefetch::NotFetched,
+                };
+                (self.on_backend_failure(guards, key, policy), prefetched)
+            }
+        }
+    }
+
+    /// One backend call through the breaker, bounded by the limiter timeout; its outcome
+    /// feeds the breaker and the backend's health metrics. `Unreachable::BreakerOpen`
+    /// when the breaker skipped the call.
+    async fn guarded_call(
+        &self,
+        guards: &RemoteGuards,
+        key: &str,
+        policy: &BucketPolicy,
+        prefetch: Option<&str>,
+    ) -> Result<(Decision, Prefetch), Unreachable> {
         let admission = guards.breaker.admit();
         if admission == breaker::Admission::Skip {
-            return (self.on_backend_failure(guards, key, policy), failed());
+            return Err(Unreachable::BreakerOpen);
         }
         let call = async {
             match prefetch {
@@ -261,7 +306,7 @@ impl RateLimiter {
             .unwrap_or(Err(BackendError::Timeout));
         let name = self.backend.name();
         let result = match outcome {
-            Ok((decision, prefetched)) => {
+            Ok(outcome) => {
                 if guards.breaker.on_success() {
                     tracing::info!(
                         backend = name,
@@ -269,8 +314,7 @@ impl RateLimiter {
                     );
                 }
                 guards.backend_up.set(1);
-                guards.deny_cache.record(key, &decision);
-                (Ok(decision), prefetched)
+                Ok(outcome)
             }
             Err(error) => {
                 guards.backend_up.set(0);
@@ -282,7 +326,7 @@ impl RateLimiter {
                     tracing::warn!(backend = name, %error, mode = self.mode.as_str(),
                         "rate limiter backend failing; breaker open, applying the failure mode");
                 }
-                (self.on_backend_failure(guards, key, policy), failed())
+                Err(Unreachable::Failed(error))
             }
         };
         self.metrics
@@ -323,14 +367,23 @@ impl RateLimiter {
         }
     }
 
-    /// Whether the backend answers, for readiness.
-    pub async fn ping(&self) -> Result<(), BackendError> {
-        tokio::time::timeout(
-            self.timeout.max(Duration::from_millis(500)),
-            self.backend.ping(),
-        )
-        .await
-        .unwrap_or(Err(BackendError::Timeout))
+    /// Whether the limiter can decide through its backend now, for readiness: the same
+    /// call a request makes (the script, and the cache read with it when `prefetch` is
+    /// given), on a bucket of its own that no client shares, through the breaker. A
+    /// backend that answers `PING` but fails every limiter call (say, a pipeline its
+    /// deployment refuses) is not ready, and neither is one whose breaker is open.
+    pub async fn ready(&self, prefetch: Option<&str>) -> Result<(), Unreachable> {
+        let Some(guards) = &self.remote else {
+            return Ok(());
+        };
+        let policy = BucketPolicy {
+            tier: "readiness".into(),
+            capacity: 1,
+            refill_rate: 1000.0,
+        };
+        self.guarded_call(guards, READINESS_BUCKET, &policy, prefetch)
+            .await
+            .map(drop)
     }
 
     /// Name of the backend, for readiness bodies.

@@ -127,19 +127,20 @@ impl RedisLimiter {
         prefetch: Option<&str>,
         stores: TakenStores,
     ) -> Result<(Decision, Prefetch), RedisError> {
-        let mut conn = self.conn.connection();
         let call = self.invocation(command, script, key, policy);
         let Some(cache_key) = prefetch else {
+            let mut conn = self.conn.connection();
             let reply: ScriptReply = call.query_async(&mut conn).await?;
             return Ok((decision(reply), Prefetch::NotFetched));
         };
         // Waiting cache writes first, so the GET below already sees them; every reply on
-        // its own, so a failed cache write or read never fails the decision.
+        // its own, so a failed cache write or read never fails the decision. On a cluster
+        // the script and the GET go to their own nodes at once (see `round_trip`).
         let mut pipe = redis::pipe();
         stores.add_to(&mut pipe);
         pipe.add_command(call).cmd("GET").arg(cache_key);
         pipe.ignore_errors();
-        let replies: Vec<RedisResult<Value>> = match pipe.query_async(&mut conn).await {
+        let replies: Vec<RedisResult<Value>> = match self.conn.round_trip(&pipe).await {
             Ok(replies) => replies,
             Err(error) => {
                 stores.fail(&error.to_string());
@@ -174,15 +175,6 @@ impl LimiterBackend for RedisLimiter {
         prefetch: &str,
     ) -> Result<(Decision, Prefetch), BackendError> {
         self.run(key, policy, Some(prefetch)).await
-    }
-
-    async fn ping(&self) -> Result<(), BackendError> {
-        let mut conn = self.conn.connection();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map(drop)
-            .map_err(backend_error)
     }
 
     fn name(&self) -> &'static str {

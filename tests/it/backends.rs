@@ -1,16 +1,16 @@
-//! One behaviour suite, run against both limiter backends (in-process and Redis), so
-//! `memory://` and `redis://` cannot drift apart.
+//! One behaviour suite, run against every limiter backend (in-process, one Redis node and
+//! a Redis Cluster), so `memory://`, `redis://` and `redis+cluster://` cannot drift apart.
 
 use std::time::Duration;
 
 use llm_gateway::metrics::Metrics;
 use llm_gateway::ratelimit::memory::MemoryLimiter;
 use llm_gateway::ratelimit::redis::RedisLimiter;
-use llm_gateway::ratelimit::{BucketPolicy, LimiterBackend};
+use llm_gateway::ratelimit::{BucketPolicy, LimiterBackend, Prefetch};
 use llm_gateway::redis_conn::RedisConn;
 use llm_gateway::settings::StoreUrl;
 
-use crate::common::RedisServer;
+use crate::common::{RedisCluster, RedisServer};
 
 fn policy(capacity: u64, refill_rate: f64) -> BucketPolicy {
     BucketPolicy {
@@ -131,4 +131,45 @@ async fn the_redis_backend_passes_the_behaviour_suite() {
         .unwrap()
         .unwrap();
     run_suite(&RedisLimiter::new(conn, Metrics::new(), None)).await;
+}
+
+#[tokio::test]
+async fn the_redis_cluster_backend_passes_the_behaviour_suite_and_reads_the_cache_with_it() {
+    let cluster = RedisCluster::start();
+    let nodes = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("redis://127.0.0.1:{}", n.port))
+        .collect();
+    let conn = RedisConn::open(&StoreUrl::Cluster(nodes), Duration::from_secs(1), 1)
+        .unwrap()
+        .unwrap();
+    let backend = RedisLimiter::new(conn.clone(), Metrics::new(), None);
+    run_suite(&backend).await;
+    // Buckets and cache entries hash to different slots, on different nodes: the read
+    // that comes with the script must still work (a pipeline across slots cannot).
+    let mut writer = conn.connection();
+    for n in 0..8 {
+        let cache_key = format!("cache:{n}");
+        let _: () = redis::cmd("SET")
+            .arg(&cache_key)
+            .arg("stored")
+            .query_async(&mut writer)
+            .await
+            .unwrap();
+        let (decision, prefetched) = backend
+            .check_and_prefetch(&format!("suite:prefetch:{n}"), &policy(5, 1.0), &cache_key)
+            .await
+            .unwrap();
+        assert!(decision.allowed);
+        assert_eq!(
+            prefetched,
+            Prefetch::Found(bytes::Bytes::from_static(b"stored"))
+        );
+        let (_, missing) = backend
+            .check_and_prefetch("suite:prefetch", &policy(5, 1.0), "cache:absent")
+            .await
+            .unwrap();
+        assert_eq!(missing, Prefetch::Missing);
+    }
 }

@@ -7,6 +7,7 @@ use crate::common::{chat_body, command_calls, hammer, upstream_ok, RedisCluster,
 
 const HOT_KEY: &str = "sk-cluster-hot";
 
+/// A gateway on `cluster` with the default cache (on).
 async fn cluster_app(
     cluster: &RedisCluster,
     upstream: &wiremock::MockServer,
@@ -20,13 +21,12 @@ async fn cluster_app(
         ("RATE_LIMITER_CAPACITY", "10"),
         ("RATE_LIMITER_REFILL_RATE", "5"),
         ("REDIS_TIMEOUT_MS", "1000"),
-        ("CACHE_TTL_SECONDS", "0"),
     ])
     .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_instances_on_a_cluster_are_exact_and_survive_script_flush_on_every_node() {
+async fn three_instances_on_a_cluster_with_the_cache_on_are_exact_and_survive_script_flush() {
     let cluster = RedisCluster::start();
     let upstream = upstream_ok().await;
     let mut apps = Vec::new();
@@ -45,7 +45,7 @@ async fn three_instances_on_a_cluster_are_exact_and_survive_script_flush_on_ever
     })
     .await;
     result.assert_exact(
-        "3 instances, 3-node cluster, SCRIPT FLUSH mid-load",
+        "3 instances, 3-node cluster, cache on, SCRIPT FLUSH mid-load",
         10.0,
         5.0,
     );
@@ -60,8 +60,14 @@ async fn three_instances_on_a_cluster_are_exact_and_survive_script_flush_on_ever
     assert!(reloads >= 1.0, "the flushed script was reloaded");
     assert_eq!(
         fallbacks, 0.0,
-        "NOSCRIPT never fell back to the local bucket"
+        "neither NOSCRIPT nor the cache read with the script fell back to the local bucket"
     );
+    let mut hits = 0.0;
+    for app in &apps {
+        hits += app.metric("cache_hits_total").await;
+        assert_eq!(app.metric("cache_errors_total").await, 0.0);
+    }
+    assert!(hits > 0.0, "the cache answered while limiting");
     let evals: u64 = cluster
         .nodes
         .iter()
@@ -83,7 +89,13 @@ async fn identities_spread_over_nodes_and_each_keeps_one_slot() {
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["x-ratelimit-remaining"], "9");
     }
-    let per_node: Vec<usize> = cluster.nodes.iter().map(|n| n.keys().len()).collect();
+    let buckets = |node: &crate::common::RedisServer| -> Vec<String> {
+        let keys = node.keys();
+        keys.into_iter()
+            .filter(|k| !k.starts_with("cache:"))
+            .collect()
+    };
+    let per_node: Vec<usize> = cluster.nodes.iter().map(|n| buckets(n).len()).collect();
     println!("bucket keys per cluster node: {per_node:?}");
     assert_eq!(per_node.iter().sum::<usize>(), 30);
     assert!(
@@ -91,7 +103,7 @@ async fn identities_spread_over_nodes_and_each_keeps_one_slot() {
         "keys on more than one node: {per_node:?}"
     );
     for node in &cluster.nodes {
-        for key in node.keys() {
+        for key in buckets(node) {
             assert!(key.starts_with("ratelimit:v1:{") && key.ends_with('}'));
             assert!(!keys.iter().any(|k| key.contains(k.as_str())));
         }

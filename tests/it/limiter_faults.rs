@@ -162,3 +162,77 @@ async fn denied_keys_are_answered_without_a_redis_round_trip() {
         "the deny cache reports the real wait: {retry}"
     );
 }
+
+fn acl(redis: &RedisServer, rules: &[&str]) {
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg(rules)
+        .query(&mut redis.conn())
+        .unwrap();
+}
+
+#[tokio::test]
+async fn readiness_is_503_while_every_limiter_call_fails_even_though_redis_answers_ping() {
+    let redis = RedisServer::start();
+    let upstream = upstream_ok().await;
+    let mut settings = FAULT_SETTINGS.to_vec();
+    settings.extend([
+        ("RATE_LIMITER_CAPACITY", "1000"),
+        ("CACHE_TTL_SECONDS", "60"),
+    ]);
+    let app = app_with(&redis.url(), &upstream, &settings).await;
+    assert_eq!(app.get("/ready").await.status(), 200);
+
+    // Scripts refused, everything else allowed: PING works, no limiter call does.
+    acl(&redis, &["-@scripting"]);
+    let pong: String = redis::cmd("PING").query(&mut redis.conn()).unwrap();
+    assert_eq!(pong, "PONG");
+    let (statuses, _) = timed(&app, 4).await;
+    assert_eq!(statuses, [200; 4], "the local bucket keeps limiting");
+    assert!(
+        app.metric("rate_limiter_fallback_decisions_total{mode=\"local\"}")
+            .await
+            >= 3.0
+    );
+    let ready = app.get("/ready").await;
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["checks"]["redis"], "down");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("Rate limiter backend (redis)"), "{detail}");
+    assert!(detail.contains("circuit breaker open"), "{detail}");
+    // Past the cool-down, readiness probes with a real limiter call, which still fails.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let ready = app.get("/ready").await;
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert!(body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("limiter calls fail"));
+
+    // Scripts allowed again: ready once the breaker's cool-down lets a probe through,
+    // and requests are decided by Redis again.
+    acl(&redis, &["+@all"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.get("/ready").await.status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready after the scripts came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fallbacks = app
+        .metric("rate_limiter_fallback_decisions_total{mode=\"local\"}")
+        .await;
+    let (statuses, _) = timed(&app, 3).await;
+    assert_eq!(statuses, [200; 3]);
+    assert_eq!(
+        app.metric("rate_limiter_fallback_decisions_total{mode=\"local\"}")
+            .await,
+        fallbacks,
+        "decided by Redis again"
+    );
+    assert_eq!(app.metric("rate_limiter_breaker_state").await, 0.0);
+}

@@ -16,3 +16,4 @@ mod ops;
 mod properties;
 mod providers;
 mod soak;
+mod stores;
