@@ -6,7 +6,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::app::AppState;
+use std::sync::Arc;
+
+use crate::chat::service::ChatService;
 
 /// Liveness: the process answers.
 pub async fn health() -> Json<serde_json::Value> {
@@ -14,11 +16,10 @@ pub async fn health() -> Json<serde_json::Value> {
 }
 
 /// Readiness: 200 when the limiter can decide through its backend, else 503 naming what
-/// is down (see `RateLimiter::ready`).
-pub async fn ready(State(state): State<AppState>) -> Response {
-    let backend = state.limiter.backend_name();
-    let prefetch = state.chat.readiness_cache_key();
-    match state.limiter.ready(prefetch).await {
+/// is down (see `ChatService::ready`).
+pub async fn ready(State(chat): State<Arc<ChatService>>) -> Response {
+    let backend = chat.limiter().backend_name();
+    match chat.ready().await {
         Ok(()) => Json(json!({ "status": "ready", "checks": { backend: "ok" } })).into_response(),
         Err(error) => {
             tracing::warn!(backend, %error, "readiness check failed");

@@ -1,7 +1,12 @@
-//! HTTP handlers and the request/response schemas.
+//! The front doors: each translates one client dialect to the core's language
+//! (`domain`) and back, and maps the core's errors to its own status and body once.
+//! Beside them, what every door shares: authentication, the limit headers, the request
+//! log layer, and the operational endpoints.
 
-pub mod chat;
+pub mod auth;
 pub mod health;
+pub mod limit_headers;
 pub mod metrics;
+pub mod observe;
 pub mod openapi;
-pub mod schemas;
+pub mod original;

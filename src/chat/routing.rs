@@ -1,6 +1,6 @@
 //! Which provider answers a request, and with which model.
 
-use crate::api::schemas::ChatRequest;
+use crate::domain::ChatRequest;
 
 /// The providers the gateway can route to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,7 +69,7 @@ pub fn route(request: &ChatRequest, gemini_model: &str, ollama_model: &str) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::schemas::Message;
+    use crate::domain::Message;
 
     fn req(model: Option<&str>, hint: Option<&str>) -> ChatRequest {
         ChatRequest {

@@ -1,5 +1,6 @@
-//! `ChatService`: answers a validated request from the cache or from the routed provider,
-//! with one provider call for concurrent identical misses.
+//! `ChatService`, the chat use case every front door calls: admit a request (the limiter,
+//! with the cache entry read in the same round trip), then answer it from the cache or
+//! from the routed provider, with one provider call for concurrent identical misses.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -10,36 +11,16 @@ use bytes::Bytes;
 use tokio::sync::OnceCell;
 
 use super::routing::{route, ProviderKind};
-use crate::api::schemas::{ChatRequest, ChatResponse};
 use crate::cache::{cache_key, Cache, CacheError};
-use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::domain::{Answer, CacheStatus, ChatError, ChatRequest};
 use crate::providers::{complete_with_retries, Provider, RetryPolicy};
-use crate::ratelimit::Prefetch;
-
-/// Whether an answer came from the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    /// Served from the cache.
-    Hit,
-    /// Asked a provider (or shared a concurrent identical call).
-    Miss,
-}
-
-impl CacheStatus {
-    /// `HIT` or `MISS`, as in the `X-Cache` header.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheStatus::Hit => "HIT",
-            CacheStatus::Miss => "MISS",
-        }
-    }
-}
+use crate::ratelimit::{BucketPolicy, Decision, Prefetch, RateLimiter, Unreachable};
+use crate::telemetry::metrics::Metrics;
 
 /// A chat answer: the JSON body, ready to send, and how it was produced.
 #[derive(Debug, Clone)]
 pub struct ChatOutcome {
-    /// The serialised `ChatResponse`.
+    /// The serialised [`Answer`].
     pub body: Bytes,
     /// Hit or miss.
     pub cache: CacheStatus,
@@ -64,7 +45,7 @@ impl Providers {
     }
 }
 
-type Shared = Arc<OnceCell<Result<Bytes, ApiError>>>;
+type Shared = Arc<OnceCell<Result<Bytes, ChatError>>>;
 
 /// Provider calls under way, by cache key.
 type InFlight = Mutex<HashMap<String, Shared, BuildHasherDefault<CacheKeyHasher>>>;
@@ -92,8 +73,20 @@ impl Hasher for CacheKeyHasher {
     }
 }
 
+/// The limiter's verdict on a request, with what its round trip read from the cache.
+#[derive(Debug)]
+pub struct Admission {
+    /// The decision, or why the limiter could not decide (failing closed).
+    pub decision: Result<Decision, ChatError>,
+    /// The request's cache key, when the cache is on and the request is valid.
+    cache_key: Option<String>,
+    /// What the limiter's round trip read under `cache_key`.
+    prefetched: Prefetch,
+}
+
 /// Answers chat requests.
 pub struct ChatService {
+    limiter: Arc<RateLimiter>,
     cache: Option<Arc<dyn Cache>>,
     cache_ttl: Duration,
     providers: Providers,
@@ -118,14 +111,16 @@ pub struct ChatConfig {
 }
 
 impl ChatService {
-    /// A service over `cache` (ignored when the TTL is zero) and `providers`.
+    /// A service over `limiter`, `cache` (ignored when the TTL is zero) and `providers`.
     pub fn new(
+        limiter: Arc<RateLimiter>,
         cache: Arc<dyn Cache>,
         providers: Providers,
         config: ChatConfig,
         metrics: Metrics,
     ) -> ChatService {
         ChatService {
+            limiter,
             cache: (!config.cache_ttl.is_zero()).then_some(cache),
             cache_ttl: config.cache_ttl,
             providers,
@@ -137,26 +132,61 @@ impl ChatService {
         }
     }
 
-    /// The cache key of `request`, or `None` while the cache is disabled.
-    pub fn cache_key(&self, request: &ChatRequest) -> Option<String> {
-        self.cache.as_ref().map(|_| cache_key(request))
+    /// The limiter, for reloads.
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
     }
 
-    /// A cache key for readiness checks to read with their limiter call, as requests do;
-    /// `None` while the cache is disabled. Nothing is ever stored under it.
-    pub fn readiness_cache_key(&self) -> Option<&'static str> {
-        self.cache.as_ref().map(|_| "cache:readiness")
+    /// A denial still in force for `bucket` from the limiter's local deny cache, decided
+    /// without any Redis call. Doors ask this before reading the body, so a denied client
+    /// costs neither a round trip nor parsing.
+    pub fn cached_denial(&self, bucket: &str) -> Option<Decision> {
+        self.limiter.cached_denial(bucket)
     }
 
-    /// Answers `request`. `key` is its [`ChatService::cache_key`]; `prefetched` is what
-    /// the limiter already read from that key in its round trip, so the cache is only
-    /// asked when nothing was read.
-    pub async fn chat(
+    /// Decides one request of the client whose bucket is `bucket`. `request` is the
+    /// parsed request when the body was valid: its cache entry is then read in the
+    /// limiter's round trip, so a request costs one round trip before the provider.
+    /// A body that failed to parse is still limited (the order of checks is 429 first).
+    pub async fn admit(
+        &self,
+        bucket: &str,
+        policy: &BucketPolicy,
+        request: Option<&ChatRequest>,
+    ) -> Admission {
+        let cache_key = match (&self.cache, request) {
+            (Some(_), Some(request)) => Some(cache_key(request)),
+            _ => None,
+        };
+        let (decision, prefetched) = self
+            .limiter
+            .check(bucket, policy, cache_key.as_deref())
+            .await;
+        Admission {
+            decision,
+            cache_key,
+            prefetched,
+        }
+    }
+
+    /// Whether the limiter can decide through its store now, making the call a request
+    /// makes (the cache read included when the cache is on), for readiness.
+    pub async fn ready(&self) -> Result<(), Unreachable> {
+        let prefetch = self.cache.as_ref().map(|_| "cache:readiness");
+        self.limiter.ready(prefetch).await
+    }
+
+    /// Answers an admitted `request` from the cache or its provider.
+    pub async fn answer(
         &self,
         request: ChatRequest,
-        key: Option<String>,
-        prefetched: Prefetch,
-    ) -> Result<ChatOutcome, ApiError> {
+        admission: Admission,
+    ) -> Result<ChatOutcome, ChatError> {
+        let Admission {
+            cache_key: key,
+            prefetched,
+            ..
+        } = admission;
         let routed = route(&request, &self.gemini_model, &self.ollama_model);
         let provider = routed.provider;
         let (Some(cache), Some(key)) = (&self.cache, key) else {
@@ -219,7 +249,7 @@ impl ChatService {
         cache: Arc<dyn Cache>,
         key: &str,
         shared: &Shared,
-        result: &Result<Bytes, ApiError>,
+        result: &Result<Bytes, ChatError>,
     ) {
         let in_flight = self.in_flight.clone();
         let shared = shared.clone();
@@ -252,7 +282,7 @@ impl ChatService {
         request: &ChatRequest,
         kind: ProviderKind,
         model: &str,
-    ) -> Result<Bytes, ApiError> {
+    ) -> Result<Bytes, ChatError> {
         let completion = complete_with_retries(
             self.providers.get(kind),
             request,
@@ -261,7 +291,7 @@ impl ChatService {
             &self.metrics,
         )
         .await?;
-        let response = ChatResponse {
+        let response = Answer {
             id: uuid::Uuid::new_v4().to_string(),
             provider: kind.as_str().to_owned(),
             content: completion.content,
@@ -272,7 +302,7 @@ impl ChatService {
         serde_json::to_writer(&mut body, &response)
             .map(|()| Bytes::from(body))
             .map_err(|_| {
-                ApiError::BadGateway(format!(
+                ChatError::UpstreamFailed(format!(
                     "Provider '{}' answer could not be encoded",
                     kind.as_str()
                 ))

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use hyper::header::HeaderName;
 use hyper::Uri;
 
-use super::{json_body, Completion, Provider, ProviderError, UpstreamClient};
-use crate::api::schemas::{ChatRequest, Usage};
+use super::{json_body, Provider, ProviderError, UpstreamClient};
+use crate::domain::{ChatRequest, Completion, Usage};
 
 /// The header that carries the API key.
 const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-goog-api-key");
@@ -193,7 +193,7 @@ impl Provider for Gemini {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::schemas::Message;
+    use crate::domain::Message;
 
     #[test]
     fn roles_map_to_gemini_turns_and_system_instruction() {

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::de::DeserializeOwned;
 
 use super::ProviderError;
-use crate::workers::PerWorker;
+use crate::serve::workers::PerWorker;
 
 /// Largest upstream answer read: a bigger one is refused as invalid instead of being
 /// buffered without bound.
@@ -65,7 +65,7 @@ impl UpstreamClient {
             // reqwest reads the variables itself, NO_PROXY included.
             return reqwest_client(connect_timeout, None);
         }
-        let client = PerWorker::new(workers, || direct_client(connect_timeout));
+        let client = PerWorker::new(workers, move || direct_client(connect_timeout));
         Ok(UpstreamClient(Transport::Direct(Arc::new(client))))
     }
 

@@ -12,18 +12,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::api::schemas::{ChatRequest, Usage};
-use crate::error::ApiError;
-use crate::metrics::Metrics;
-
-/// What a provider answered.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Completion {
-    /// The generated text.
-    pub content: String,
-    /// Token counts as the provider reported them.
-    pub usage: Usage,
-}
+use crate::domain::{ChatError, ChatRequest, Completion};
+use crate::telemetry::metrics::Metrics;
 
 /// Why one provider attempt failed. Messages never hold keys or upstream bodies.
 #[derive(Debug, thiserror::Error)]
@@ -94,15 +84,15 @@ impl RetryPolicy {
     }
 }
 
-/// Calls `provider` with retries and records the provider metrics. Maps the final
-/// failure to 504 (timed out) or 502 (anything else).
+/// Calls `provider` with retries and records the provider metrics. The final failure is
+/// `UpstreamTimedOut` when the last attempt timed out, else `UpstreamFailed`.
 pub async fn complete_with_retries(
     provider: &dyn Provider,
     request: &ChatRequest,
     model: &str,
     policy: &RetryPolicy,
     metrics: &Metrics,
-) -> Result<Completion, ApiError> {
+) -> Result<Completion, ChatError> {
     let name = provider.name();
     let mut attempt = 0;
     loop {
@@ -127,11 +117,11 @@ pub async fn complete_with_retries(
         if !error.is_transient() || attempt >= policy.max_retries {
             tracing::warn!(provider = name, attempts, %error, "provider call failed");
             return Err(match error {
-                ProviderError::Timeout => ApiError::GatewayTimeout(format!(
+                ProviderError::Timeout => ChatError::UpstreamTimedOut(format!(
                     "Provider '{name}' timed out after {attempts} attempt(s) of {}s",
                     policy.attempt_timeout.as_secs_f64()
                 )),
-                other => ApiError::BadGateway(format!(
+                other => ChatError::UpstreamFailed(format!(
                     "Provider '{name}' failed after {attempts} attempt(s): {other}"
                 )),
             });

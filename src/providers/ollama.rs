@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use hyper::Uri;
 
-use super::{json_body, Completion, Provider, ProviderError, UpstreamClient};
-use crate::api::schemas::{ChatRequest, Usage};
+use super::{json_body, Provider, ProviderError, UpstreamClient};
+use crate::domain::{ChatRequest, Completion, Usage};
 
 /// An Ollama server.
 pub struct Ollama {
@@ -29,7 +29,7 @@ impl Ollama {
 #[derive(Serialize)]
 struct OllamaRequest<'a> {
     model: &'a str,
-    messages: &'a [crate::api::schemas::Message],
+    messages: &'a [crate::domain::Message],
     stream: bool,
     options: OllamaOptions,
 }

@@ -3,7 +3,10 @@
 //! through and closes again when the probe succeeds.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so tests can pause and advance it.
+use tokio::time::Instant;
 
 /// What the breaker allows for one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,8 +117,8 @@ impl Breaker {
 mod tests {
     use super::*;
 
-    #[test]
-    fn opens_after_the_threshold_and_probes_once_after_the_cooldown() {
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_the_threshold_and_probes_once_after_the_cooldown() {
         let breaker = Breaker::new(3, Duration::from_millis(50));
         assert_eq!(breaker.admit(), Admission::Call);
         assert!(!breaker.on_failure(false));
@@ -123,21 +126,23 @@ mod tests {
         assert!(breaker.on_failure(false), "third failure opens");
         assert_eq!(breaker.state(), BreakerState::Open);
         assert_eq!(breaker.admit(), Admission::Skip);
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(49)).await;
+        assert_eq!(breaker.admit(), Admission::Skip, "still cooling down");
+        tokio::time::advance(Duration::from_millis(2)).await;
         assert_eq!(breaker.admit(), Admission::Probe);
         assert_eq!(breaker.admit(), Admission::Skip, "only one probe at a time");
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
         breaker.on_failure(true);
         assert_eq!(breaker.admit(), Admission::Skip, "a failed probe reopens");
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(51)).await;
         assert_eq!(breaker.admit(), Admission::Probe);
         assert!(breaker.on_success());
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert_eq!(breaker.admit(), Admission::Call);
     }
 
-    #[test]
-    fn a_success_resets_the_failure_run() {
+    #[tokio::test(start_paused = true)]
+    async fn a_success_resets_the_failure_run() {
         let breaker = Breaker::new(2, Duration::from_secs(60));
         breaker.on_failure(false);
         breaker.on_success();

@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so tests can pause and advance it.
+use tokio::time::Instant;
 
 use super::Decision;
 
@@ -83,8 +86,8 @@ impl Default for DenyCache {
 mod tests {
     use super::*;
 
-    #[test]
-    fn denials_hold_until_the_next_token_is_due() {
+    #[tokio::test(start_paused = true)]
+    async fn denials_hold_until_the_next_token_is_due() {
         let cache = DenyCache::new();
         assert!(cache.check("k").is_none());
         cache.record("k", &Decision::from_millis(true, 0, 1000, 0));
@@ -94,7 +97,9 @@ mod tests {
         assert!(!denied.allowed);
         assert!(denied.retry_after_ms <= 40 && denied.reset_ms <= 2000);
         assert!(cache.check("other").is_none());
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::advance(Duration::from_millis(39)).await;
+        assert!(cache.check("k").is_some(), "not due yet");
+        tokio::time::advance(Duration::from_millis(2)).await;
         assert!(cache.check("k").is_none());
         cache.record("k", &Decision::from_millis(false, 0, 2000, 1000));
         cache.clear();

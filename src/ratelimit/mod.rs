@@ -1,9 +1,9 @@
 //! The per-client token-bucket limiter: backends, the failure policy around them, and
-//! the decision the HTTP layer turns into a 429 or into headers.
+//! the decision a front door turns into a 429 or into headers. It never imports the
+//! cache: a cache key it reads in its round trip is an opaque string to it.
 
 pub mod breaker;
 pub mod deny_cache;
-pub mod headers;
 pub mod memory;
 pub mod redis;
 
@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
-use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::domain::ChatError;
 use crate::settings::FailureMode;
+use crate::telemetry::metrics::Metrics;
 
 /// Capacity and refill rate of one client's bucket, with the tier's name for headers.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,7 +151,7 @@ pub fn bucket_key(identity: &str) -> String {
     format!("ratelimit:v1:{{{}}}", hex::encode(&digest[..16]))
 }
 
-/// The limiter as the HTTP layer sees it: a backend plus, when the backend is remote,
+/// The limiter as the chat use case sees it: a backend plus, when the backend is remote,
 /// the deny cache in front of it and the breaker and failure policy behind it.
 pub struct RateLimiter {
     backend: Arc<dyn LimiterBackend>,
@@ -229,13 +229,13 @@ impl RateLimiter {
         key: &str,
         policy: &BucketPolicy,
         prefetch: Option<&str>,
-    ) -> (Result<Decision, ApiError>, Prefetch) {
+    ) -> (Result<Decision, ChatError>, Prefetch) {
         let started = Instant::now();
         let (decision, prefetched) = match &self.remote {
             None => match self.backend.check(key, policy).await {
                 Ok(decision) => (Ok(decision), Prefetch::NotFetched),
                 Err(e) => (
-                    Err(ApiError::Unavailable(format!(
+                    Err(ChatError::LimiterUnavailable(format!(
                         "Rate limiter backend ({}) failed: {e}",
                         self.backend.name()
                     ))),
@@ -261,7 +261,7 @@ impl RateLimiter {
         key: &str,
         policy: &BucketPolicy,
         prefetch: Option<&str>,
-    ) -> (Result<Decision, ApiError>, Prefetch) {
+    ) -> (Result<Decision, ChatError>, Prefetch) {
         match self.guarded_call(guards, key, policy, prefetch).await {
             Ok((decision, prefetched)) => {
                 guards.deny_cache.record(key, &decision);
@@ -340,14 +340,14 @@ impl RateLimiter {
         guards: &RemoteGuards,
         key: &str,
         policy: &BucketPolicy,
-    ) -> Result<Decision, ApiError> {
+    ) -> Result<Decision, ChatError> {
         self.metrics
             .limiter_fallback_decisions
             .get(self.mode.as_str())
             .inc();
         match self.mode {
             FailureMode::Local => Ok(guards.fallback.take(key, policy)),
-            FailureMode::Closed => Err(ApiError::Unavailable(format!(
+            FailureMode::Closed => Err(ChatError::LimiterUnavailable(format!(
                 "Rate limiter backend ({}) is unavailable",
                 self.backend.name()
             ))),

@@ -1,14 +1,11 @@
 //! The Redis backend: the token-bucket script called with EVALSHA, reloaded on NOSCRIPT.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
-use redis::{ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
 use super::{BackendError, BucketPolicy, Decision, LimiterBackend, Prefetch};
-use crate::cache::pending::{PendingStores, TakenStores};
-use crate::metrics::Metrics;
-use crate::redis_conn::RedisConn;
+use crate::serve::redis::RedisConn;
+use crate::telemetry::metrics::Metrics;
 
 /// The token-bucket script; see the file for its contract.
 pub const TOKEN_BUCKET_LUA: &str = include_str!("token_bucket.lua");
@@ -19,23 +16,15 @@ pub struct RedisLimiter {
     /// SHA1 of the script, computed once.
     sha: String,
     metrics: Metrics,
-    /// Cache writes that ride along with calls that read the cache (see `cache::pending`).
-    pending: Option<Arc<PendingStores>>,
 }
 
 impl RedisLimiter {
-    /// A limiter on `conn`. With `pending`, each call that also reads the cache first
-    /// sends the cache writes waiting there.
-    pub fn new(
-        conn: RedisConn,
-        metrics: Metrics,
-        pending: Option<Arc<PendingStores>>,
-    ) -> RedisLimiter {
+    /// A limiter on `conn`.
+    pub fn new(conn: RedisConn, metrics: Metrics) -> RedisLimiter {
         RedisLimiter {
             conn,
             sha: redis::Script::new(TOKEN_BUCKET_LUA).get_hash().to_owned(),
             metrics,
-            pending,
         }
     }
 
@@ -87,30 +76,24 @@ fn decision(reply: ScriptReply) -> Decision {
 }
 
 impl RedisLimiter {
-    /// Runs the script (and the prefetch GET, pipelined on the same connection), and on
-    /// NOSCRIPT once more with EVAL. EVAL runs the script and caches it again on the node
-    /// that owns the key, so this works node by node on a cluster without needing every
-    /// node to be up.
+    /// Runs the script (and the prefetch GET in the same round trip), and on NOSCRIPT
+    /// once more with EVAL. EVAL runs the script and caches it again on the node that
+    /// owns the key, so this works node by node on a cluster without needing every node
+    /// to be up.
     async fn run(
         &self,
         key: &str,
         policy: &BucketPolicy,
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), BackendError> {
-        let stores = match (&self.pending, prefetch) {
-            (Some(pending), Some(_)) => pending.take_for_ride(),
-            _ => TakenStores::default(),
-        };
         match self
-            .run_with("EVALSHA", &self.sha, key, policy, prefetch, stores)
+            .run_with("EVALSHA", &self.sha, key, policy, prefetch)
             .await
         {
             Err(error) if is_noscript(&error) => {
                 self.metrics.limiter_script_reloads.inc();
                 tracing::info!("rate limiter script missing on Redis (NOSCRIPT); reloading");
-                // The first pipeline has already delivered its cache writes.
-                let stores = TakenStores::default();
-                self.run_with("EVAL", TOKEN_BUCKET_LUA, key, policy, prefetch, stores)
+                self.run_with("EVAL", TOKEN_BUCKET_LUA, key, policy, prefetch)
                     .await
             }
             other => other,
@@ -125,7 +108,6 @@ impl RedisLimiter {
         key: &str,
         policy: &BucketPolicy,
         prefetch: Option<&str>,
-        stores: TakenStores,
     ) -> Result<(Decision, Prefetch), RedisError> {
         let call = self.invocation(command, script, key, policy);
         let Some(cache_key) = prefetch else {
@@ -133,22 +115,12 @@ impl RedisLimiter {
             let reply: ScriptReply = call.query_async(&mut conn).await?;
             return Ok((decision(reply), Prefetch::NotFetched));
         };
-        // Waiting cache writes first, so the GET below already sees them; every reply on
-        // its own, so a failed cache write or read never fails the decision. On a cluster
-        // the script and the GET go to their own nodes at once (see `round_trip`).
-        let mut pipe = redis::pipe();
-        stores.add_to(&mut pipe);
-        pipe.add_command(call).cmd("GET").arg(cache_key);
-        pipe.ignore_errors();
-        let replies: Vec<RedisResult<Value>> = match self.conn.round_trip(&pipe).await {
-            Ok(replies) => replies,
-            Err(error) => {
-                stores.fail(&error.to_string());
-                return Err(error);
-            }
-        };
-        let mut replies = replies.into_iter();
-        stores.finish(&mut replies);
+        // Every reply on its own, so a failed read never fails the decision. On one node
+        // the round trip also carries the writes waiting on this thread, ahead of the
+        // GET; on a cluster the script and the GET go to their own nodes at once.
+        let mut get = redis::cmd("GET");
+        get.arg(cache_key);
+        let mut replies = self.conn.round_trip(vec![call, get]).await?.into_iter();
         let script_reply = replies.next().unwrap_or_else(|| Err(missing_reply()))?;
         let reply: ScriptReply = redis::from_redis_value(script_reply)?;
         let prefetched = match replies.next() {

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use llm_gateway::metrics::Metrics;
 use llm_gateway::ratelimit::memory::MemoryLimiter;
 use llm_gateway::ratelimit::redis::RedisLimiter;
 use llm_gateway::ratelimit::{BucketPolicy, LimiterBackend, Prefetch};
-use llm_gateway::redis_conn::RedisConn;
+use llm_gateway::serve::redis::RedisConn;
 use llm_gateway::settings::StoreUrl;
+use llm_gateway::telemetry::metrics::Metrics;
 
 use crate::common::{RedisCluster, RedisServer};
 
@@ -130,7 +130,7 @@ async fn the_redis_backend_passes_the_behaviour_suite() {
     let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1), 1)
         .unwrap()
         .unwrap();
-    run_suite(&RedisLimiter::new(conn, Metrics::new(), None)).await;
+    run_suite(&RedisLimiter::new(conn, Metrics::new())).await;
 }
 
 #[tokio::test]
@@ -144,7 +144,7 @@ async fn the_redis_cluster_backend_passes_the_behaviour_suite_and_reads_the_cach
     let conn = RedisConn::open(&StoreUrl::Cluster(nodes), Duration::from_secs(1), 1)
         .unwrap()
         .unwrap();
-    let backend = RedisLimiter::new(conn.clone(), Metrics::new(), None);
+    let backend = RedisLimiter::new(conn.clone(), Metrics::new());
     run_suite(&backend).await;
     // Buckets and cache entries hash to different slots, on different nodes: the read
     // that comes with the script must still work (a pipeline across slots cannot).

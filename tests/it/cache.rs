@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use llm_gateway::cache::pending::{PendingStores, RIDE_ALONG_MAX_BYTES};
 use llm_gateway::cache::redis::RedisCache;
 use llm_gateway::cache::Cache;
-use llm_gateway::metrics::Metrics;
 use llm_gateway::ratelimit::redis::RedisLimiter;
 use llm_gateway::ratelimit::{BucketPolicy, LimiterBackend, Prefetch};
-use llm_gateway::redis_conn::RedisConn;
+use llm_gateway::serve::deferred::RIDE_ALONG_MAX_BYTES;
+use llm_gateway::serve::redis::RedisConn;
 use llm_gateway::settings::StoreUrl;
+use llm_gateway::telemetry::metrics::Metrics;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use wiremock::matchers::path;
@@ -222,21 +222,17 @@ async fn the_order_of_checks_holds_when_the_limiter_fails_closed() {
     assert_eq!(app.chat(KEY, &chat_body("fine")).await.status(), 503);
 }
 
-/// The Redis limiter and cache wired as the app wires them on one node: cache writes
-/// wait in a shared queue for the limiter's next pipeline.
-fn limiter_and_cache(redis: &RedisServer) -> (RedisLimiter, Arc<RedisCache>, Arc<PendingStores>) {
+/// The Redis limiter and cache wired as the app wires them on one node: both on one
+/// connection, whose deferred writes (the cache's) wait for its next round trip (the
+/// limiter's). The test runs on no worker thread, so all share the non-worker queue.
+fn limiter_and_cache(redis: &RedisServer) -> (RedisLimiter, Arc<RedisCache>, RedisConn) {
     let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1), 1)
         .unwrap()
         .unwrap();
-    let pending = Arc::new(PendingStores::default());
     (
-        RedisLimiter::new(conn.clone(), Metrics::new(), Some(pending.clone())),
-        Arc::new(RedisCache::new(
-            conn,
-            Duration::from_secs(1),
-            Some(pending.clone()),
-        )),
-        pending,
+        RedisLimiter::new(conn.clone(), Metrics::new()),
+        Arc::new(RedisCache::new(conn.clone(), Duration::from_secs(1))),
+        conn,
     )
 }
 
@@ -269,9 +265,9 @@ async fn queue_store(
 #[tokio::test]
 async fn a_waiting_cache_write_rides_with_the_next_limiter_call_which_already_reads_it() {
     let redis = RedisServer::start();
-    let (limiter, cache, pending) = limiter_and_cache(&redis);
+    let (limiter, cache, conn) = limiter_and_cache(&redis);
     let store = queue_store(&cache, "cache:ride", &b"answer"[..]).await;
-    assert!(!pending.is_empty(), "waiting for a ride");
+    assert_eq!(conn.writes_waiting(), 1, "waiting for a ride");
     let (decision, prefetched) = limiter
         .check_and_prefetch("ratelimit:ride", &roomy_bucket(), "cache:ride")
         .await
@@ -338,10 +334,10 @@ async fn a_riding_write_survives_a_script_reload_and_a_broken_cache_read_fails_o
 #[tokio::test]
 async fn a_large_answer_is_written_at_once_instead_of_waiting_for_a_ride() {
     let redis = RedisServer::start();
-    let (_limiter, cache, pending) = limiter_and_cache(&redis);
+    let (_limiter, cache, conn) = limiter_and_cache(&redis);
     let answer = vec![b'a'; RIDE_ALONG_MAX_BYTES + 1];
     let store = queue_store(&cache, "cache:large", answer.clone()).await;
-    assert!(pending.is_empty(), "not queued");
+    assert_eq!(conn.writes_waiting(), 0, "not queued");
     store.await.unwrap();
     assert_eq!(
         cache.get("cache:large").await.unwrap(),

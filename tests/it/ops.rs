@@ -139,8 +139,15 @@ async fn logs_hold_request_lines_but_no_keys_or_message_text() {
     .unwrap();
     assert_eq!(failed.status(), 502);
     assert!(!failed.text().await.unwrap().contains("AIza"));
+    // A path no route matches is logged as `unmatched`, never as the client wrote it.
+    let unmatched = client
+        .get(format!("{}/no/CLIENT-PATH-{secret_text}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unmatched.status(), 404);
 
-    wait_for_line(&gateway.log, "\"status\":502").expect("request lines are logged");
+    wait_for_line(&gateway.log, "\"status\":404").expect("request lines are logged");
     let output = gateway.output();
     for secret in ["SECRETKEY", "WRONGKEY", "PROVIDER-SECRET", secret_text] {
         assert!(
@@ -154,10 +161,19 @@ async fn logs_hold_request_lines_but_no_keys_or_message_text() {
         .expect("request id in the log");
     let record: Value = serde_json::from_str(line).expect("JSON log line");
     assert_eq!(record["status"], 200);
+    assert_eq!(record["route"], "/api/v1/chat", "the matched route");
+    assert_eq!(record["method"], "POST");
     assert_eq!(record["provider"], "ollama");
     assert_eq!(record["cache"], "MISS");
     assert!(record["latency_ms"].is_number());
     assert!(output.contains("provider call failed"));
+    let not_found = output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["status"] == 404)
+        .expect("the 404 is logged");
+    assert_eq!(not_found["route"], "unmatched");
+    assert!(!output.contains("CLIENT-PATH"));
 }
 
 #[tokio::test]
@@ -466,7 +482,7 @@ async fn mock_llm_speaks_all_three_wire_formats_and_injects_faults() {
 
 #[test]
 fn the_dashboard_queries_only_metrics_the_gateway_exports() {
-    let exported = llm_gateway::metrics::Metrics::new().render();
+    let exported = llm_gateway::telemetry::metrics::Metrics::new().render();
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/config/grafana/dashboards/llm-gateway.json"

@@ -6,11 +6,13 @@
 //! `proptest-regressions/` and replayed first on every run.
 
 use axum::http::{HeaderMap, HeaderValue};
-use llm_gateway::api::schemas::{parse_chat_request, ChatRequest, Message};
-use llm_gateway::auth::{client_ip, AuthConfig};
+use llm_gateway::api::auth::{client_ip, AuthConfig};
+use llm_gateway::api::limit_headers as headers;
+use llm_gateway::api::original::schema::parse_chat_request;
+use llm_gateway::api::original::ApiError;
 use llm_gateway::cache::cache_key;
-use llm_gateway::error::ApiError;
-use llm_gateway::ratelimit::{headers, BucketPolicy, Decision};
+use llm_gateway::domain::{ChatRequest, Message};
+use llm_gateway::ratelimit::{BucketPolicy, Decision};
 use llm_gateway::settings::Settings;
 use proptest::prelude::*;
 use serde_json::{json, Value};

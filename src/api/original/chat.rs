@@ -1,4 +1,6 @@
-//! `POST /api/v1/chat` and `/v1/chat`: limit, validate, then answer from the service.
+//! `POST /api/v1/chat` and `/v1/chat`: limit, validate, then answer from the chat use case.
+
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -7,23 +9,18 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::schemas::parse_chat_request;
-use crate::app::AppState;
-use crate::auth::ClientIdentity;
-use crate::body_timeout::BodyReadTimeout;
-use crate::chat::routing::ProviderKind;
-use crate::chat::service::{CacheStatus, ChatOutcome};
-use crate::error::ApiError;
-use crate::ratelimit::{headers as limit_headers, Decision};
+use super::error::ApiError;
+use super::schema::parse_chat_request;
+use crate::api::auth::ClientIdentity;
+use crate::api::limit_headers;
+use crate::api::observe::ChatMeta;
+use crate::chat::service::{ChatOutcome, ChatService};
+use crate::ratelimit::Decision;
+use crate::serve::body::BodyReadTimeout;
 
-/// Left on chat responses for the request log: which provider, hit or miss.
+/// The largest request body (`MAX_BODY_BYTES`), named in 413 answers.
 #[derive(Debug, Clone, Copy)]
-pub struct ChatMeta {
-    /// The routed provider.
-    pub provider: ProviderKind,
-    /// Hit or miss.
-    pub cache: CacheStatus,
-}
+pub struct MaxBodyBytes(pub usize);
 
 /// The request's `Content-Type`, if any. Taken alone: extracting the whole `HeaderMap`
 /// cloned every header of every request.
@@ -47,7 +44,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ContentType {
 /// errors are answered only after the limiter's verdict: the order of CONTRACT §2
 /// (429, then 413/422, then 503/502/504) holds whatever the client sent.
 pub async fn chat(
-    State(state): State<AppState>,
+    State(chat): State<Arc<ChatService>>,
+    State(MaxBodyBytes(max_body_bytes)): State<MaxBodyBytes>,
     identity: Option<Extension<ClientIdentity>>,
     ContentType(content_type): ContentType,
     body: Result<Bytes, BytesRejection>,
@@ -56,28 +54,29 @@ pub async fn chat(
         // Only reachable if the layers are mis-ordered; refuse rather than admit.
         return ApiError::Unauthorized.into_response();
     };
-    if let Some(denied) = state.limiter.cached_denial(&identity.bucket_key) {
+    if let Some(denied) = chat.cached_denial(&identity.bucket_key) {
         return rate_limited(&identity, &denied);
     }
     let parsed = body
-        .map_err(|rejection| body_error(&rejection, state.settings.max_body_bytes))
+        .map_err(|rejection| body_error(&rejection, max_body_bytes))
         .and_then(|body| {
             let content_type = content_type.as_ref().and_then(|v| v.to_str().ok());
             parse_chat_request(&body, content_type)
         });
-    let cache_key = parsed.as_ref().ok().and_then(|r| state.chat.cache_key(r));
-    let (decision, prefetched) = state
-        .limiter
-        .check(&identity.bucket_key, &identity.policy, cache_key.as_deref())
+    let admission = chat
+        .admit(&identity.bucket_key, &identity.policy, parsed.as_ref().ok())
         .await;
-    let decision = match decision {
-        Ok(decision) if !decision.allowed => return rate_limited(&identity, &decision),
-        other => other,
+    let decision = match &admission.decision {
+        Ok(decision) if !decision.allowed => return rate_limited(&identity, decision),
+        other => other.clone(),
     };
     let answer = match (parsed, &decision) {
         (Err(error), _) => Err(error),
-        (Ok(_), Err(error)) => Err(error.clone()),
-        (Ok(request), Ok(_)) => state.chat.chat(request, cache_key, prefetched).await,
+        (Ok(_), Err(error)) => Err(ApiError::from(error.clone())),
+        (Ok(request), Ok(_)) => chat
+            .answer(request, admission)
+            .await
+            .map_err(ApiError::from),
     };
     let mut response = match answer {
         Ok(outcome) => answer_response(outcome),

@@ -3,7 +3,7 @@
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::{BucketPolicy, Decision};
+use crate::ratelimit::{BucketPolicy, Decision};
 
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
@@ -33,18 +33,8 @@ fn tier_value(tier: &str, a: &str, x: u64, b: &str, y: u64) -> Option<HeaderValu
     HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
 }
 
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[start..]);
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn ceil_seconds(ms: u64) -> u64 {

@@ -1,75 +1,14 @@
-//! `ChatRequest` / `ChatResponse` and the validation that turns a body into a request
-//! with pydantic's error shapes (lax coercions included, as the original accepted them).
+//! The original door's request schema: the validation that turns a body into a
+//! [`ChatRequest`] with pydantic's error shapes (lax coercions included, as the original
+//! accepted them).
 //!
 //! Errors never echo the input: message text must not leak into error bodies.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::error::{ApiError, FieldError};
-
-/// One chat turn.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Message {
-    /// `user`, `assistant`, `system`, ...
-    pub role: String,
-    /// The text of the turn.
-    pub content: String,
-}
-
-/// A validated chat request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChatRequest {
-    /// At least one message.
-    pub messages: Vec<Message>,
-    /// Explicit model or routing word.
-    pub model: Option<String>,
-    /// Routing hint, used when `model` is absent.
-    pub model_hint: Option<String>,
-    /// Completion budget, at least 1.
-    pub max_tokens: u64,
-    /// Sampling temperature in [0, 2].
-    pub temperature: f64,
-    /// Accepted for compatibility; answers are never streamed.
-    pub stream: bool,
-}
-
-impl ChatRequest {
-    /// About how many bytes the messages take once written as JSON: enough to size a
-    /// buffer up front, so a long message is not copied again each time it outgrows it.
-    pub fn json_size_hint(&self) -> usize {
-        let text: usize = self
-            .messages
-            .iter()
-            .map(|m| m.role.len() + m.content.len() + 48)
-            .sum();
-        text + 256
-    }
-}
-
-/// Token counts of one completion.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    /// Tokens in the prompt.
-    pub prompt_tokens: u64,
-    /// Tokens generated.
-    pub completion_tokens: u64,
-    /// Their sum.
-    pub total_tokens: u64,
-}
-
-/// The body of a successful chat answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChatResponse {
-    /// A UUID4 naming this answer (kept on cache hits).
-    pub id: String,
-    /// `ollama` or `gemini`.
-    pub provider: String,
-    /// The generated text.
-    pub content: String,
-    /// Token counts.
-    pub usage: Usage,
-}
+use super::error::{ApiError, FieldError};
+use crate::domain::{ChatRequest, Message};
 
 /// Defaults of the original service.
 pub const DEFAULT_MAX_TOKENS: u64 = 512;

@@ -16,8 +16,9 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::app::AppState;
-use crate::error::ApiError;
+use arc_swap::ArcSwap;
+
+use crate::api::original::ApiError;
 use crate::ratelimit::{bucket_key, BucketPolicy};
 use crate::settings::{Settings, SettingsError};
 
@@ -198,10 +199,26 @@ fn group(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The running [`AuthConfig`], swapped whole on reload (SIGHUP).
+#[derive(Clone)]
+pub struct Keys(pub Arc<ArcSwap<AuthConfig>>);
+
+impl Keys {
+    /// Keys serving `config` until the next reload.
+    pub fn new(config: AuthConfig) -> Keys {
+        Keys(Arc::new(ArcSwap::from_pointee(config)))
+    }
+
+    /// Serves `config` from now on; requests in flight keep the one they started with.
+    pub fn replace(&self, config: AuthConfig) {
+        self.0.store(Arc::new(config));
+    }
+}
+
 /// Middleware: 401 unless the request has a configured key (or anonymous access
 /// applies); otherwise attaches the client's identity for the limiter.
 pub async fn require_api_key(
-    State(state): State<AppState>,
+    State(keys): State<Keys>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -209,7 +226,7 @@ pub async fn require_api_key(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let Some(identity) = state.auth.load().identify(request.headers(), peer) else {
+    let Some(identity) = keys.0.load().identify(request.headers(), peer) else {
         return ApiError::Unauthorized.into_response();
     };
     request.extensions_mut().insert(identity);

@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 /// The defaults file, compiled into the binary.
-const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
+const DEFAULTS_TOML: &str = include_str!("../../config/default.toml");
 
 /// The client key the original service shipped with; start-up warns while it is in use.
 pub const SHIPPED_DEFAULT_API_KEY: &str = "sk-gateway-123";

@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::body_timeout::Unread;
+use super::body::Unread;
 
 /// How long a closing connection whose client may still be sending (an answer given
 /// before its whole body arrived) is read and discarded before the socket is closed.
@@ -44,7 +44,7 @@ pub struct ConnectionActivity {
     /// Set when the connection is to be closed with request data left unread.
     linger: AtomicBool,
     /// What the handler of the HTTP/1 request being answered left of its body (see
-    /// `body_timeout::RequestBody`).
+    /// `body::RequestBody`).
     leftover: Mutex<Option<Unread>>,
 }
 

@@ -1,5 +1,6 @@
 //! The log line format: time (RFC 3339, UTC, microseconds), level, target, message and
-//! fields, as `key=value` text or as one flat JSON object per line.
+//! fields (the event's, then those of the spans it is in, outermost first), as
+//! `key=value` text or as one flat JSON object per line.
 //!
 //! The same layout tracing-subscriber's `fmt` and `fmt().json().flatten_event(true)`
 //! write, produced with less work: their visitors format every field through `Debug`
@@ -11,12 +12,58 @@ use std::fmt::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
+use tracing::span::Record;
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// Formats events as text or JSON lines (spans are not shown: the gateway opens none).
+/// Renders span fields as the line format writes event fields, so an event's line can
+/// carry the fields of its spans; install it with `fmt_fields` beside [`LineFormat`].
+#[derive(Debug, Clone, Copy)]
+pub struct LineFields {
+    json: bool,
+}
+
+impl LineFields {
+    /// ` key="value"` text.
+    pub fn text() -> LineFields {
+        LineFields { json: false }
+    }
+
+    /// `,"key":"value"` members of a JSON object.
+    pub fn json() -> LineFields {
+        LineFields { json: true }
+    }
+}
+
+impl<'writer> FormatFields<'writer> for LineFields {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut visitor = Fields {
+            out: &mut writer,
+            json: self.json,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+
+    /// Appends fields recorded later: each starts with its own separator.
+    fn add_fields(
+        &self,
+        current: &'writer mut FormattedFields<Self>,
+        fields: &Record<'_>,
+    ) -> fmt::Result {
+        self.format_fields(current.as_writer(), fields)
+    }
+}
+
+/// Formats events as text or JSON lines, with the fields of their spans.
 #[derive(Debug, Clone, Copy)]
 pub struct LineFormat {
     json: bool,
@@ -34,14 +81,13 @@ impl LineFormat {
     }
 }
 
-impl<S, N> FormatEvent<S, N> for LineFormat
+impl<S> FormatEvent<S, LineFields> for LineFormat
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(
         &self,
-        _ctx: &FmtContext<'_, S, N>,
+        ctx: &FmtContext<'_, S, LineFields>,
         mut out: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
@@ -55,6 +101,7 @@ where
             out.write_str(meta.level().as_str())?;
             out.write_char('"')?;
             record_fields(&mut out, event, true)?;
+            span_fields(&mut out, ctx)?;
             out.write_str(",\"target\":")?;
             write_json_str(&mut out, meta.target())?;
             out.write_str("}\n")
@@ -70,9 +117,27 @@ where
             out.write_str(meta.target())?;
             out.write_char(':')?;
             record_fields(&mut out, event, false)?;
+            span_fields(&mut out, ctx)?;
             out.write_char('\n')
         }
     }
+}
+
+/// Writes the fields of the spans the event is in, outermost first, as [`LineFields`]
+/// rendered them when each span was made.
+fn span_fields<S>(out: &mut Writer<'_>, ctx: &FmtContext<'_, S, LineFields>) -> fmt::Result
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let Some(scope) = ctx.event_scope() else {
+        return Ok(());
+    };
+    for span in scope.from_root() {
+        if let Some(fields) = span.extensions().get::<FormattedFields<LineFields>>() {
+            out.write_str(fields)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the fields of `event` in the text or JSON form.
@@ -265,6 +330,7 @@ mod tests {
 
     /// Captures what one event formats to.
     fn capture(format: LineFormat, emit: impl FnOnce()) -> String {
+        let fields = LineFields { json: format.json };
         #[derive(Clone, Default)]
         struct Sink(Arc<Mutex<Vec<u8>>>);
         impl std::io::Write for Sink {
@@ -279,6 +345,7 @@ mod tests {
         let sink = Sink::default();
         let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(fields)
             .event_format(format)
             .with_writer(move || writer.clone())
             .finish();
@@ -319,6 +386,36 @@ mod tests {
         let timestamp = record["timestamp"].as_str().unwrap();
         assert_eq!(timestamp.len(), 27, "{timestamp}");
         assert!(line.starts_with("{\"timestamp\":"), "{line}");
+    }
+
+    fn emit_in_spans() {
+        let outer = tracing::info_span!("request", request_id = "abc-1", attempt = 2u64);
+        let _outer = outer.enter();
+        let inner = tracing::info_span!("limiter", backend = "redis");
+        let _inner = inner.enter();
+        inner.record("backend", "redis\"2");
+        tracing::info!(status = 200u64, "decided");
+    }
+
+    #[test]
+    fn span_fields_are_on_the_lines_of_their_events() {
+        let line = capture(LineFormat::json(), emit_in_spans);
+        let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(record["status"], 200);
+        assert_eq!(record["request_id"], "abc-1");
+        assert_eq!(record["attempt"], 2);
+        assert_eq!(record["message"], "decided");
+        assert!(
+            line.contains(r#""backend":"redis","backend":"redis\"2""#),
+            "{line}"
+        );
+        let text = capture(LineFormat::text(), emit_in_spans);
+        assert!(
+            text.ends_with(
+                ": decided status=200 request_id=\"abc-1\" attempt=2 backend=\"redis\" backend=\"redis\\\"2\"\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

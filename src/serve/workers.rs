@@ -12,12 +12,15 @@
 //!
 //! A thread that is not a worker (start-up, tests, the accept loop) uses a slot of
 //! [`PerWorker`] of its own, so everything works from any thread; only locality differs.
+//! Each value is made by the first `get` on the thread it belongs to, inside that
+//! thread's runtime: whatever its maker starts (a Redis connection's driver task, say)
+//! runs on that thread, however eagerly the maker connects.
 
 use std::cell::Cell;
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -37,35 +40,33 @@ pub fn count(configured: usize) -> usize {
     }
 }
 
-/// One value per worker, plus one shared by every other thread.
+/// One value per worker, plus one shared by every other thread, each made on first use by
+/// the thread it belongs to.
 pub struct PerWorker<T> {
-    slots: Box<[T]>,
+    slots: Box<[OnceLock<T>]>,
+    make: Box<dyn Fn() -> T + Send + Sync>,
 }
 
 impl<T> PerWorker<T> {
-    /// Makes the value of each of `workers` workers, and of the other threads.
-    pub fn new(workers: usize, make: impl FnMut() -> T) -> Self {
+    /// Values for `workers` workers, and for the other threads, each made by `make` on
+    /// the first [`PerWorker::get`] of its thread.
+    pub fn new(workers: usize, make: impl Fn() -> T + Send + Sync + 'static) -> Self {
         PerWorker {
-            slots: std::iter::repeat_with(make).take(workers + 1).collect(),
+            slots: std::iter::repeat_with(OnceLock::new)
+                .take(workers + 1)
+                .collect(),
+            make: Box::new(make),
         }
     }
 
-    /// Like [`PerWorker::new`], for values whose making can fail.
-    pub fn try_new<E>(workers: usize, make: impl FnMut() -> Result<T, E>) -> Result<Self, E> {
-        let slots = std::iter::repeat_with(make)
-            .take(workers + 1)
-            .collect::<Result<Box<[T]>, E>>()?;
-        Ok(PerWorker { slots })
-    }
-
-    /// The calling thread's value.
+    /// The calling thread's value, made now if this is its first use.
     pub fn get(&self) -> &T {
         let shared = self.slots.len() - 1;
         let index = WORKER_INDEX
             .get()
             .filter(|&index| index < shared)
             .unwrap_or(shared);
-        &self.slots[index]
+        self.slots[index].get_or_init(&self.make)
     }
 }
 
@@ -157,35 +158,68 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
 
-    /// The values handed out so far, so each slot can be told apart.
+    /// Values numbered in the order they are made, so each slot can be told apart.
     fn numbered(workers: usize) -> PerWorker<usize> {
-        let mut next = 0;
-        PerWorker::new(workers, || {
-            next += 1;
-            next - 1
-        })
-    }
-
-    #[test]
-    fn a_value_that_cannot_be_made_fails_the_whole() {
-        let mut left = 2;
-        let made = PerWorker::try_new(3, || {
-            left -= 1;
-            if left < 0 {
-                Err("no more")
-            } else {
-                Ok(left)
-            }
-        });
-        assert_eq!(made.err(), Some("no more"));
+        let next = AtomicUsize::new(0);
+        PerWorker::new(workers, move || next.fetch_add(1, Ordering::Relaxed))
     }
 
     #[test]
     fn a_thread_that_is_not_a_worker_gets_the_shared_slot() {
-        let values = numbered(2);
-        assert_eq!(*values.get(), 2);
-        let other = std::thread::spawn(move || *values.get());
-        assert_eq!(other.join().unwrap(), 2);
+        let values = Arc::new(numbered(2));
+        assert_eq!(*values.get(), 0, "made by its first use");
+        let other = {
+            let values = values.clone();
+            std::thread::spawn(move || *values.get())
+        };
+        assert_eq!(other.join().unwrap(), 0, "the same shared value");
+    }
+
+    #[test]
+    fn each_value_is_made_on_its_worker_thread_and_what_it_starts_runs_there() {
+        use std::thread::ThreadId;
+        // An eager maker, as a Redis connection made at once would be: it starts a task
+        // (the connection's driver) on the runtime it is made in.
+        let (ran, ran_on) = mpsc::channel::<(ThreadId, ThreadId)>();
+        let ran = std::sync::Mutex::new(ran);
+        let values = Arc::new(PerWorker::new(2, move || {
+            let made_on = std::thread::current().id();
+            let ran = ran.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let _ = ran.send((made_on, std::thread::current().id()));
+            });
+            made_on
+        }));
+        let workers = Workers::start(2).unwrap();
+        let (used, used_on) = mpsc::channel();
+        let (hold, held) = oneshot::channel::<()>();
+        // The first connection stays open, so the second goes to the other worker.
+        for hold in [Some(held), None] {
+            let (values, used) = (values.clone(), used.clone());
+            workers.run(move || async move {
+                used.send((*values.get(), std::thread::current().id()))
+                    .unwrap();
+                if let Some(hold) = hold {
+                    let _ = hold.await;
+                }
+            });
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let test_thread = std::thread::current().id();
+        let mut workers_seen = std::collections::HashSet::new();
+        for _ in 0..2 {
+            let (value, user) = used_on.recv().unwrap();
+            assert_eq!(value, user, "each worker's value was made on that worker");
+            let (made_on, task_ran_on) = ran_on.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert_eq!(
+                made_on, task_ran_on,
+                "what the maker started runs there too"
+            );
+            assert_ne!(made_on, test_thread);
+            workers_seen.insert(user);
+        }
+        assert_eq!(workers_seen.len(), 2, "two workers, two values");
+        drop(hold);
     }
 
     #[test]

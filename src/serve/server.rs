@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderValue, Version};
-use axum::response::IntoResponse;
 use axum::Router;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -33,10 +32,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
-use crate::body_timeout::{RequestBody, Unread};
-use crate::conn_io::{ConnectionActivity, ConnectionIo, ConnectionTimeouts, InProgress};
-use crate::error::ApiError;
-use crate::workers::Workers;
+use super::body::{RequestBody, Unread};
+use super::conn_io::{ConnectionActivity, ConnectionIo, ConnectionTimeouts, InProgress};
+use super::workers::Workers;
 
 /// Limits of the connection layer.
 #[derive(Debug, Clone)]
@@ -60,6 +58,10 @@ pub struct ServerLimits {
 /// How long draining waits for requests already sent on idle keep-alive connections
 /// (bounded by the grace period) before closing those connections.
 const DRAIN_LINGER: Duration = Duration::from_millis(500);
+
+/// The answer to a request whose handler panicked (a bug), in the `{"detail"}` shape every
+/// error of the gateway has.
+const INTERNAL_ERROR: &str = r#"{"detail":"Internal Server Error"}"#;
 
 /// What an over-capacity connection is told before it is closed.
 const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
@@ -314,7 +316,13 @@ async fn answer_or_500(
             Ok(Poll::Pending) => Poll::Pending,
             Err(_) => {
                 tracing::error!("a request handler panicked; answered 500");
-                Poll::Ready(ApiError::Internal.into_response())
+                let mut response = axum::response::Response::new(INTERNAL_ERROR.into());
+                *response.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Poll::Ready(response)
             }
         }
     })

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Sleep;
 
-use crate::conn_io::{ConnectionActivity, InProgress};
+use super::conn_io::{ConnectionActivity, InProgress};
 
 /// The error a body yields when the client sent nothing for the whole timeout.
 #[derive(Debug, thiserror::Error)]

@@ -43,9 +43,21 @@ impl<M: Clone> Labelled<M> {
     }
 }
 
-/// Every metric the gateway exports.
+/// Every metric the gateway exports, behind one `Arc`: cloning it (each request's layers
+/// take it from the state) is one atomic increment, not one per metric handle.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<MetricSet>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricSet;
+
+    fn deref(&self) -> &MetricSet {
+        &self.0
+    }
+}
+
+/// The metric handles of [`Metrics`].
+pub struct MetricSet {
     registry: Registry,
     /// Requests admitted by the limiter (orig).
     pub rate_limit_allowed: IntCounter,
@@ -145,7 +157,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let r = &registry;
-        Metrics {
+        Metrics(Arc::new(MetricSet {
             rate_limit_allowed: counter(
                 r,
                 "rate_limit_allowed_total",
@@ -260,7 +272,7 @@ impl Metrics {
                 "Denials answered by the local deny cache without a Redis call",
             ),
             registry,
-        }
+        }))
     }
 
     /// The registry in Prometheus text format 0.0.4.

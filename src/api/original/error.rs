@@ -1,8 +1,12 @@
-//! `ApiError`: every error a client can see, rendered once as FastAPI's `{"detail": ...}`.
+//! `ApiError`: every error a client of the original door can see, rendered once as
+//! FastAPI's `{"detail": ...}`, and the one mapping of the core's errors to it. The
+//! gateway's own answers outside any dialect (404, 405, overload) use it too.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
+
+use crate::domain::ChatError;
 
 /// One field-level validation failure, in pydantic's shape.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -53,9 +57,16 @@ pub enum ApiError {
     /// 405: the route exists but not for this method.
     #[error("Method Not Allowed")]
     MethodNotAllowed,
-    /// 500: a bug (a handler panicked); the cause is in the log.
-    #[error("Internal Server Error")]
-    Internal,
+}
+
+impl From<ChatError> for ApiError {
+    fn from(error: ChatError) -> ApiError {
+        match error {
+            ChatError::LimiterUnavailable(message) => ApiError::Unavailable(message),
+            ChatError::UpstreamFailed(message) => ApiError::BadGateway(message),
+            ChatError::UpstreamTimedOut(message) => ApiError::GatewayTimeout(message),
+        }
+    }
 }
 
 impl ApiError {
@@ -73,7 +84,6 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

@@ -1,0 +1,17 @@
+//! Why the core could not answer a request. Each front door maps these to its own status
+//! and error body, once; the messages name the component or provider and never hold a
+//! secret or an upstream body.
+
+/// A failure of the chat use case.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ChatError {
+    /// The limiter could not decide: its store is down and the failure mode is `closed`.
+    #[error("{0}")]
+    LimiterUnavailable(String),
+    /// The provider failed after its retries (or gave an answer that cannot be used).
+    #[error("{0}")]
+    UpstreamFailed(String),
+    /// The provider's last attempt timed out.
+    #[error("{0}")]
+    UpstreamTimedOut(String),
+}
