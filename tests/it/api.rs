@@ -11,17 +11,15 @@ async fn app(
     upstream: &wiremock::MockServer,
     extra: &[(&str, &str)],
 ) -> TestApp {
-    let mut pairs = vec![
-        ("REDIS_URL", redis.url()),
-        ("API_KEYS", format!("{KEY}, sk-other ,")),
-        ("OLLAMA_BASE_URL", upstream.uri()),
-        ("GEMINI_BASE_URL", upstream.uri()),
-        ("GEMINI_API_KEY", "gm-key".to_string()),
-        ("RATE_LIMITER_CAPACITY", "100".to_string()),
-    ];
-    pairs.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
-    let borrowed: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    TestApp::spawn(&borrowed).await
+    TestApp::builder()
+        .store(&redis.url())
+        .keys(&format!("{KEY}, sk-other ,"))
+        .ollama(upstream)
+        .gemini(upstream, "gm-key")
+        .set("RATE_LIMITER_CAPACITY", "100")
+        .settings(extra)
+        .spawn()
+        .await
 }
 
 #[tokio::test]

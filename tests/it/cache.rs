@@ -23,15 +23,14 @@ use crate::common::{chat_body, ollama_reply, upstream_ok, RedisServer, TestApp};
 const KEY: &str = "sk-cache-test";
 
 async fn app(redis_url: &str, upstream: &MockServer, extra: &[(&str, &str)]) -> TestApp {
-    let uri = upstream.uri();
-    let mut pairs = vec![
-        ("REDIS_URL", redis_url),
-        ("API_KEYS", KEY),
-        ("OLLAMA_BASE_URL", uri.as_str()),
-        ("RATE_LIMITER_CAPACITY", "1000"),
-    ];
-    pairs.extend_from_slice(extra);
-    TestApp::spawn(&pairs).await
+    TestApp::builder()
+        .store(redis_url)
+        .keys(KEY)
+        .ollama(upstream)
+        .set("RATE_LIMITER_CAPACITY", "1000")
+        .settings(extra)
+        .spawn()
+        .await
 }
 
 fn assert_stored_for_30_seconds(redis: &RedisServer, key: &str) {

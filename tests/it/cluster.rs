@@ -13,16 +13,15 @@ async fn cluster_app(
     upstream: &wiremock::MockServer,
     keys: &str,
 ) -> TestApp {
-    let (url, uri) = (cluster.url(), upstream.uri());
-    TestApp::spawn(&[
-        ("REDIS_URL", url.as_str()),
-        ("OLLAMA_BASE_URL", uri.as_str()),
-        ("API_KEYS", keys),
-        ("RATE_LIMITER_CAPACITY", "10"),
-        ("RATE_LIMITER_REFILL_RATE", "5"),
-        ("REDIS_TIMEOUT_MS", "1000"),
-    ])
-    .await
+    TestApp::builder()
+        .store(&cluster.url())
+        .ollama(upstream)
+        .keys(keys)
+        .set("RATE_LIMITER_CAPACITY", "10")
+        .set("RATE_LIMITER_REFILL_RATE", "5")
+        .set("REDIS_TIMEOUT_MS", "1000")
+        .spawn()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

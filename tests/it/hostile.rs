@@ -13,17 +13,15 @@ use crate::common::{chat_body, upstream_ok, TestApp};
 const KEY: &str = "sk-hostile";
 
 async fn app(upstream: &wiremock::MockServer, extra: &[(&str, &str)]) -> TestApp {
-    let uri = upstream.uri();
-    let mut pairs = vec![
-        ("REDIS_URL", "memory://"),
-        ("API_KEYS", KEY),
-        ("OLLAMA_BASE_URL", uri.as_str()),
-        ("RATE_LIMITER_CAPACITY", "100000"),
-        ("HEADER_READ_TIMEOUT_SECONDS", "1"),
-        ("BODY_READ_TIMEOUT_SECONDS", "1"),
-    ];
-    pairs.extend_from_slice(extra);
-    TestApp::spawn(&pairs).await
+    TestApp::builder()
+        .keys(KEY)
+        .ollama(upstream)
+        .set("RATE_LIMITER_CAPACITY", "100000")
+        .set("HEADER_READ_TIMEOUT_SECONDS", "1")
+        .set("BODY_READ_TIMEOUT_SECONDS", "1")
+        .settings(extra)
+        .spawn()
+        .await
 }
 
 /// Sends raw bytes and reads the whole answer (until the server closes or 5 s pass).

@@ -13,14 +13,12 @@ use crate::common::{upstream_ok, TestApp};
 const KEY: &str = "sk-keepalive";
 
 async fn app(upstream: &wiremock::MockServer, extra: &[(&str, &str)]) -> TestApp {
-    let uri = upstream.uri();
-    let mut pairs = vec![
-        ("REDIS_URL", "memory://"),
-        ("API_KEYS", KEY),
-        ("OLLAMA_BASE_URL", uri.as_str()),
-    ];
-    pairs.extend_from_slice(extra);
-    TestApp::spawn(&pairs).await
+    TestApp::builder()
+        .keys(KEY)
+        .ollama(upstream)
+        .settings(extra)
+        .spawn()
+        .await
 }
 
 fn addr(app: &TestApp) -> String {

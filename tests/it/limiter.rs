@@ -15,15 +15,14 @@ pub async fn app_with(
     upstream: &wiremock::MockServer,
     extra: &[(&str, &str)],
 ) -> TestApp {
-    let uri = upstream.uri();
-    let mut pairs = vec![
-        ("REDIS_URL", redis_url),
-        ("API_KEYS", KEY),
-        ("OLLAMA_BASE_URL", uri.as_str()),
-        ("CACHE_TTL_SECONDS", "0"),
-    ];
-    pairs.extend_from_slice(extra);
-    TestApp::spawn(&pairs).await
+    TestApp::builder()
+        .store(redis_url)
+        .keys(KEY)
+        .ollama(upstream)
+        .set("CACHE_TTL_SECONDS", "0")
+        .settings(extra)
+        .spawn()
+        .await
 }
 
 #[tokio::test]

@@ -10,18 +10,17 @@ use crate::common::{chat_body, upstream_ok, GatewayProcess, RedisServer, TestApp
 async fn each_tier_gets_its_own_capacity_and_keys_stay_isolated() {
     let redis = RedisServer::start();
     let upstream = upstream_ok().await;
-    let (redis_url, uri) = (redis.url(), upstream.uri());
-    let app = TestApp::spawn(&[
-        ("REDIS_URL", redis_url.as_str()),
-        ("OLLAMA_BASE_URL", uri.as_str()),
-        ("CACHE_TTL_SECONDS", "0"),
-        ("API_KEYS", "sk-free,sk-gold,sk-free-2"),
-        ("RATE_LIMITER_CAPACITY", "2"),
-        ("RATE_LIMITER_REFILL_RATE", "0.01"),
-        ("RATE_LIMITER_TIERS", "gold:5:0.01"),
-        ("API_KEY_TIERS", "sk-gold=gold"),
-    ])
-    .await;
+    let app = TestApp::builder()
+        .store(&redis.url())
+        .ollama(&upstream)
+        .keys("sk-free,sk-gold,sk-free-2")
+        .set("CACHE_TTL_SECONDS", "0")
+        .set("RATE_LIMITER_CAPACITY", "2")
+        .set("RATE_LIMITER_REFILL_RATE", "0.01")
+        .set("RATE_LIMITER_TIERS", "gold:5:0.01")
+        .set("API_KEY_TIERS", "sk-gold=gold")
+        .spawn()
+        .await;
     let statuses = |key: &'static str, n: usize| {
         let app = &app;
         async move {

@@ -10,18 +10,15 @@ use crate::common::{chat_body, gemini_reply, ollama_reply, upstream_ok, GatewayP
 const KEY: &str = "sk-provider-test";
 
 async fn app(upstream: &MockServer, extra: &[(&str, &str)]) -> TestApp {
-    let uri = upstream.uri();
-    let mut pairs = vec![
-        ("REDIS_URL", "memory://"),
-        ("API_KEYS", KEY),
-        ("OLLAMA_BASE_URL", uri.as_str()),
-        ("GEMINI_BASE_URL", uri.as_str()),
-        ("GEMINI_API_KEY", "gm-secret"),
-        ("CACHE_TTL_SECONDS", "0"),
-        ("RATE_LIMITER_CAPACITY", "1000"),
-    ];
-    pairs.extend_from_slice(extra);
-    TestApp::spawn(&pairs).await
+    TestApp::builder()
+        .keys(KEY)
+        .ollama(upstream)
+        .gemini(upstream, "gm-secret")
+        .set("CACHE_TTL_SECONDS", "0")
+        .set("RATE_LIMITER_CAPACITY", "1000")
+        .settings(extra)
+        .spawn()
+        .await
 }
 
 /// An Ollama upstream that answers `first` for its first `times` calls, then `then`.

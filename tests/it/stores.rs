@@ -76,20 +76,17 @@ async fn behaviour_suite(store: Store, cache_on: bool) {
         if cache_on { "on" } else { "off" }
     );
     let upstream = upstream_ok().await;
-    let (url, uri) = (store.url(), upstream.uri());
-    let ttl = if cache_on { "60" } else { "0" };
-    let keys = format!("{KEY_A},{KEY_B}");
-    let app = TestApp::spawn(&[
-        ("REDIS_URL", url.as_str()),
-        ("API_KEYS", keys.as_str()),
-        ("OLLAMA_BASE_URL", uri.as_str()),
-        ("CACHE_TTL_SECONDS", ttl),
-        ("RATE_LIMITER_CAPACITY", "4"),
-        ("RATE_LIMITER_REFILL_RATE", "0.01"),
-        ("RATE_LIMITER_FAILURE_MODE", "closed"),
-        ("REDIS_TIMEOUT_MS", "1000"),
-    ])
-    .await;
+    let app = TestApp::builder()
+        .store(&store.url())
+        .keys(&format!("{KEY_A},{KEY_B}"))
+        .ollama(&upstream)
+        .set("CACHE_TTL_SECONDS", if cache_on { "60" } else { "0" })
+        .set("RATE_LIMITER_CAPACITY", "4")
+        .set("RATE_LIMITER_REFILL_RATE", "0.01")
+        .set("RATE_LIMITER_FAILURE_MODE", "closed")
+        .set("REDIS_TIMEOUT_MS", "1000")
+        .spawn()
+        .await;
     assert_eq!(app.get("/ready").await.status(), 200, "{label}: ready");
 
     // A miss, then the same question again: a hit with the same bytes when the cache is

@@ -119,16 +119,57 @@ pub struct TestApp {
     pub client: reqwest::Client,
 }
 
-impl TestApp {
-    /// Starts the gateway with defaults overridden by `pairs` (plus HOST/PORT for tests).
-    pub async fn spawn(pairs: &[(&str, &str)]) -> TestApp {
-        let mut all = vec![
-            ("HOST", "127.0.0.1"),
-            ("PORT", "0"),
-            ("PROVIDER_RETRY_BASE_MS", "10"),
-        ];
-        all.extend_from_slice(pairs);
-        let settings = Settings::from_pairs(&all).expect("test settings");
+/// How a test wants its gateway: settings on top of the test defaults (port 0 on
+/// 127.0.0.1, the embedded store, fast retries). The one way tests start an in-process
+/// gateway.
+#[derive(Debug, Clone, Default)]
+pub struct TestAppBuilder {
+    settings: Vec<(String, String)>,
+}
+
+impl TestAppBuilder {
+    /// Sets `name` to `value` (a later value of the same name wins).
+    pub fn set(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.settings.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// Sets every pair of `pairs`.
+    pub fn settings(self, pairs: &[(&str, &str)]) -> Self {
+        pairs
+            .iter()
+            .fold(self, |builder, (name, value)| builder.set(name, *value))
+    }
+
+    /// `REDIS_URL`.
+    pub fn store(self, url: &str) -> Self {
+        self.set("REDIS_URL", url)
+    }
+
+    /// `API_KEYS`.
+    pub fn keys(self, keys: &str) -> Self {
+        self.set("API_KEYS", keys)
+    }
+
+    /// Ollama at `upstream` (a wiremock server).
+    pub fn ollama(self, upstream: &wiremock::MockServer) -> Self {
+        self.set("OLLAMA_BASE_URL", upstream.uri())
+    }
+
+    /// Gemini at `upstream`, with a key.
+    pub fn gemini(self, upstream: &wiremock::MockServer, key: &str) -> Self {
+        self.set("GEMINI_BASE_URL", upstream.uri())
+            .set("GEMINI_API_KEY", key)
+    }
+
+    /// Starts the gateway in this process on a free port.
+    pub async fn spawn(self) -> TestApp {
+        let pairs: Vec<(&str, &str)> = self
+            .settings
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        let settings = Settings::from_pairs(&pairs).expect("test settings");
         let app = App::build(settings).await.expect("build app");
         let url = format!("http://{}", app.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
@@ -140,6 +181,22 @@ impl TestApp {
             stop: Some(stop),
             client: reqwest::Client::new(),
         }
+    }
+}
+
+impl TestApp {
+    /// A builder with the test defaults.
+    pub fn builder() -> TestAppBuilder {
+        TestAppBuilder::default()
+            .set("HOST", "127.0.0.1")
+            .set("PORT", "0")
+            .set("PROVIDER_RETRY_BASE_MS", "10")
+            .store("memory://")
+    }
+
+    /// Starts the gateway with the test defaults overridden by `pairs`.
+    pub async fn spawn(pairs: &[(&str, &str)]) -> TestApp {
+        TestApp::builder().settings(pairs).spawn().await
     }
 
     /// POSTs a chat body to `path` with `key` (None sends no key).
