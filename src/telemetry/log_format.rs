@@ -272,7 +272,9 @@ impl<W: Write> Write for JsonEscaped<'_, W> {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` for `now`, in UTC.
+/// `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` for `now`, in UTC. By hand because no crate in the
+/// tree writes RFC 3339 (tracing-subscriber's writer is private; `httpdate` writes HTTP
+/// dates, in seconds): ~60 lines instead of a date-time crate for one format.
 fn timestamp(now: SystemTime) -> [u8; 27] {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
