@@ -5,21 +5,34 @@
 //!
 //! ```text
 //! mock-llm --port 11434 [--host 127.0.0.1] [--latency-ms N] [--fail-status CODE]
-//!          [--fail-rate 0..1] [--hang-rate 0..1] [--reset-rate 0..1]
+//!          [--fail-rate 0..1] [--hang-rate 0..1] [--reset-rate 0..1] [--chunk-delay-ms N]
 //! headers: x-mock-latency-ms: N   x-mock-status: CODE   x-mock-hang: 1
+//! streams: x-mock-chunks: N   x-mock-chunk-delay-ms: N   x-mock-fail-after: N
+//!          x-mock-hang-after: N
 //! ```
 //! `--fail-status` alone fails every request; with `--fail-rate` only that fraction
 //! (default status 500). A hang never answers; the client's timeout must end it. A reset
 //! drops a new connection with a TCP RST before anything is answered.
+//!
+//! Streams, in each API's own framing: Ollama NDJSON (`"stream": true`), Gemini
+//! `:streamGenerateContent?alt=sse`, OpenAI SSE (`"stream": true`, with
+//! `stream_options.include_usage`). The answer is split into one chunk per word, or into
+//! `x-mock-chunks` chunks, sent `x-mock-chunk-delay-ms` apart; `x-mock-fail-after: N`
+//! breaks the connection after N chunks, `x-mock-hang-after: N` stops sending after N
+//! chunks and never ends. `GET /_mock/streams` counts streams started, completed and
+//! cancelled (the client went away before the end), so tests can see an upstream call
+//! cancelled.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
@@ -29,6 +42,22 @@ struct Faults {
     fail_status: Option<u16>,
     fail_rate: f64,
     hang_rate: f64,
+    chunk_delay: Duration,
+}
+
+/// The mock's shared state: its faults and its stream counters.
+#[derive(Default)]
+struct Mock {
+    faults: Faults,
+    streams: StreamCounts,
+}
+
+/// Streams started, completed (last byte sent) and cancelled (dropped before the end).
+#[derive(Default)]
+struct StreamCounts {
+    started: AtomicU64,
+    completed: AtomicU64,
+    cancelled: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -66,7 +95,7 @@ impl axum::serve::Listener for ResettingListener {
     }
 }
 
-const USAGE: &str = "usage: mock-llm [--host ADDR] [--port N] [--latency-ms N] [--fail-status CODE] [--fail-rate 0..1] [--hang-rate 0..1] [--reset-rate 0..1]";
+const USAGE: &str = "usage: mock-llm [--host ADDR] [--port N] [--latency-ms N] [--fail-status CODE] [--fail-rate 0..1] [--hang-rate 0..1] [--reset-rate 0..1] [--chunk-delay-ms N]";
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
     let mut options = Options {
@@ -108,6 +137,10 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
             }
             "--reset-rate" => {
                 options.reset_rate = parse_rate(&value).ok_or_else(|| bad("a rate in 0..1"))?
+            }
+            "--chunk-delay-ms" => {
+                options.faults.chunk_delay =
+                    Duration::from_millis(value.parse().map_err(|_| bad("milliseconds"))?)
             }
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
@@ -211,11 +244,11 @@ fn bad_request(why: &str) -> Response {
 }
 
 async fn ollama_chat(
-    State(faults): State<Arc<Faults>>,
+    State(mock): State<Arc<Mock>>,
     headers: HeaderMap,
     body: Json<Value>,
 ) -> Response {
-    if let Some(r) = inject_faults(&faults, &headers).await {
+    if let Some(r) = inject_faults(&mock.faults, &headers).await {
         return r;
     }
     let Some(model) = body.get("model").and_then(Value::as_str) else {
@@ -228,6 +261,28 @@ async fn ollama_chat(
             .to_owned()
     });
     let (content, prompt_tokens) = echo(&messages);
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        let completion_tokens = words(&content);
+        let line = |message: Value| {
+            let mut line = message.to_string().into_bytes();
+            line.push(b'\n');
+            Bytes::from(line)
+        };
+        let chunk = |piece: &str| {
+            line(json!({
+                "model": model, "created_at": format!("{}", now_secs()),
+                "message": { "role": "assistant", "content": piece }, "done": false,
+            }))
+        };
+        let end = line(json!({
+            "model": model, "created_at": format!("{}", now_secs()),
+            "message": { "role": "assistant", "content": "" }, "done": true,
+            "done_reason": "stop", "prompt_eval_count": prompt_tokens,
+            "eval_count": completion_tokens,
+        }));
+        let plan = StreamPlan::new(&mock.faults, &headers, &content);
+        return streamed(&mock, plan, chunk, vec![end], "application/x-ndjson");
+    }
     Json(json!({
         "model": model,
         "created_at": format!("{}", now_secs()),
@@ -242,20 +297,27 @@ async fn ollama_chat(
 }
 
 async fn gemini_generate(
-    State(faults): State<Arc<Faults>>,
+    State(mock): State<Arc<Mock>>,
     Path(model_action): Path<String>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
     body: Json<Value>,
 ) -> Response {
-    if let Some(r) = inject_faults(&faults, &headers).await {
+    if let Some(r) = inject_faults(&mock.faults, &headers).await {
         return r;
     }
-    let Some(model) = model_action.strip_suffix(":generateContent") else {
-        return (
-            StatusCode::NOT_FOUND,
-            Json(json!({ "error": "unknown action" })),
-        )
-            .into_response();
+    let (model, stream) = match model_action.split_once(':') {
+        Some((model, "generateContent")) => (model, false),
+        Some((model, "streamGenerateContent")) if query.get("alt").map(String::as_str) == Some("sse") => {
+            (model, true)
+        }
+        _ => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({ "error": "unknown action" })),
+            )
+                .into_response()
+        }
     };
     if !headers.contains_key("x-goog-api-key") {
         return (
@@ -277,6 +339,29 @@ async fn gemini_generate(
     });
     let (content, prompt_tokens) = echo(&messages);
     let completion_tokens = words(&content);
+    let usage = json!({
+        "promptTokenCount": prompt_tokens,
+        "candidatesTokenCount": completion_tokens,
+        "totalTokenCount": prompt_tokens + completion_tokens,
+    });
+    if stream {
+        let chunk = |piece: &str| {
+            sse(&json!({
+                "candidates": [{ "content": { "role": "model", "parts": [{ "text": piece }] }, "index": 0 }],
+                "modelVersion": model,
+            }), "\r\n\r\n")
+        };
+        let end = sse(&json!({
+            "candidates": [{
+                "content": { "role": "model", "parts": [{ "text": "" }] },
+                "finishReason": "STOP", "index": 0,
+            }],
+            "usageMetadata": usage,
+            "modelVersion": model,
+        }), "\r\n\r\n");
+        let plan = StreamPlan::new(&mock.faults, &headers, &content);
+        return streamed(&mock, plan, chunk, vec![end], "text/event-stream");
+    }
     Json(json!({
         "candidates": [{
             "content": { "role": "model", "parts": [{ "text": content }] },
@@ -294,11 +379,11 @@ async fn gemini_generate(
 }
 
 async fn openai_chat(
-    State(faults): State<Arc<Faults>>,
+    State(mock): State<Arc<Mock>>,
     headers: HeaderMap,
     body: Json<Value>,
 ) -> Response {
-    if let Some(r) = inject_faults(&faults, &headers).await {
+    if let Some(r) = inject_faults(&mock.faults, &headers).await {
         return r;
     }
     let model = body
@@ -314,6 +399,48 @@ async fn openai_chat(
     });
     let (content, prompt_tokens) = echo(&messages);
     let completion_tokens = words(&content);
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        let include_usage = body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
+        let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+        let created = now_secs();
+        let frame = |choices: Value, usage: Option<&Value>| {
+            let mut chunk = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "choices": choices,
+            });
+            if include_usage {
+                chunk["usage"] = usage.cloned().unwrap_or(Value::Null);
+            }
+            sse(&chunk, "\n\n")
+        };
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let chunk = |piece: &str| {
+            let delta = if first.swap(false, Ordering::Relaxed) {
+                json!({ "role": "assistant", "content": piece })
+            } else {
+                json!({ "content": piece })
+            };
+            frame(json!([{ "index": 0, "delta": delta, "finish_reason": null }]), None)
+        };
+        let mut end = vec![frame(
+            json!([{ "index": 0, "delta": {}, "finish_reason": "stop" }]),
+            None,
+        )];
+        if include_usage {
+            end.push(frame(json!([]), Some(&usage)));
+        }
+        end.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        let plan = StreamPlan::new(&mock.faults, &headers, &content);
+        return streamed(&mock, plan, chunk, end, "text/event-stream");
+    }
     Json(json!({
         "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         "object": "chat.completion",
@@ -324,13 +451,137 @@ async fn openai_chat(
             "message": { "role": "assistant", "content": content },
             "finish_reason": "stop",
         }],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage,
     }))
     .into_response()
+}
+
+/// `data: <json><end>`: one server-sent event.
+fn sse(value: &Value, end: &str) -> Bytes {
+    Bytes::from(format!("data: {value}{end}"))
+}
+
+/// How a stream is cut into chunks and paced, from the request's headers.
+struct StreamPlan {
+    pieces: Vec<String>,
+    delay: Duration,
+    fail_after: Option<usize>,
+    hang_after: Option<usize>,
+}
+
+impl StreamPlan {
+    fn new(faults: &Faults, headers: &HeaderMap, content: &str) -> StreamPlan {
+        let pieces = match header_number(headers, "x-mock-chunks") {
+            Some(n) if n > 0 => split_evenly(content, n as usize),
+            _ => split_words(content),
+        };
+        StreamPlan {
+            pieces,
+            delay: header_number(headers, "x-mock-chunk-delay-ms")
+                .map(Duration::from_millis)
+                .unwrap_or(faults.chunk_delay),
+            fail_after: header_number(headers, "x-mock-fail-after").map(|n| n as usize),
+            hang_after: header_number(headers, "x-mock-hang-after").map(|n| n as usize),
+        }
+    }
+}
+
+/// `text` as words, each with the spaces that follow it, so they join back to `text`.
+fn split_words(text: &str) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut current = String::new();
+    for c in text.chars() {
+        if !c.is_whitespace() && current.ends_with(char::is_whitespace) {
+            pieces.push(std::mem::take(&mut current));
+        }
+        current.push(c);
+    }
+    if !current.is_empty() {
+        pieces.push(current);
+    }
+    pieces
+}
+
+/// `text` in `n` pieces of about equal length (some empty when `text` is shorter).
+fn split_evenly(text: &str, n: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    (0..n)
+        .map(|i| {
+            let (from, to) = (chars.len() * i / n, chars.len() * (i + 1) / n);
+            chars[from..to].iter().collect()
+        })
+        .collect()
+}
+
+/// Counts a stream as cancelled unless it reached its end.
+struct StreamGuard {
+    mock: Arc<Mock>,
+    completed: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let counter = if self.completed {
+            &self.mock.streams.completed
+        } else {
+            &self.mock.streams.cancelled
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A streamed answer: `chunk` of each piece of the plan, paced, then `end`.
+fn streamed(
+    mock: &Arc<Mock>,
+    plan: StreamPlan,
+    chunk: impl Fn(&str) -> Bytes,
+    end: Vec<Bytes>,
+    content_type: &'static str,
+) -> Response {
+    mock.streams.started.fetch_add(1, Ordering::Relaxed);
+    let frames: Vec<Bytes> = plan.pieces.iter().map(|p| chunk(p)).collect();
+    let guard = StreamGuard {
+        mock: mock.clone(),
+        completed: false,
+    };
+    let (delay, fail_after, hang_after) = (plan.delay, plan.fail_after, plan.hang_after);
+    let count = frames.len();
+    let total = count + end.len();
+    let mut frames = frames.into_iter().chain(end);
+    let body = futures_util::stream::unfold((0usize, guard), move |(sent, mut guard)| {
+        let next = frames.next();
+        async move {
+            let next = next?;
+            if sent > 0 && sent <= count && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if fail_after == Some(sent) {
+                return Some((Err(std::io::Error::other("mock-llm: stream broken on purpose")), (sent + 1, guard)));
+            }
+            if hang_after == Some(sent) {
+                std::future::pending::<()>().await;
+            }
+            if sent + 1 == total {
+                guard.completed = true;
+            }
+            Some((Ok::<_, std::io::Error>(next), (sent + 1, guard)))
+        }
+    });
+    let mut response = Response::new(Body::from_stream(body));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+async fn stream_counts(State(mock): State<Arc<Mock>>) -> Json<Value> {
+    let count = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    Json(json!({
+        "started": count(&mock.streams.started),
+        "completed": count(&mock.streams.completed),
+        "cancelled": count(&mock.streams.cancelled),
+    }))
 }
 
 fn router(faults: Faults) -> Router {
@@ -338,7 +589,11 @@ fn router(faults: Faults) -> Router {
         .route("/api/chat", post(ollama_chat))
         .route("/v1beta/models/{model_action}", post(gemini_generate))
         .route("/v1/chat/completions", post(openai_chat))
-        .with_state(Arc::new(faults))
+        .route("/_mock/streams", get(stream_counts))
+        .with_state(Arc::new(Mock {
+            faults,
+            streams: StreamCounts::default(),
+        }))
 }
 
 #[tokio::main]
