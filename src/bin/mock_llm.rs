@@ -308,7 +308,9 @@ async fn gemini_generate(
     }
     let (model, stream) = match model_action.split_once(':') {
         Some((model, "generateContent")) => (model, false),
-        Some((model, "streamGenerateContent")) if query.get("alt").map(String::as_str) == Some("sse") => {
+        Some((model, "streamGenerateContent"))
+            if query.get("alt").map(String::as_str) == Some("sse") =>
+        {
             (model, true)
         }
         _ => {
@@ -346,19 +348,25 @@ async fn gemini_generate(
     });
     if stream {
         let chunk = |piece: &str| {
-            sse(&json!({
-                "candidates": [{ "content": { "role": "model", "parts": [{ "text": piece }] }, "index": 0 }],
-                "modelVersion": model,
-            }), "\r\n\r\n")
+            sse(
+                &json!({
+                    "candidates": [{ "content": { "role": "model", "parts": [{ "text": piece }] }, "index": 0 }],
+                    "modelVersion": model,
+                }),
+                "\r\n\r\n",
+            )
         };
-        let end = sse(&json!({
-            "candidates": [{
-                "content": { "role": "model", "parts": [{ "text": "" }] },
-                "finishReason": "STOP", "index": 0,
-            }],
-            "usageMetadata": usage,
-            "modelVersion": model,
-        }), "\r\n\r\n");
+        let end = sse(
+            &json!({
+                "candidates": [{
+                    "content": { "role": "model", "parts": [{ "text": "" }] },
+                    "finishReason": "STOP", "index": 0,
+                }],
+                "usageMetadata": usage,
+                "modelVersion": model,
+            }),
+            "\r\n\r\n",
+        );
         let plan = StreamPlan::new(&mock.faults, &headers, &content);
         return streamed(&mock, plan, chunk, vec![end], "text/event-stream");
     }
@@ -428,7 +436,10 @@ async fn openai_chat(
             } else {
                 json!({ "content": piece })
             };
-            frame(json!([{ "index": 0, "delta": delta, "finish_reason": null }]), None)
+            frame(
+                json!([{ "index": 0, "delta": delta, "finish_reason": null }]),
+                None,
+            )
         };
         let mut end = vec![frame(
             json!([{ "index": 0, "delta": {}, "finish_reason": "stop" }]),
@@ -556,7 +567,10 @@ fn streamed(
                 tokio::time::sleep(delay).await;
             }
             if fail_after == Some(sent) {
-                return Some((Err(std::io::Error::other("mock-llm: stream broken on purpose")), (sent + 1, guard)));
+                return Some((
+                    Err(std::io::Error::other("mock-llm: stream broken on purpose")),
+                    (sent + 1, guard),
+                ));
             }
             if hang_after == Some(sent) {
                 std::future::pending::<()>().await;

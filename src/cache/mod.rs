@@ -89,6 +89,7 @@ mod tests {
             max_tokens: 512,
             temperature: 0.7,
             stream: false,
+            sampling: Default::default(),
         }
     }
 

@@ -82,6 +82,7 @@ mod tests {
             max_tokens: 1,
             temperature: 0.0,
             stream: false,
+            sampling: Default::default(),
         }
     }
 

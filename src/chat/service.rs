@@ -1,6 +1,11 @@
 //! `ChatService`, the chat use case every front door calls: admit a request (the limiter,
 //! with the cache entry read in the same round trip), then answer it from the cache or
-//! from the routed provider, with one provider call for concurrent identical misses.
+//! from the routed provider, whole (one provider call for concurrent identical misses)
+//! or streamed (`chat::stream`).
+//!
+//! The cache holds each door's own rendering of an answer, under keys each door derives
+//! (its own namespace), so a hit is sent as stored, bytes unchanged: the door passes an
+//! [`Encode`] that renders a fresh [`Reply`] into the body it sends and the cache keeps.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -10,17 +15,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
-use super::routing::{route, ProviderKind};
-use crate::cache::{cache_key, Cache, CacheError};
-use crate::domain::{Answer, CacheStatus, ChatError, ChatRequest};
-use crate::providers::{complete_with_retries, Provider, RetryPolicy};
+use super::routing::{route, ProviderKind, Route};
+use super::stream::{LiveStream, StoreWhenDone};
+use crate::cache::{Cache, CacheError};
+use crate::domain::{CacheStatus, ChatError, ChatRequest, Reply};
+use crate::providers::{complete_with_retries, stream_with_retries, Provider, RetryPolicy};
 use crate::ratelimit::{BucketPolicy, Decision, Prefetch, RateLimiter, Unreachable};
 use crate::telemetry::metrics::Metrics;
 
-/// A chat answer: the JSON body, ready to send, and how it was produced.
+/// Renders a fresh answer as the body a door sends (and the cache keeps for it).
+pub type Encode = fn(&Reply) -> Result<Bytes, ChatError>;
+
+/// A chat answer: the body, ready to send, and how it was produced.
 #[derive(Debug, Clone)]
 pub struct ChatOutcome {
-    /// The serialised [`Answer`].
+    /// The door's body: fresh from its [`Encode`], or as the cache stored it.
     pub body: Bytes,
     /// Hit or miss.
     pub cache: CacheStatus,
@@ -37,7 +46,8 @@ pub struct Providers {
 }
 
 impl Providers {
-    fn get(&self, kind: ProviderKind) -> &dyn Provider {
+    /// The provider of `kind`.
+    pub fn get(&self, kind: ProviderKind) -> &dyn Provider {
         match kind {
             ProviderKind::Gemini => self.gemini.as_ref(),
             ProviderKind::Ollama => self.ollama.as_ref(),
@@ -78,7 +88,7 @@ impl Hasher for CacheKeyHasher {
 pub struct Admission {
     /// The decision, or why the limiter could not decide (failing closed).
     pub decision: Result<Decision, ChatError>,
-    /// The request's cache key, when the cache is on and the request is valid.
+    /// The request's cache key, when the cache is on and the door gave one.
     cache_key: Option<String>,
     /// What the limiter's round trip read under `cache_key`.
     prefetched: Prefetch,
@@ -144,20 +154,22 @@ impl ChatService {
         self.limiter.cached_denial(bucket)
     }
 
-    /// Decides one request of the client whose bucket is `bucket`. `request` is the
-    /// parsed request when the body was valid: its cache entry is then read in the
-    /// limiter's round trip, so a request costs one round trip before the provider.
-    /// A body that failed to parse is still limited (the order of checks is 429 first).
+    /// Whether answers are cached: a door computes cache keys only then.
+    pub fn caching(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    /// Decides one request of the client whose bucket is `bucket`. `cache_key` is the
+    /// request's key when its body was valid (and [`ChatService::caching`]): the entry is
+    /// then read in the limiter's round trip, so a request costs one round trip before the
+    /// provider. A body that failed to parse is still limited (429 comes first).
     pub async fn admit(
         &self,
         bucket: &str,
         policy: &BucketPolicy,
-        request: Option<&ChatRequest>,
+        cache_key: Option<String>,
     ) -> Admission {
-        let cache_key = match (&self.cache, request) {
-            (Some(_), Some(request)) => Some(cache_key(request)),
-            _ => None,
-        };
+        let cache_key = cache_key.filter(|_| self.cache.is_some());
         let (decision, prefetched) = self
             .limiter
             .check(bucket, policy, cache_key.as_deref())
@@ -176,42 +188,25 @@ impl ChatService {
         self.limiter.ready(prefetch).await
     }
 
-    /// Answers an admitted `request` from the cache or its provider.
-    pub async fn answer(
-        &self,
-        request: ChatRequest,
-        admission: Admission,
-    ) -> Result<ChatOutcome, ChatError> {
-        let Admission {
-            cache_key: key,
-            prefetched,
-            ..
-        } = admission;
-        let routed = route(&request, &self.gemini_model, &self.ollama_model);
-        let provider = routed.provider;
-        let (Some(cache), Some(key)) = (&self.cache, key) else {
-            let body = self.ask_provider(&request, provider, &routed.model).await?;
-            return Ok(ChatOutcome {
-                body,
-                cache: CacheStatus::Miss,
-                provider,
-            });
-        };
+    /// Where `request` goes: the provider and the model to ask for.
+    pub fn route(&self, request: &ChatRequest) -> Route {
+        route(request, &self.gemini_model, &self.ollama_model)
+    }
 
+    /// The cached body under the admission's key, if any (counting the hit or miss).
+    /// `None` also when the cache is off or the door gave no key.
+    async fn cached(&self, key: Option<&str>, prefetched: Prefetch) -> Option<Bytes> {
+        let (cache, key) = (self.cache.as_ref()?, key?);
         let cached = match prefetched {
             Prefetch::Found(body) => Ok(Some(body)),
             Prefetch::Missing => Ok(None),
             Prefetch::Failed => Err(CacheError("the read with the limiter call failed".into())),
-            Prefetch::NotFetched => cache.get(&key).await,
+            Prefetch::NotFetched => cache.get(key).await,
         };
         match cached {
             Ok(Some(body)) => {
                 self.metrics.cache_hits.inc();
-                return Ok(ChatOutcome {
-                    body,
-                    cache: CacheStatus::Hit,
-                    provider,
-                });
+                return Some(body);
             }
             Ok(None) => {}
             Err(error) => {
@@ -220,6 +215,39 @@ impl ChatService {
             }
         }
         self.metrics.cache_misses.inc();
+        None
+    }
+
+    /// Answers an admitted `request` from the cache or its provider; `encode` renders a
+    /// fresh answer as the door's body.
+    pub async fn answer(
+        &self,
+        request: ChatRequest,
+        admission: Admission,
+        encode: Encode,
+    ) -> Result<ChatOutcome, ChatError> {
+        let Admission {
+            cache_key: key,
+            prefetched,
+            ..
+        } = admission;
+        let routed = self.route(&request);
+        let provider = routed.provider;
+        if let Some(body) = self.cached(key.as_deref(), prefetched).await {
+            return Ok(ChatOutcome {
+                body,
+                cache: CacheStatus::Hit,
+                provider,
+            });
+        }
+        let (Some(cache), Some(key)) = (&self.cache, key) else {
+            let body = self.ask_provider(&request, &routed, encode).await?;
+            return Ok(ChatOutcome {
+                body,
+                cache: CacheStatus::Miss,
+                provider,
+            });
+        };
 
         let shared: Shared = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
@@ -229,7 +257,7 @@ impl ChatService {
         // the call to the next waiter, so followers never hang on an abandoned call.
         let result = shared
             .get_or_init(|| async {
-                let result = self.ask_provider(&request, provider, &routed.model).await;
+                let result = self.ask_provider(&request, &routed, encode).await;
                 self.finish_call(cache.clone(), &key, &shared, &result);
                 result
             })
@@ -280,33 +308,90 @@ impl ChatService {
     async fn ask_provider(
         &self,
         request: &ChatRequest,
-        kind: ProviderKind,
-        model: &str,
+        routed: &Route,
+        encode: Encode,
     ) -> Result<Bytes, ChatError> {
-        let completion = complete_with_retries(
-            self.providers.get(kind),
-            request,
-            model,
+        let provider = self.providers.get(routed.provider);
+        let completion =
+            complete_with_retries(provider, request, &routed.model, &self.retry, &self.metrics)
+                .await?;
+        encode(&fresh_reply(routed, completion))
+    }
+
+    /// Answers an admitted `request` as a stream: a cache hit as the stored body, for the
+    /// door to replay; a miss as the provider's events, once its first one has come (the
+    /// retries happen before). A finished stream's answer is stored as `encode` renders
+    /// it, so a later request, streamed or not, hits. Concurrent identical streams each
+    /// make their own call.
+    pub async fn answer_stream(
+        &self,
+        request: ChatRequest,
+        admission: Admission,
+        encode: Encode,
+    ) -> Result<Streamed, ChatError> {
+        let Admission {
+            cache_key: key,
+            prefetched,
+            ..
+        } = admission;
+        let routed = self.route(&request);
+        if let Some(body) = self.cached(key.as_deref(), prefetched).await {
+            return Ok(Streamed::Cached {
+                body,
+                provider: routed.provider,
+            });
+        }
+        let provider = self.providers.get(routed.provider);
+        let (first, rest) = stream_with_retries(
+            provider,
+            &request,
+            &routed.model,
             &self.retry,
             &self.metrics,
         )
         .await?;
-        let response = Answer {
-            id: uuid::Uuid::new_v4().to_string(),
-            provider: kind.as_str().to_owned(),
-            content: completion.content,
-            usage: completion.usage,
+        let store = match (&self.cache, key) {
+            (Some(cache), Some(key)) => Some(StoreWhenDone {
+                cache: cache.clone(),
+                key,
+                ttl: self.cache_ttl,
+                encode,
+            }),
+            _ => None,
         };
-        // Sized up front: growing by doubling copied long answers several times.
-        let mut body = Vec::with_capacity(response.content.len() + 256);
-        serde_json::to_writer(&mut body, &response)
-            .map(|()| Bytes::from(body))
-            .map_err(|_| {
-                ChatError::UpstreamFailed(format!(
-                    "Provider '{}' answer could not be encoded",
-                    kind.as_str()
-                ))
-            })
+        Ok(Streamed::Live(LiveStream::new(
+            &routed,
+            &request,
+            first,
+            rest,
+            self.retry.attempt_timeout,
+            store,
+            self.metrics.clone(),
+        )))
+    }
+}
+
+/// A streamed answer, as the door is to send it.
+pub enum Streamed {
+    /// A cache hit: the door's stored body, to replay as a stream.
+    Cached {
+        /// The body the door stored.
+        body: Bytes,
+        /// The provider the request is routed to.
+        provider: ProviderKind,
+    },
+    /// The provider's events as they come.
+    Live(LiveStream),
+}
+
+/// A fresh reply to a request routed by `routed`, named now.
+pub fn fresh_reply(routed: &Route, completion: crate::domain::Completion) -> Reply {
+    Reply {
+        id: uuid::Uuid::new_v4(),
+        created: crate::chat::stream::unix_now(),
+        provider: routed.provider.as_str(),
+        model: routed.model.clone(),
+        completion,
     }
 }
 

@@ -14,6 +14,18 @@ pub struct Usage {
     pub total_tokens: u64,
 }
 
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model finished (or hit a stop sequence).
+    #[default]
+    Stop,
+    /// The token budget (`max_tokens`) ran out.
+    Length,
+    /// The upstream withheld content (a safety filter).
+    ContentFilter,
+}
+
 /// What a provider answered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
@@ -21,21 +33,24 @@ pub struct Completion {
     pub content: String,
     /// Token counts as the provider reported them.
     pub usage: Usage,
+    /// Why generation stopped.
+    pub finish_reason: FinishReason,
 }
 
-/// The gateway's answer to one request. Its JSON is what the cache stores, and it is
-/// byte for byte the original door's response body (`{"id","provider","content","usage"}`),
-/// so that door sends a cache hit's stored bytes unchanged, id included.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Answer {
-    /// A UUID4 naming this answer (kept on cache hits).
-    pub id: String,
-    /// The provider that produced it, e.g. `ollama` or `gemini`.
-    pub provider: String,
-    /// The generated text.
-    pub content: String,
-    /// Token counts.
-    pub usage: Usage,
+/// A finished answer as the doors render it, fresh from a provider: the text, the
+/// provider and model that wrote it, and a name for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// A UUID4 naming this answer; each door writes it in its own way.
+    pub id: uuid::Uuid,
+    /// Unix seconds when the answer was begun.
+    pub created: u64,
+    /// The provider that produced it, e.g. `ollama`.
+    pub provider: &'static str,
+    /// The model the provider was asked for.
+    pub model: String,
+    /// The completion.
+    pub completion: Completion,
 }
 
 /// Whether an answer came from the cache.

@@ -26,6 +26,37 @@ pub struct ChatRequest {
     pub temperature: f64,
     /// Whether the client asked for a stream (the original door answers whole anyway).
     pub stream: bool,
+    /// Sampling controls beyond the original's two; the original door sets none.
+    pub sampling: Sampling,
+}
+
+/// Sampling controls the newer doors accept and every upstream translates.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sampling {
+    /// Nucleus sampling mass.
+    pub top_p: Option<f64>,
+    /// Sequences that end generation.
+    pub stop: Vec<String>,
+    /// Seed for reproducible sampling.
+    pub seed: Option<i64>,
+    /// Penalty for tokens already present.
+    pub presence_penalty: Option<f64>,
+    /// Penalty by how often tokens appear.
+    pub frequency_penalty: Option<f64>,
+    /// The shape the answer must take.
+    pub response_format: ResponseFormat,
+}
+
+/// The shape the answer must take.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum ResponseFormat {
+    /// Free text.
+    #[default]
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON matching this JSON Schema.
+    JsonSchema(serde_json::Value),
 }
 
 impl ChatRequest {

@@ -1,4 +1,5 @@
-//! Gemini: `POST {base}/v1beta/models/{model}:generateContent` with `x-goog-api-key`.
+//! Gemini: `POST {base}/v1beta/models/{model}:generateContent` with `x-goog-api-key`, or
+//! `:streamGenerateContent?alt=sse` for a stream.
 
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
@@ -7,8 +8,10 @@ use serde::{Deserialize, Serialize};
 use hyper::header::HeaderName;
 use hyper::Uri;
 
-use super::{json_body, Provider, ProviderError, UpstreamClient};
-use crate::domain::{ChatRequest, Completion, Usage};
+use super::framing::SseDecoder;
+use super::http::MAX_ANSWER_BYTES;
+use super::{events_from, json_body, EventStream, Provider, ProviderError, UpstreamClient};
+use crate::domain::{ChatRequest, Completion, FinishReason, ResponseFormat, StreamEvent, Usage};
 
 /// The header that carries the API key.
 const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-goog-api-key");
@@ -38,7 +41,7 @@ pub struct GeminiRequest<'a> {
     contents: Vec<Turn<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     system_instruction: Option<Instruction<'a>>,
-    generation_config: GenerationConfig,
+    generation_config: GenerationConfig<'a>,
 }
 
 #[derive(Serialize)]
@@ -59,9 +62,23 @@ struct Text<'a> {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct GenerationConfig {
+struct GenerationConfig<'a> {
     temperature: f64,
     max_output_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop_sequences: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_mime_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_json_schema: Option<&'a serde_json::Value>,
 }
 
 /// Gemini's body for a chat: assistant turns become role `model`, system turns become
@@ -88,10 +105,27 @@ pub fn request_body(request: &ChatRequest) -> GeminiRequest<'_> {
     GeminiRequest {
         contents,
         system_instruction: (!system.is_empty()).then_some(Instruction { parts: system }),
-        generation_config: GenerationConfig {
-            temperature: request.temperature,
-            max_output_tokens: request.max_tokens,
-        },
+        generation_config: generation_config(request),
+    }
+}
+
+fn generation_config(request: &ChatRequest) -> GenerationConfig<'_> {
+    let sampling = &request.sampling;
+    let (mime, schema) = match &sampling.response_format {
+        ResponseFormat::Text => (None, None),
+        ResponseFormat::JsonObject => (Some("application/json"), None),
+        ResponseFormat::JsonSchema(schema) => (Some("application/json"), Some(schema)),
+    };
+    GenerationConfig {
+        temperature: request.temperature,
+        max_output_tokens: request.max_tokens,
+        top_p: sampling.top_p,
+        seed: sampling.seed,
+        stop_sequences: &sampling.stop,
+        presence_penalty: sampling.presence_penalty,
+        frequency_penalty: sampling.frequency_penalty,
+        response_mime_type: mime,
+        response_json_schema: schema,
     }
 }
 
@@ -101,13 +135,16 @@ struct GeminiReply {
     #[serde(default)]
     candidates: Vec<Candidate>,
     #[serde(default)]
-    usage_metadata: UsageMetadata,
+    usage_metadata: Option<UsageMetadata>,
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Candidate {
     #[serde(default)]
     content: Option<CandidateContent>,
+    #[serde(default)]
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -133,17 +170,47 @@ struct UsageMetadata {
     total_token_count: u64,
 }
 
-#[async_trait]
-impl Provider for Gemini {
-    fn name(&self) -> &'static str {
-        "gemini"
+impl GeminiReply {
+    /// The text of the first candidate.
+    fn text(&self) -> String {
+        self.candidates
+            .first()
+            .and_then(|c| c.content.as_ref())
+            .map(|c| c.parts.iter().filter_map(|p| p.text.as_deref()).collect())
+            .unwrap_or_default()
     }
 
-    async fn complete(
-        &self,
-        request: &ChatRequest,
-        model: &str,
-    ) -> Result<Completion, ProviderError> {
+    /// Why the first candidate stopped, once it has.
+    fn finish_reason(&self) -> Option<FinishReason> {
+        let reason = self.candidates.first()?.finish_reason.as_deref()?;
+        Some(match reason {
+            "MAX_TOKENS" => FinishReason::Length,
+            "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" => {
+                FinishReason::ContentFilter
+            }
+            _ => FinishReason::Stop,
+        })
+    }
+}
+
+impl UsageMetadata {
+    fn usage(&self) -> Usage {
+        let total = if self.total_token_count > 0 {
+            self.total_token_count
+        } else {
+            self.prompt_token_count + self.candidates_token_count
+        };
+        Usage {
+            prompt_tokens: self.prompt_token_count,
+            completion_tokens: self.candidates_token_count,
+            total_tokens: total,
+        }
+    }
+}
+
+impl Gemini {
+    /// The URL of `action` on `model`, and the key; refuses what cannot be sent.
+    fn call(&self, model: &str, action: &str) -> Result<(Uri, &str), ProviderError> {
         let key = self.api_key.expose_secret();
         if key.is_empty() {
             return Err(ProviderError::NotConfigured("GEMINI_API_KEY is empty"));
@@ -158,35 +225,105 @@ impl Provider for Gemini {
                 "model name is not a Gemini model id".into(),
             ));
         }
-        let url = format!("{}/v1beta/models/{model}:generateContent", self.base_url)
+        let url = format!("{}/v1beta/models/{model}:{action}", self.base_url)
             .parse::<Uri>()
             .map_err(|_| ProviderError::NotConfigured("GEMINI_BASE_URL is not a valid URL"))?;
+        Ok((url, key))
+    }
+}
+
+/// The events of one streamed chunk: its text, and once a finish reason has come and
+/// the stream ends, the finish with the last usage reported (Gemini repeats usage on
+/// chunks; the last is the whole answer's).
+struct StreamState {
+    sse: SseDecoder,
+    reason: Option<FinishReason>,
+    usage: Usage,
+}
+
+impl StreamState {
+    fn chunk(&mut self, chunk: Option<&[u8]>) -> Result<Vec<StreamEvent>, ProviderError> {
+        let mut events = Vec::new();
+        let Some(chunk) = chunk else {
+            return Ok(self
+                .reason
+                .map(|reason| StreamEvent::Finish {
+                    reason,
+                    usage: self.usage,
+                })
+                .into_iter()
+                .collect());
+        };
+        self.sse.push(chunk);
+        while let Some(event) = self.sse.next_event() {
+            let event = event.map_err(|_| {
+                ProviderError::Invalid(format!(
+                    "a stream event is longer than {MAX_ANSWER_BYTES} bytes"
+                ))
+            })?;
+            let reply: GeminiReply = serde_json::from_str(&event.data).map_err(|_| {
+                ProviderError::Invalid("a stream event is not the expected JSON".into())
+            })?;
+            let text = reply.text();
+            if !text.is_empty() {
+                events.push(StreamEvent::Delta(text));
+            }
+            if let Some(reason) = reply.finish_reason() {
+                self.reason = Some(reason);
+            }
+            if let Some(usage) = &reply.usage_metadata {
+                self.usage = usage.usage();
+            }
+        }
+        Ok(events)
+    }
+}
+
+#[async_trait]
+impl Provider for Gemini {
+    fn name(&self) -> &'static str {
+        "gemini"
+    }
+
+    async fn complete(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+    ) -> Result<Completion, ProviderError> {
+        let (url, key) = self.call(model, "generateContent")?;
         let body = json_body(&request_body(request), request.json_size_hint())?;
         let reply: GeminiReply = self
             .client
             .post_json(&url, Some((API_KEY_HEADER, key)), body)
             .await?;
-        let content: String = reply
-            .candidates
-            .into_iter()
-            .next()
-            .and_then(|c| c.content)
-            .map(|c| c.parts.into_iter().filter_map(|p| p.text).collect())
-            .unwrap_or_default();
-        let usage = reply.usage_metadata;
-        let total = if usage.total_token_count > 0 {
-            usage.total_token_count
-        } else {
-            usage.prompt_token_count + usage.candidates_token_count
-        };
         Ok(Completion {
-            content,
-            usage: Usage {
-                prompt_tokens: usage.prompt_token_count,
-                completion_tokens: usage.candidates_token_count,
-                total_tokens: total,
-            },
+            content: reply.text(),
+            finish_reason: reply.finish_reason().unwrap_or_default(),
+            usage: reply
+                .usage_metadata
+                .as_ref()
+                .map(UsageMetadata::usage)
+                .unwrap_or_default(),
         })
+    }
+
+    async fn stream(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+    ) -> Result<EventStream, ProviderError> {
+        let (url, key) = self.call(model, "streamGenerateContent?alt=sse")?;
+        let body = json_body(&request_body(request), request.json_size_hint())?;
+        let bytes = self
+            .client
+            .post_stream(&url, Some((API_KEY_HEADER, key)), body)
+            .await?;
+        let mut state = StreamState {
+            sse: SseDecoder::new(MAX_ANSWER_BYTES),
+            reason: None,
+            usage: Usage::default(),
+        };
+        Ok(events_from(bytes, move |chunk| state.chunk(chunk)))
     }
 }
 
@@ -217,6 +354,7 @@ mod tests {
             max_tokens: 32,
             temperature: 0.5,
             stream: false,
+            sampling: Default::default(),
         };
         assert_eq!(
             serde_json::to_value(request_body(&request)).unwrap(),

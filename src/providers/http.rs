@@ -8,10 +8,12 @@
 //! set-ups because it speaks HTTP proxies and CONNECT tunnels, which hyper's client does
 //! not by itself; a gateway that used to honour those variables keeps honouring them.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::{Stream, TryStreamExt};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body as _;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
@@ -84,35 +86,8 @@ impl UpstreamClient {
         extra_header: Option<(HeaderName, &str)>,
         body: Vec<u8>,
     ) -> Result<T, ProviderError> {
-        let extra_header = match extra_header {
-            Some((name, value)) => {
-                let mut value = HeaderValue::from_str(value)
-                    .map_err(|_| ProviderError::NotConfigured("a header value is not valid"))?;
-                value.set_sensitive(true);
-                Some((name, value))
-            }
-            None => None,
-        };
-        let answer = match &self.0 {
-            Transport::Direct(client) => {
-                let mut request = Request::new(Full::new(Bytes::from(body)));
-                *request.method_mut() = Method::POST;
-                *request.uri_mut() = uri.clone();
-                let headers = request.headers_mut();
-                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
-                if let Some((name, value)) = extra_header {
-                    headers.insert(name, value);
-                }
-                let response = client
-                    .get()
-                    .request(request)
-                    .await
-                    .map_err(|_| ProviderError::Connect)?;
-                let status = response.status();
-                if !status.is_success() {
-                    return Err(ProviderError::Status(status.as_u16()));
-                }
+        let answer = match self.send(uri, extra_header, body).await? {
+            Answer::Direct(response) => {
                 if response.body().size_hint().lower() > MAX_ANSWER_BYTES as u64 {
                     return Err(too_large());
                 }
@@ -128,19 +103,7 @@ impl UpstreamClient {
                     })?
                     .to_bytes()
             }
-            Transport::Proxied(client) => {
-                let mut request = client
-                    .post(uri.to_string())
-                    .header(CONTENT_TYPE, "application/json")
-                    .body(body);
-                if let Some((name, value)) = extra_header {
-                    request = request.header(name, value);
-                }
-                let mut response = request.send().await.map_err(|e| from_reqwest(&e))?;
-                let status = response.status();
-                if !status.is_success() {
-                    return Err(ProviderError::Status(status.as_u16()));
-                }
+            Answer::Proxied(mut response) => {
                 if response
                     .content_length()
                     .is_some_and(|length| length > MAX_ANSWER_BYTES as u64)
@@ -162,6 +125,93 @@ impl UpstreamClient {
         serde_json::from_slice(&answer)
             .map_err(|_| ProviderError::Invalid("body is not the expected JSON".into()))
     }
+
+    /// Like [`UpstreamClient::post_json`], for a streamed answer: returns once a 2xx head
+    /// has arrived, with the body's chunks as they come. Dropping the stream closes the
+    /// upstream connection (a body not read to its end is never pooled again).
+    pub async fn post_stream(
+        &self,
+        uri: &Uri,
+        extra_header: Option<(HeaderName, &str)>,
+        body: Vec<u8>,
+    ) -> Result<ByteStream, ProviderError> {
+        Ok(match self.send(uri, extra_header, body).await? {
+            Answer::Direct(response) => Box::pin(
+                response
+                    .into_body()
+                    .into_data_stream()
+                    .map_err(|_| ProviderError::Connect),
+            ),
+            Answer::Proxied(response) => {
+                Box::pin(response.bytes_stream().map_err(|e| from_reqwest(&e)))
+            }
+        })
+    }
+
+    /// Sends the request; `Ok` only with a 2xx head.
+    async fn send(
+        &self,
+        uri: &Uri,
+        extra_header: Option<(HeaderName, &str)>,
+        body: Vec<u8>,
+    ) -> Result<Answer, ProviderError> {
+        let extra_header = match extra_header {
+            Some((name, value)) => {
+                let mut value = HeaderValue::from_str(value)
+                    .map_err(|_| ProviderError::NotConfigured("a header value is not valid"))?;
+                value.set_sensitive(true);
+                Some((name, value))
+            }
+            None => None,
+        };
+        match &self.0 {
+            Transport::Direct(client) => {
+                let mut request = Request::new(Full::new(Bytes::from(body)));
+                *request.method_mut() = Method::POST;
+                *request.uri_mut() = uri.clone();
+                let headers = request.headers_mut();
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+                if let Some((name, value)) = extra_header {
+                    headers.insert(name, value);
+                }
+                let response = client
+                    .get()
+                    .request(request)
+                    .await
+                    .map_err(|_| ProviderError::Connect)?;
+                let status = response.status();
+                if !status.is_success() {
+                    return Err(ProviderError::Status(status.as_u16()));
+                }
+                Ok(Answer::Direct(response))
+            }
+            Transport::Proxied(client) => {
+                let mut request = client
+                    .post(uri.to_string())
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body);
+                if let Some((name, value)) = extra_header {
+                    request = request.header(name, value);
+                }
+                let response = request.send().await.map_err(|e| from_reqwest(&e))?;
+                let status = response.status();
+                if !status.is_success() {
+                    return Err(ProviderError::Status(status.as_u16()));
+                }
+                Ok(Answer::Proxied(response))
+            }
+        }
+    }
+}
+
+/// A streamed upstream answer, chunk by chunk.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ProviderError>> + Send>>;
+
+/// A 2xx answer whose body has not been read yet.
+enum Answer {
+    Direct(hyper::Response<hyper::body::Incoming>),
+    Proxied(reqwest::Response),
 }
 
 fn too_large() -> ProviderError {

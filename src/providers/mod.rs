@@ -2,18 +2,23 @@
 //! wraps every call (per-attempt timeout, exponential backoff with full jitter,
 //! transient errors only).
 
+pub mod framing;
 pub mod gemini;
 pub mod http;
 pub mod ollama;
 
 pub use http::UpstreamClient;
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::{Stream, StreamExt};
 
-use crate::domain::{ChatError, ChatRequest, Completion};
+use crate::domain::{ChatError, ChatRequest, Completion, StreamEvent};
 use crate::telemetry::metrics::Metrics;
+use http::ByteStream;
 
 /// Why one provider attempt failed. Messages never hold keys or upstream bodies.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +51,9 @@ impl ProviderError {
     }
 }
 
+/// A streamed answer: text as the upstream produces it, ending with `Finish`.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, ProviderError>> + Send>>;
+
 /// One upstream API.
 #[async_trait]
 pub trait Provider: Send + Sync {
@@ -57,6 +65,82 @@ pub trait Provider: Send + Sync {
         request: &ChatRequest,
         model: &str,
     ) -> Result<Completion, ProviderError>;
+    /// One attempt at streaming the answer to `request` with `model`: returns once the
+    /// upstream has accepted the call (a 2xx head). The caller bounds its time and the
+    /// silence between events; dropping the stream closes the upstream connection.
+    async fn stream(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+    ) -> Result<EventStream, ProviderError>;
+}
+
+/// What a decoder makes of one chunk of a streamed body (or of its end, `None`).
+pub type Decoded = Result<Vec<StreamEvent>, ProviderError>;
+
+/// Turns a streamed body into events with `decode`, which gets each chunk, then `None`
+/// at the end of the body, and returns the events they completed. The stream ends after
+/// the first `Finish` or error; a body that ends without `Finish` is an error (the
+/// upstream broke off).
+pub fn events_from(
+    bytes: ByteStream,
+    decode: impl FnMut(Option<&[u8]>) -> Decoded + Send + 'static,
+) -> EventStream {
+    struct State<D> {
+        bytes: ByteStream,
+        decode: D,
+        ready: VecDeque<StreamEvent>,
+        done: bool,
+    }
+    let state = State {
+        bytes,
+        decode,
+        ready: VecDeque::new(),
+        done: false,
+    };
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |mut state| async move {
+            loop {
+                if let Some(event) = state.ready.pop_front() {
+                    if matches!(event, StreamEvent::Finish { .. }) {
+                        state.ready.clear();
+                        state.done = true;
+                    }
+                    return Some((Ok(event), state));
+                }
+                if state.done {
+                    return None;
+                }
+                let decoded = match state.bytes.next().await {
+                    Some(Ok(chunk)) => (state.decode)(Some(&chunk)),
+                    Some(Err(error)) => Err(error),
+                    None => {
+                        state.done = true;
+                        (state.decode)(None).and_then(|events| {
+                            if events
+                                .iter()
+                                .any(|e| matches!(e, StreamEvent::Finish { .. }))
+                            {
+                                Ok(events)
+                            } else {
+                                Err(ProviderError::Invalid(
+                                    "the stream ended before its end".into(),
+                                ))
+                            }
+                        })
+                    }
+                };
+                match decoded {
+                    Ok(events) => state.ready.extend(events),
+                    Err(error) => {
+                        state.done = true;
+                        return Some((Err(error), state));
+                    }
+                }
+            }
+        },
+    ))
 }
 
 /// How provider calls are retried.
@@ -93,28 +177,88 @@ pub async fn complete_with_retries(
     policy: &RetryPolicy,
     metrics: &Metrics,
 ) -> Result<Completion, ChatError> {
-    let name = provider.name();
-    let mut attempt = 0;
+    with_retries(provider.name(), policy, metrics, || async {
+        let result = provider.complete(request, model).await;
+        if let Ok(completion) = &result {
+            count_tokens(metrics, provider.name(), &completion.usage);
+        }
+        result
+    })
+    .await
+}
+
+/// Starts a streamed call with retries: each attempt must produce its first event within
+/// the attempt timeout, and only then is the stream handed over, so retries happen before
+/// the client has seen a byte and never after. Returns the first event and the rest.
+pub async fn stream_with_retries(
+    provider: &dyn Provider,
+    request: &ChatRequest,
+    model: &str,
+    policy: &RetryPolicy,
+    metrics: &Metrics,
+) -> Result<(StreamEvent, EventStream), ChatError> {
+    let started = Instant::now();
+    let first = with_retries(provider.name(), policy, metrics, || async {
+        let mut events = provider.stream(request, model).await?;
+        match events.next().await {
+            Some(Ok(event)) => Ok((event, events)),
+            Some(Err(error)) => Err(error),
+            None => Err(ProviderError::Invalid(
+                "the stream ended before its end".into(),
+            )),
+        }
+    })
+    .await?;
+    metrics
+        .time_to_first_token
+        .get(provider.name())
+        .observe(started.elapsed().as_secs_f64());
+    Ok(first)
+}
+
+/// Adds a completion's usage to `tokens_total`.
+pub fn count_tokens(metrics: &Metrics, provider: &str, usage: &crate::domain::Usage) {
+    metrics
+        .prompt_tokens
+        .get(provider)
+        .inc_by(usage.prompt_tokens);
+    metrics
+        .completion_tokens
+        .get(provider)
+        .inc_by(usage.completion_tokens);
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or the retries are spent; each
+/// attempt bounded by the attempt timeout and counted in the provider metrics.
+async fn with_retries<T, F>(
+    name: &'static str,
+    policy: &RetryPolicy,
+    metrics: &Metrics,
+    attempt: impl Fn() -> F,
+) -> Result<T, ChatError>
+where
+    F: std::future::Future<Output = Result<T, ProviderError>>,
+{
+    let mut tries = 0;
     loop {
         let started = Instant::now();
         metrics.provider_calls.get(name).inc();
         // One timer bounds the whole attempt (connect, send, response body). A second
         // per-request timer inside reqwest only added timer-wheel work to every call.
-        let result =
-            tokio::time::timeout(policy.attempt_timeout, provider.complete(request, model))
-                .await
-                .unwrap_or(Err(ProviderError::Timeout));
+        let result = tokio::time::timeout(policy.attempt_timeout, attempt())
+            .await
+            .unwrap_or(Err(ProviderError::Timeout));
         metrics
             .provider_latency
             .get(name)
             .observe(started.elapsed().as_secs_f64());
         let error = match result {
-            Ok(completion) => return Ok(completion),
+            Ok(value) => return Ok(value),
             Err(error) => error,
         };
         metrics.provider_failures.get(name).inc();
-        let attempts = attempt + 1;
-        if !error.is_transient() || attempt >= policy.max_retries {
+        let attempts = tries + 1;
+        if !error.is_transient() || tries >= policy.max_retries {
             tracing::warn!(provider = name, attempts, %error, "provider call failed");
             return Err(match error {
                 ProviderError::Timeout => ChatError::UpstreamTimedOut(format!(
@@ -126,11 +270,11 @@ pub async fn complete_with_retries(
                 )),
             });
         }
-        let delay = policy.backoff(attempt);
+        let delay = policy.backoff(tries);
         tracing::info!(provider = name, attempt = attempts, %error, delay_ms = delay.as_millis() as u64,
             "provider call failed; retrying");
         tokio::time::sleep(delay).await;
-        attempt += 1;
+        tries += 1;
     }
 }
 

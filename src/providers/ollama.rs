@@ -1,12 +1,16 @@
-//! Ollama: `POST {base}/api/chat` with `stream: false`.
+//! Ollama: `POST {base}/api/chat`, whole (`stream: false`) or as NDJSON (`stream: true`).
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use hyper::Uri;
 
-use super::{json_body, Provider, ProviderError, UpstreamClient};
-use crate::domain::{ChatRequest, Completion, Usage};
+use super::framing::Lines;
+use super::http::MAX_ANSWER_BYTES;
+use super::{events_from, json_body, EventStream, Provider, ProviderError, UpstreamClient};
+use crate::domain::{
+    ChatRequest, Completion, FinishReason, Message, ResponseFormat, StreamEvent, Usage,
+};
 
 /// An Ollama server.
 pub struct Ollama {
@@ -24,35 +28,137 @@ impl Ollama {
             .map_err(|e| format!("OLLAMA_BASE_URL: {e}"))?;
         Ok(Ollama { client, url })
     }
+
+    fn body(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+        stream: bool,
+    ) -> Result<Vec<u8>, ProviderError> {
+        json_body(
+            &request_body(request, model, stream),
+            request.json_size_hint(),
+        )
+    }
 }
 
+/// Ollama's chat body, borrowing the messages (no copy of their text).
 #[derive(Serialize)]
 struct OllamaRequest<'a> {
     model: &'a str,
-    messages: &'a [crate::domain::Message],
+    messages: &'a [Message],
     stream: bool,
-    options: OllamaOptions,
+    options: OllamaOptions<'a>,
+    /// `"json"`, or a JSON Schema the answer must match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
-struct OllamaOptions {
+struct OllamaOptions<'a> {
     temperature: f64,
     num_predict: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<i64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence_penalty: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frequency_penalty: Option<f64>,
 }
 
+fn request_body<'a>(request: &'a ChatRequest, model: &'a str, stream: bool) -> OllamaRequest<'a> {
+    let sampling = &request.sampling;
+    OllamaRequest {
+        model,
+        messages: &request.messages,
+        stream,
+        options: OllamaOptions {
+            temperature: request.temperature,
+            num_predict: request.max_tokens,
+            top_p: sampling.top_p,
+            seed: sampling.seed,
+            stop: &sampling.stop,
+            presence_penalty: sampling.presence_penalty,
+            frequency_penalty: sampling.frequency_penalty,
+        },
+        format: match &sampling.response_format {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(serde_json::Value::from("json")),
+            ResponseFormat::JsonSchema(schema) => Some(schema.clone()),
+        },
+    }
+}
+
+/// A whole answer, or one line of a streamed one.
 #[derive(Deserialize)]
 struct OllamaReply {
-    message: OllamaMessage,
+    #[serde(default)]
+    message: Option<OllamaMessage>,
+    #[serde(default)]
+    done: bool,
+    #[serde(default)]
+    done_reason: Option<String>,
     #[serde(default)]
     prompt_eval_count: u64,
     #[serde(default)]
     eval_count: u64,
+    /// Set instead of a message when the model failed mid-stream.
+    #[serde(default)]
+    error: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
 struct OllamaMessage {
     #[serde(default)]
     content: String,
+}
+
+impl OllamaReply {
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_eval_count,
+            completion_tokens: self.eval_count,
+            total_tokens: self.prompt_eval_count + self.eval_count,
+        }
+    }
+
+    fn finish_reason(&self) -> FinishReason {
+        match self.done_reason.as_deref() {
+            Some("length") => FinishReason::Length,
+            _ => FinishReason::Stop,
+        }
+    }
+}
+
+/// The events of one NDJSON line.
+fn line_events(line: &[u8]) -> Result<Vec<StreamEvent>, ProviderError> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let reply: OllamaReply = serde_json::from_slice(line)
+        .map_err(|_| ProviderError::Invalid("a stream line is not the expected JSON".into()))?;
+    if reply.error.is_some() {
+        return Err(ProviderError::Invalid(
+            "the upstream reported an error mid-stream".into(),
+        ));
+    }
+    let mut events = Vec::new();
+    if let Some(message) = &reply.message {
+        if !message.content.is_empty() {
+            events.push(StreamEvent::Delta(message.content.clone()));
+        }
+    }
+    if reply.done {
+        events.push(StreamEvent::Finish {
+            reason: reply.finish_reason(),
+            usage: reply.usage(),
+        });
+    }
+    Ok(events)
 }
 
 #[async_trait]
@@ -66,25 +172,115 @@ impl Provider for Ollama {
         request: &ChatRequest,
         model: &str,
     ) -> Result<Completion, ProviderError> {
-        // Serialised straight from borrowed fields: no intermediate copy of the messages.
-        let body = OllamaRequest {
-            model,
-            messages: &request.messages,
-            stream: false,
-            options: OllamaOptions {
-                temperature: request.temperature,
-                num_predict: request.max_tokens,
-            },
-        };
-        let body = json_body(&body, request.json_size_hint())?;
+        let body = self.body(request, model, false)?;
         let reply: OllamaReply = self.client.post_json(&self.url, None, body).await?;
         Ok(Completion {
-            content: reply.message.content,
-            usage: Usage {
-                prompt_tokens: reply.prompt_eval_count,
-                completion_tokens: reply.eval_count,
-                total_tokens: reply.prompt_eval_count + reply.eval_count,
-            },
+            usage: reply.usage(),
+            finish_reason: reply.finish_reason(),
+            content: reply.message.map(|m| m.content).unwrap_or_default(),
         })
+    }
+
+    async fn stream(
+        &self,
+        request: &ChatRequest,
+        model: &str,
+    ) -> Result<EventStream, ProviderError> {
+        let body = self.body(request, model, true)?;
+        let bytes = self.client.post_stream(&self.url, None, body).await?;
+        let mut lines = Lines::new(MAX_ANSWER_BYTES);
+        Ok(events_from(bytes, move |chunk| {
+            let mut events = Vec::new();
+            match chunk {
+                Some(chunk) => {
+                    lines.push(chunk);
+                    while let Some(line) = lines.next_line() {
+                        let line = line.map_err(|_| too_long())?;
+                        events.extend(line_events(line)?);
+                    }
+                }
+                // A last line without its newline.
+                None => events.extend(line_events(lines.rest())?),
+            }
+            Ok(events)
+        }))
+    }
+}
+
+fn too_long() -> ProviderError {
+    ProviderError::Invalid(format!(
+        "a stream line is longer than {MAX_ANSWER_BYTES} bytes"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Sampling;
+
+    fn request(sampling: Sampling) -> ChatRequest {
+        ChatRequest {
+            messages: vec![Message {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            model: None,
+            model_hint: None,
+            max_tokens: 32,
+            temperature: 0.5,
+            stream: false,
+            sampling,
+        }
+    }
+
+    #[test]
+    fn sampling_controls_become_ollama_options_and_format() {
+        let plain =
+            serde_json::to_value(request_body(&request(Sampling::default()), "m", false)).unwrap();
+        assert_eq!(
+            plain,
+            serde_json::json!({
+                "model": "m", "stream": false,
+                "messages": [{"role": "user", "content": "hi"}],
+                "options": {"temperature": 0.5, "num_predict": 32},
+            })
+        );
+        let controlled = request(Sampling {
+            top_p: Some(0.9),
+            stop: vec!["END".into()],
+            seed: Some(7),
+            presence_penalty: Some(0.5),
+            frequency_penalty: Some(-0.5),
+            response_format: ResponseFormat::JsonObject,
+        });
+        let body = serde_json::to_value(request_body(&controlled, "m", true)).unwrap();
+        assert_eq!(
+            body["options"],
+            serde_json::json!({
+                "temperature": 0.5, "num_predict": 32, "top_p": 0.9, "seed": 7,
+                "stop": ["END"], "presence_penalty": 0.5, "frequency_penalty": -0.5,
+            })
+        );
+        assert_eq!(body["format"], "json");
+        assert_eq!(body["stream"], true);
+    }
+
+    #[test]
+    fn stream_lines_become_deltas_then_the_finish_with_usage() {
+        assert_eq!(
+            line_events(br#"{"message":{"role":"assistant","content":"Hel"},"done":false}"#)
+                .unwrap(),
+            [StreamEvent::Delta("Hel".into())]
+        );
+        assert_eq!(
+            line_events(br#"{"message":{"content":""},"done":true,"done_reason":"length","prompt_eval_count":5,"eval_count":3}"#).unwrap(),
+            [StreamEvent::Finish {
+                reason: FinishReason::Length,
+                usage: Usage { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8 },
+            }]
+        );
+        assert!(line_events(br#"{"error":"model crashed"}"#).is_err());
+        assert!(line_events(b"not json").is_err());
+        assert!(line_events(b"  ").unwrap().is_empty());
     }
 }

@@ -81,6 +81,12 @@ pub struct MetricSet {
     pub request_latency: Labelled<Histogram>,
     /// Latency of one provider attempt, by provider.
     pub provider_latency: Labelled<Histogram>,
+    /// Time from the first attempt of a streamed call to its first event, by provider.
+    pub time_to_first_token: Labelled<Histogram>,
+    /// Tokens the providers processed, by provider: prompt tokens.
+    pub prompt_tokens: Labelled<IntCounter>,
+    /// Tokens the providers processed, by provider: completion tokens.
+    pub completion_tokens: Labelled<IntCounter>,
     /// Limiter calls to Redis that failed, by kind (`error`, `timeout`, `unavailable`).
     pub limiter_redis_errors: Labelled<IntCounter>,
     /// Times the limiter script was loaded again after NOSCRIPT.
@@ -114,6 +120,27 @@ fn counter_vec(
         .unwrap_or_else(|e| panic_metric(name, e));
     register(registry, name, Box::new(c.clone()));
     Labelled::new(values, move |value| c.with_label_values(&[value]))
+}
+
+/// `tokens_total{provider,kind}`: the prompt and the completion series of each provider.
+fn token_counters(registry: &Registry) -> (Labelled<IntCounter>, Labelled<IntCounter>) {
+    let name = "tokens_total";
+    let c = IntCounterVec::new(
+        Opts::new(
+            name,
+            "Tokens processed by LLM providers, by provider and kind (prompt, completion)",
+        ),
+        &["provider", "kind"],
+    )
+    .unwrap_or_else(|e| panic_metric(name, e));
+    register(registry, name, Box::new(c.clone()));
+    let kind = |kind: &'static str| {
+        let c = c.clone();
+        Labelled::new(&PROVIDERS, move |provider| {
+            c.with_label_values(&[provider, kind])
+        })
+    };
+    (kind("prompt"), kind("completion"))
 }
 
 fn histogram_vec(
@@ -157,6 +184,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let r = &registry;
+        let tokens = token_counters(r);
         Metrics(Arc::new(MetricSet {
             rate_limit_allowed: counter(
                 r,
@@ -214,6 +242,14 @@ impl Metrics {
                 "Latency of one provider attempt in seconds, by provider",
                 &PROVIDERS,
             ),
+            time_to_first_token: histogram_vec(
+                r,
+                "time_to_first_token_seconds",
+                "Time from a streamed call's start to its first event in seconds, by provider",
+                &PROVIDERS,
+            ),
+            prompt_tokens: tokens.0,
+            completion_tokens: tokens.1,
             limiter_redis_errors: counter_vec(
                 r,
                 "rate_limiter_redis_errors_total",

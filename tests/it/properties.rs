@@ -80,6 +80,7 @@ fn any_request() -> impl Strategy<Value = ChatRequest> {
                 max_tokens,
                 temperature,
                 stream,
+                sampling: Default::default(),
             },
         )
 }

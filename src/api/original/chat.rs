@@ -14,7 +14,9 @@ use super::schema::parse_chat_request;
 use crate::api::auth::ClientIdentity;
 use crate::api::limit_headers;
 use crate::api::observe::ChatMeta;
+use crate::cache::cache_key;
 use crate::chat::service::{ChatOutcome, ChatService};
+use crate::domain::{ChatError, Reply, Usage};
 use crate::ratelimit::Decision;
 use crate::serve::body::BodyReadTimeout;
 
@@ -63,8 +65,12 @@ pub async fn chat(
             let content_type = content_type.as_ref().and_then(|v| v.to_str().ok());
             parse_chat_request(&body, content_type)
         });
+    let cache_key = match &parsed {
+        Ok(request) if chat.caching() => Some(cache_key(request)),
+        _ => None,
+    };
     let admission = chat
-        .admit(&identity.bucket_key, &identity.policy, parsed.as_ref().ok())
+        .admit(&identity.bucket_key, &identity.policy, cache_key)
         .await;
     let decision = match &admission.decision {
         Ok(decision) if !decision.allowed => return rate_limited(&identity, decision),
@@ -74,7 +80,7 @@ pub async fn chat(
         (Err(error), _) => Err(error),
         (Ok(_), Err(error)) => Err(ApiError::from(error.clone())),
         (Ok(request), Ok(_)) => chat
-            .answer(request, admission)
+            .answer(request, admission, encode)
             .await
             .map_err(ApiError::from),
     };
@@ -101,6 +107,36 @@ fn body_error(rejection: &BytesRejection, max_body_bytes: usize) -> ApiError {
         source = error.source();
     }
     ApiError::BadBody
+}
+
+/// The original's answer body: `{"id","provider","content","usage"}`, the id a
+/// hyphenated UUID4. The cache keeps exactly these bytes, so a hit is sent unchanged.
+#[derive(serde::Serialize)]
+struct AnswerBody<'a> {
+    id: &'a str,
+    provider: &'a str,
+    content: &'a str,
+    usage: &'a Usage,
+}
+
+fn encode(reply: &Reply) -> Result<Bytes, ChatError> {
+    let mut id = uuid::Uuid::encode_buffer();
+    let body = AnswerBody {
+        id: reply.id.hyphenated().encode_lower(&mut id),
+        provider: reply.provider,
+        content: &reply.completion.content,
+        usage: &reply.completion.usage,
+    };
+    // Sized up front: growing by doubling copied long answers several times.
+    let mut bytes = Vec::with_capacity(body.content.len() + 256);
+    serde_json::to_writer(&mut bytes, &body)
+        .map(|()| Bytes::from(bytes))
+        .map_err(|_| {
+            ChatError::UpstreamFailed(format!(
+                "Provider '{}' answer could not be encoded",
+                reply.provider
+            ))
+        })
 }
 
 fn rate_limited(identity: &ClientIdentity, decision: &Decision) -> Response {

@@ -68,6 +68,7 @@ fn parse_plain(body: &[u8]) -> Option<ChatRequest> {
         max_tokens,
         temperature,
         stream: plain.stream.unwrap_or(false),
+        sampling: Default::default(),
     })
 }
 
@@ -200,6 +201,7 @@ fn validate(value: Value) -> Result<ChatRequest, Vec<FieldError>> {
             max_tokens,
             temperature,
             stream,
+            sampling: Default::default(),
         }),
         _ => Err(errors),
     }
