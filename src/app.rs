@@ -15,8 +15,10 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::api;
-use crate::api::auth::require_api_key;
+use crate::api::auth::{require_key, KeyDoor, OriginalDoor};
+use crate::api::openai::OpenAiDoor;
 use crate::api::original::ApiError;
+use crate::serve::body::BodyWith;
 use crate::serve::server::{self, ServerLimits};
 use crate::settings::{Settings, SHIPPED_DEFAULT_API_KEY};
 use crate::state::{AppState, ChatSlots, StartupError};
@@ -117,11 +119,33 @@ pub fn build_router(state: AppState) -> Router {
     // Outermost on the chat route: the concurrency cap, so an overloaded gateway answers
     // 503 before spending anything on the request.
     let chat = post(api::original::chat::chat)
-        .route_layer(from_fn_with_state(state.clone(), require_api_key))
-        .route_layer(from_fn_with_state(state.clone(), limit_concurrency));
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            require_key::<OriginalDoor>,
+        ))
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            limit_concurrency::<OriginalDoor>,
+        ));
+    let completions = post(api::openai::chat::chat_completions)
+        .route_layer(from_fn_with_state(state.clone(), require_key::<OpenAiDoor>))
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            limit_concurrency::<OpenAiDoor>,
+        ));
+    let openai_key = || from_fn_with_state(state.clone(), require_key::<OpenAiDoor>);
     Router::new()
         .route("/api/v1/chat", chat.clone())
         .route("/v1/chat", chat)
+        .route("/v1/chat/completions", completions)
+        .route(
+            "/v1/models",
+            get(api::openai::models::list).route_layer(openai_key()),
+        )
+        .route(
+            "/v1/models/{id}",
+            get(api::openai::models::get).route_layer(openai_key()),
+        )
         .route("/api/v1/health", get(api::health::health))
         .route("/health", get(api::health::health))
         .route("/api/v1/ready", get(api::health::ready))
@@ -137,19 +161,22 @@ pub fn build_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Middleware: answers 503 at once when `MAX_CONCURRENT_REQUESTS` chat requests are
-/// already being served, instead of queueing without bound.
-async fn limit_concurrency(
+/// Middleware: answers the door's 503 at once when `MAX_CONCURRENT_REQUESTS` chat
+/// requests are already being served, instead of queueing without bound. A streamed
+/// answer holds its slot until its last byte, not just until its head.
+async fn limit_concurrency<D: KeyDoor>(
     State(ChatSlots(slots)): State<ChatSlots>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    match slots.try_acquire_owned() {
-        Ok(_slot) => next.run(request).await,
-        Err(_) => ApiError::Unavailable(
-            "Gateway overloaded: too many requests in flight; try again shortly".into(),
-        )
-        .into_response(),
+    let Ok(slot) = slots.try_acquire_owned() else {
+        return D::overloaded();
+    };
+    let response = next.run(request).await;
+    if api::sse::is_event_stream(&response) {
+        response.map(|body| BodyWith::wrap(body, slot))
+    } else {
+        response
     }
 }
 

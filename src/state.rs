@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 
 use crate::api::auth::{AuthConfig, Keys};
 use crate::api::original::chat::MaxBodyBytes;
+use crate::api::sse::KeepAliveEvery;
 use crate::cache::{memory::MemoryCache, redis::RedisCache, Cache};
 use crate::chat::service::{ChatConfig, ChatService, Providers};
 use crate::providers::{gemini::Gemini, ollama::Ollama, RetryPolicy, UpstreamClient};
@@ -58,6 +59,14 @@ impl FromRef<AppState> for ChatSlots {
 impl FromRef<AppState> for Metrics {
     fn from_ref(state: &AppState) -> Metrics {
         state.0.metrics.clone()
+    }
+}
+
+impl FromRef<AppState> for KeepAliveEvery {
+    fn from_ref(state: &AppState) -> KeepAliveEvery {
+        KeepAliveEvery(Duration::from_secs_f64(
+            state.0.settings.stream_keep_alive_seconds,
+        ))
     }
 }
 

@@ -117,12 +117,17 @@ impl AuthConfig {
         bool::from(known.ct_eq(&digest)).then_some(entry)
     }
 
-    /// The identity of a request: its key's, or with anonymous access and no key at all,
-    /// its client IP's. `None` means 401.
-    pub fn identify(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<ClientIdentity> {
-        match headers.get("x-api-key") {
-            Some(value) => {
-                let entry = self.entry_for_key(value.to_str().ok()?)?;
+    /// The identity of a request presenting `key` (None: no key at all): the key's, or
+    /// with anonymous access and no key, its client IP's. `None` means 401.
+    pub fn identify(
+        &self,
+        key: Option<&str>,
+        headers: &HeaderMap,
+        peer: Option<IpAddr>,
+    ) -> Option<ClientIdentity> {
+        match key {
+            Some(key) => {
+                let entry = self.entry_for_key(key)?;
                 Some(ClientIdentity {
                     bucket_key: entry.bucket_key.clone(),
                     policy: entry.policy.clone(),
@@ -138,6 +143,55 @@ impl AuthConfig {
             }
         }
     }
+}
+
+/// How a door reads the key a client presents, and answers, in its own dialect, when
+/// the key is wrong or the gateway is at its concurrency cap.
+pub trait KeyDoor {
+    /// The presented key: `Some(Err(()))` for a key header that is not text (a 401),
+    /// `None` for no key at all.
+    fn presented_key(headers: &HeaderMap) -> Option<Result<&str, ()>>;
+    /// The door's 401.
+    fn unauthorized() -> Response;
+    /// The door's 503 when too many chat requests are in flight.
+    fn overloaded() -> Response;
+}
+
+/// The original door: `X-API-Key` only, FastAPI's `{"detail"}` 401.
+pub struct OriginalDoor;
+
+impl KeyDoor for OriginalDoor {
+    fn presented_key(headers: &HeaderMap) -> Option<Result<&str, ()>> {
+        headers.get("x-api-key").map(|v| v.to_str().map_err(drop))
+    }
+
+    fn unauthorized() -> Response {
+        ApiError::Unauthorized.into_response()
+    }
+
+    fn overloaded() -> Response {
+        ApiError::Unavailable(
+            "Gateway overloaded: too many requests in flight; try again shortly".into(),
+        )
+        .into_response()
+    }
+}
+
+/// The key of the SDK doors: `Authorization: Bearer <key>`, else `X-API-Key` (the
+/// OpenAI SDK sends the first, the Anthropic SDK the second).
+pub fn bearer_or_api_key(headers: &HeaderMap) -> Option<Result<&str, ()>> {
+    if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
+        let Ok(value) = value.to_str() else {
+            return Some(Err(()));
+        };
+        let (scheme, token) = value.trim().split_once(' ').unwrap_or((value, ""));
+        return Some(if scheme.eq_ignore_ascii_case("bearer") {
+            Ok(token.trim())
+        } else {
+            Err(())
+        });
+    }
+    headers.get("x-api-key").map(|v| v.to_str().map_err(drop))
 }
 
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case
@@ -215,9 +269,9 @@ impl Keys {
     }
 }
 
-/// Middleware: 401 unless the request has a configured key (or anonymous access
-/// applies); otherwise attaches the client's identity for the limiter.
-pub async fn require_api_key(
+/// Middleware: the door's 401 unless the request has a configured key (or anonymous
+/// access applies); otherwise attaches the client's identity for the limiter.
+pub async fn require_key<D: KeyDoor>(
     State(keys): State<Keys>,
     mut request: Request,
     next: Next,
@@ -226,8 +280,13 @@ pub async fn require_api_key(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let Some(identity) = keys.0.load().identify(request.headers(), peer) else {
-        return ApiError::Unauthorized.into_response();
+    let identity = match D::presented_key(request.headers()) {
+        Some(Err(())) => None,
+        Some(Ok(key)) => keys.0.load().identify(Some(key), request.headers(), peer),
+        None => keys.0.load().identify(None, request.headers(), peer),
+    };
+    let Some(identity) = identity else {
+        return D::unauthorized();
     };
     request.extensions_mut().insert(identity);
     next.run(request).await
@@ -268,7 +327,7 @@ mod tests {
         assert!(auth.entry_for_key(&"x".repeat(100_000)).is_none());
         // Each key has its own bucket, named by a digest of the key, never the key.
         let bucket = |key: &str| {
-            let identity = auth.identify(&headers(&[("x-api-key", key)]), None);
+            let identity = auth.identify(Some(key), &HeaderMap::new(), None);
             identity.unwrap().bucket_key
         };
         assert_eq!(&*bucket("sk-a"), bucket_key("key:sk-a"));
@@ -280,16 +339,37 @@ mod tests {
     fn anonymous_requests_are_refused_unless_enabled_and_wrong_keys_always_are() {
         let peer = Some("192.0.2.1".parse().unwrap());
         let closed = config(&[]);
-        assert!(closed.identify(&headers(&[]), peer).is_none());
+        assert!(closed.identify(None, &headers(&[]), peer).is_none());
         let open = config(&[
             ("ALLOW_ANONYMOUS", "true"),
             ("RATE_LIMITER_TIERS", "anonymous:2:0.1"),
         ]);
-        let id = open.identify(&headers(&[]), peer).unwrap();
+        let id = open.identify(None, &headers(&[]), peer).unwrap();
         assert_eq!(&*id.policy.tier, "anonymous");
-        assert!(open
-            .identify(&headers(&[("x-api-key", "wrong")]), peer)
-            .is_none());
+        assert!(open.identify(Some("wrong"), &headers(&[]), peer).is_none());
+    }
+
+    #[test]
+    fn sdk_doors_read_a_bearer_token_or_the_api_key_header() {
+        let key = |pairs: &[(&'static str, &str)]| {
+            bearer_or_api_key(&headers(pairs)).map(|k| k.map(str::to_owned))
+        };
+        assert_eq!(
+            key(&[("authorization", "Bearer sk-a")]),
+            Some(Ok("sk-a".into()))
+        );
+        assert_eq!(
+            key(&[("authorization", "bearer  sk-a ")]),
+            Some(Ok("sk-a".into()))
+        );
+        assert_eq!(key(&[("x-api-key", "sk-b")]), Some(Ok("sk-b".into())));
+        assert_eq!(
+            key(&[("authorization", "Bearer sk-a"), ("x-api-key", "sk-b")]),
+            Some(Ok("sk-a".into())),
+            "the bearer token wins"
+        );
+        assert_eq!(key(&[("authorization", "Basic c2s6")]), Some(Err(())));
+        assert_eq!(key(&[]), None);
     }
 
     #[test]

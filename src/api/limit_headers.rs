@@ -41,6 +41,45 @@ fn ceil_seconds(ms: u64) -> u64 {
     ms.div_ceil(1000)
 }
 
+static OPENAI_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+static OPENAI_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static OPENAI_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+
+/// Adds, beside [`apply`]'s, OpenAI's request-limit headers: `x-ratelimit-limit-requests`,
+/// `-remaining-requests` and `-reset-requests` (a Go-style duration, as OpenAI writes it).
+pub fn apply_openai(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision) {
+    apply(headers, policy, decision);
+    headers.insert(OPENAI_LIMIT.clone(), number(policy.capacity));
+    headers.insert(OPENAI_REMAINING.clone(), number(decision.remaining));
+    if let Ok(reset) = HeaderValue::from_str(&go_duration(decision.reset_ms)) {
+        headers.insert(OPENAI_RESET.clone(), reset);
+    }
+}
+
+/// A duration as Go's `time.Duration` prints it, to the millisecond: `0s`, `12ms`,
+/// `1.5s`, `6m0s`, `1h2m3s`.
+pub fn go_duration(ms: u64) -> String {
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (hours, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (minutes, rest) = (rest / 60_000, rest % 60_000);
+    let seconds = if rest % 1000 == 0 {
+        format!("{}s", rest / 1000)
+    } else {
+        let text = format!("{}.{:03}", rest / 1000, rest % 1000);
+        format!("{}s", text.trim_end_matches('0'))
+    };
+    match (hours, minutes) {
+        (0, 0) => seconds,
+        (0, m) => format!("{m}m{seconds}"),
+        (h, m) => format!("{h}h{m}m{seconds}"),
+    }
+}
+
 /// Adds the limit headers for `decision` under `policy` to `headers`.
 pub fn apply(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision) {
     let reset = ceil_seconds(decision.reset_ms);
@@ -69,6 +108,22 @@ pub fn apply(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_are_written_as_go_writes_them() {
+        for (ms, text) in [
+            (0, "0s"),
+            (12, "12ms"),
+            (1000, "1s"),
+            (1500, "1.5s"),
+            (1250, "1.25s"),
+            (59_999, "59.999s"),
+            (360_000, "6m0s"),
+            (3_723_000, "1h2m3s"),
+        ] {
+            assert_eq!(super::go_duration(ms), text);
+        }
+    }
+
     use super::*;
 
     fn policy(tier: &str, capacity: u64, refill_rate: f64) -> BucketPolicy {

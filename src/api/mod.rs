@@ -8,5 +8,7 @@ pub mod health;
 pub mod limit_headers;
 pub mod metrics;
 pub mod observe;
+pub mod openai;
 pub mod openapi;
 pub mod original;
+pub mod sse;

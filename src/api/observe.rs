@@ -49,6 +49,14 @@ fn request_id(request: &Request) -> HeaderValue {
         })
 }
 
+/// The routes whose requests count in the chat metrics: every door's chat endpoint.
+fn is_chat_route(route: &str) -> bool {
+    matches!(
+        route,
+        "/api/v1/chat" | "/v1/chat" | "/v1/chat/completions" | "/v1/messages"
+    )
+}
+
 /// Decrements the active-requests gauge however the request ends (even if cancelled).
 struct ActiveGuard(prometheus::IntGauge);
 
@@ -77,7 +85,7 @@ pub async fn observe(State(metrics): State<Metrics>, request: Request, next: Nex
     let meta = response.extensions().get::<ChatMeta>().copied();
     let provider = meta.map(|m| m.provider.as_str()).unwrap_or("none");
     let cache = meta.map(|m| m.cache.as_str()).unwrap_or("-");
-    if route.ends_with("/chat") {
+    if is_chat_route(route) {
         metrics.chat_requests.get(status_class(status)).inc();
         metrics
             .request_latency

@@ -6,6 +6,7 @@
 //! ```text
 //! mock-llm --port 11434 [--host 127.0.0.1] [--latency-ms N] [--fail-status CODE]
 //!          [--fail-rate 0..1] [--hang-rate 0..1] [--reset-rate 0..1] [--chunk-delay-ms N]
+//!          [--chunks N] [--fail-after N] [--hang-after N]
 //! headers: x-mock-latency-ms: N   x-mock-status: CODE   x-mock-hang: 1
 //! streams: x-mock-chunks: N   x-mock-chunk-delay-ms: N   x-mock-fail-after: N
 //!          x-mock-hang-after: N
@@ -21,7 +22,7 @@
 //! breaks the connection after N chunks, `x-mock-hang-after: N` stops sending after N
 //! chunks and never ends. `GET /_mock/streams` counts streams started, completed and
 //! cancelled (the client went away before the end), so tests can see an upstream call
-//! cancelled.
+//! cancelled. The stream flags set the same for every stream; a header wins over a flag.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +44,11 @@ struct Faults {
     fail_rate: f64,
     hang_rate: f64,
     chunk_delay: Duration,
+    /// Stream defaults, for clients that cannot send the `x-mock-*` headers (the
+    /// gateway does not forward them).
+    chunks: Option<u64>,
+    fail_after: Option<u64>,
+    hang_after: Option<u64>,
 }
 
 /// The mock's shared state: its faults and its stream counters.
@@ -95,7 +101,7 @@ impl axum::serve::Listener for ResettingListener {
     }
 }
 
-const USAGE: &str = "usage: mock-llm [--host ADDR] [--port N] [--latency-ms N] [--fail-status CODE] [--fail-rate 0..1] [--hang-rate 0..1] [--reset-rate 0..1] [--chunk-delay-ms N]";
+const USAGE: &str = "usage: mock-llm [--host ADDR] [--port N] [--latency-ms N] [--fail-status CODE] [--fail-rate 0..1] [--hang-rate 0..1] [--reset-rate 0..1] [--chunk-delay-ms N] [--chunks N] [--fail-after N] [--hang-after N]";
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
     let mut options = Options {
@@ -141,6 +147,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
             "--chunk-delay-ms" => {
                 options.faults.chunk_delay =
                     Duration::from_millis(value.parse().map_err(|_| bad("milliseconds"))?)
+            }
+            "--chunks" => options.faults.chunks = Some(value.parse().map_err(|_| bad("a count"))?),
+            "--fail-after" => {
+                options.faults.fail_after = Some(value.parse().map_err(|_| bad("a count"))?)
+            }
+            "--hang-after" => {
+                options.faults.hang_after = Some(value.parse().map_err(|_| bad("a count"))?)
             }
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
@@ -482,17 +495,20 @@ struct StreamPlan {
 
 impl StreamPlan {
     fn new(faults: &Faults, headers: &HeaderMap, content: &str) -> StreamPlan {
-        let pieces = match header_number(headers, "x-mock-chunks") {
+        let pieces = match header_number(headers, "x-mock-chunks").or(faults.chunks) {
             Some(n) if n > 0 => split_evenly(content, n as usize),
             _ => split_words(content),
+        };
+        let count = |name: &str, default: Option<u64>| {
+            header_number(headers, name).or(default).map(|n| n as usize)
         };
         StreamPlan {
             pieces,
             delay: header_number(headers, "x-mock-chunk-delay-ms")
                 .map(Duration::from_millis)
                 .unwrap_or(faults.chunk_delay),
-            fail_after: header_number(headers, "x-mock-fail-after").map(|n| n as usize),
-            hang_after: header_number(headers, "x-mock-hang-after").map(|n| n as usize),
+            fail_after: count("x-mock-fail-after", faults.fail_after),
+            hang_after: count("x-mock-hang-after", faults.hang_after),
         }
     }
 }

@@ -42,7 +42,8 @@ pub fn cache_key(request: &ChatRequest) -> String {
     }
     hash_text(&mut hasher, request.model.as_deref());
     hash_text(&mut hasher, request.model_hint.as_deref());
-    hasher.update(request.max_tokens.to_le_bytes());
+    // The original door always sets it (512 by default), as the key always had.
+    hasher.update(request.max_tokens.unwrap_or(0).to_le_bytes());
     // 0.0 and -0.0 are the same temperature.
     let temperature = if request.temperature == 0.0 {
         0.0
@@ -50,15 +51,46 @@ pub fn cache_key(request: &ChatRequest) -> String {
         request.temperature
     };
     hasher.update(temperature.to_bits().to_le_bytes());
-    // Into a buffer on the stack: `hex::encode` builds its string through a char
-    // iterator and `format!` copies it again, ~2.5k instructions per request (callgrind).
-    let mut hex = [0u8; 64];
-    let mut key = String::with_capacity(6 + 64);
-    key.push_str("cache:");
-    if hex::encode_to_slice(hasher.finalize(), &mut hex).is_ok() {
-        key.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    KeyHasher(hasher).finish()
+}
+
+/// A cache key being hashed: `cache:` and the hex SHA-256 of what is written into it.
+/// Doors other than the original write their namespace, then a canonical form of the
+/// request (see `api::openai::request`).
+pub struct KeyHasher(Sha256);
+
+impl KeyHasher {
+    /// A key in `namespace`, so no two doors' keys can meet.
+    pub fn new(namespace: &str) -> KeyHasher {
+        let mut hasher = Sha256::new();
+        hash_text(&mut hasher, Some(namespace));
+        KeyHasher(hasher)
     }
-    key
+
+    /// The key.
+    pub fn finish(self) -> String {
+        // Into a buffer on the stack: `hex::encode` builds its string through a char
+        // iterator and `format!` copies it again, ~2.5k instructions per request
+        // (callgrind).
+        let mut hex = [0u8; 64];
+        let mut key = String::with_capacity(6 + 64);
+        key.push_str("cache:");
+        if hex::encode_to_slice(self.0.finalize(), &mut hex).is_ok() {
+            key.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+        }
+        key
+    }
+}
+
+impl std::io::Write for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// An optional string as a presence byte, then its length and bytes.
@@ -86,7 +118,7 @@ mod tests {
             }],
             model: None,
             model_hint: None,
-            max_tokens: 512,
+            max_tokens: Some(512),
             temperature: 0.7,
             stream: false,
             sampling: Default::default(),
@@ -112,7 +144,7 @@ mod tests {
                 ..request()
             },
             ChatRequest {
-                max_tokens: 10,
+                max_tokens: Some(10),
                 ..request()
             },
             ChatRequest {

@@ -33,6 +33,30 @@ pub struct Route {
 const GEMINI_WORDS: [&str; 3] = ["online", "gemini", "fast"];
 const OLLAMA_WORDS: [&str; 3] = ["ollama", "local", "secure"];
 
+/// The model names to list (`/v1/models`): the routing words and the two default
+/// models, each with the provider it goes to. Any other name is routed too (to Ollama,
+/// as that model), but is not listed.
+pub fn listed_models(gemini_model: &str, ollama_model: &str) -> Vec<(String, ProviderKind)> {
+    let mut models: Vec<(String, ProviderKind)> = GEMINI_WORDS
+        .iter()
+        .map(|w| (w.to_string(), ProviderKind::Gemini))
+        .chain(
+            OLLAMA_WORDS
+                .iter()
+                .map(|w| (w.to_string(), ProviderKind::Ollama)),
+        )
+        .collect();
+    for (model, kind) in [
+        (gemini_model, ProviderKind::Gemini),
+        (ollama_model, ProviderKind::Ollama),
+    ] {
+        if !models.iter().any(|(m, _)| m == model) {
+            models.push((model.to_owned(), kind));
+        }
+    }
+    models
+}
+
 fn non_empty(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
@@ -79,7 +103,7 @@ mod tests {
             }],
             model: model.map(Into::into),
             model_hint: hint.map(Into::into),
-            max_tokens: 1,
+            max_tokens: Some(1),
             temperature: 0.0,
             stream: false,
             sampling: Default::default(),

@@ -188,6 +188,11 @@ impl ChatService {
         self.limiter.ready(prefetch).await
     }
 
+    /// The model names clients can pick from, with the provider each goes to.
+    pub fn models(&self) -> Vec<(String, ProviderKind)> {
+        super::routing::listed_models(&self.gemini_model, &self.ollama_model)
+    }
+
     /// Where `request` goes: the provider and the model to ask for.
     pub fn route(&self, request: &ChatRequest) -> Route {
         route(request, &self.gemini_model, &self.ollama_model)

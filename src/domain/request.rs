@@ -20,8 +20,8 @@ pub struct ChatRequest {
     pub model: Option<String>,
     /// Routing hint, used when `model` is absent.
     pub model_hint: Option<String>,
-    /// Completion budget, at least 1.
-    pub max_tokens: u64,
+    /// Completion budget, at least 1; `None` leaves it to the upstream.
+    pub max_tokens: Option<u64>,
     /// Sampling temperature in [0, 2].
     pub temperature: f64,
     /// Whether the client asked for a stream (the original door answers whole anyway).

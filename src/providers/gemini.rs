@@ -64,7 +64,8 @@ struct Text<'a> {
 #[serde(rename_all = "camelCase")]
 struct GenerationConfig<'a> {
     temperature: f64,
-    max_output_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_output_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -351,7 +352,7 @@ mod tests {
             ],
             model: None,
             model_hint: None,
-            max_tokens: 32,
+            max_tokens: Some(32),
             temperature: 0.5,
             stream: false,
             sampling: Default::default(),

@@ -57,7 +57,8 @@ struct OllamaRequest<'a> {
 #[derive(Serialize)]
 struct OllamaOptions<'a> {
     temperature: f64,
-    num_predict: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    num_predict: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -226,7 +227,7 @@ mod tests {
             }],
             model: None,
             model_hint: None,
-            max_tokens: 32,
+            max_tokens: Some(32),
             temperature: 0.5,
             stream: false,
             sampling,

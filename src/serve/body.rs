@@ -86,6 +86,43 @@ where
     }
 }
 
+/// An answer's body that keeps `guard` (a slot, a marker of work in progress) until the
+/// body is done or dropped, whichever comes first being the end of the answer.
+pub struct BodyWith<G> {
+    body: axum::body::Body,
+    _guard: G,
+}
+
+impl<G: Send + Unpin + 'static> BodyWith<G> {
+    /// `body`, keeping `guard` as long as it lives.
+    pub fn wrap(body: axum::body::Body, guard: G) -> axum::body::Body {
+        axum::body::Body::new(BodyWith {
+            body,
+            _guard: guard,
+        })
+    }
+}
+
+impl<G: Unpin> Body for BodyWith<G> {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// What became of a request body a handler dropped before its end.
 pub enum Unread {
     /// The rest of the body, still arriving: the server reads it before answering, so

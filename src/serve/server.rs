@@ -16,7 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
@@ -32,8 +32,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
-use super::body::{RequestBody, Unread};
-use super::conn_io::{ConnectionActivity, ConnectionIo, ConnectionTimeouts, InProgress};
+use super::body::{BodyWith, RequestBody, Unread};
+use super::conn_io::{ConnectionActivity, ConnectionIo, ConnectionTimeouts};
 use super::workers::Workers;
 
 /// Limits of the connection layer.
@@ -241,7 +241,8 @@ fn connection_service(
                 let close = HeaderValue::from_static("close");
                 response.headers_mut().insert(header::CONNECTION, close);
             }
-            Ok(response.map(|body| axum::body::Body::new(AnswerBody::new(body, answering))))
+            // The answer counts as part of its request in progress until written.
+            Ok(response.map(|body| BodyWith::wrap(body, answering)))
         }
     })
 }
@@ -327,41 +328,6 @@ async fn answer_or_500(
         }
     })
     .await
-}
-
-/// An answer's body, which counts as part of its request in progress until written.
-struct AnswerBody {
-    body: axum::body::Body,
-    _in_progress: InProgress,
-}
-
-impl AnswerBody {
-    fn new(body: axum::body::Body, in_progress: InProgress) -> AnswerBody {
-        AnswerBody {
-            body,
-            _in_progress: in_progress,
-        }
-    }
-}
-
-impl hyper::body::Body for AnswerBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// Answers an over-capacity connection and closes it, lingering (as `conn_io` does) so

@@ -84,6 +84,8 @@ pub struct Settings {
     pub body_read_timeout_seconds: f64,
     /// Time an idle keep-alive connection stays open between requests, in seconds.
     pub keep_alive_timeout_seconds: f64,
+    /// Silence on a streamed answer before a `: keep-alive` comment, in seconds.
+    pub stream_keep_alive_seconds: f64,
     /// Bound on the drain after SIGTERM/Ctrl-C, in seconds.
     pub shutdown_grace_seconds: f64,
     /// Comma-separated client keys, as configured (see [`Settings::api_key_list`]).
@@ -274,6 +276,7 @@ impl Settings {
                 "keep_alive_timeout_seconds",
                 self.keep_alive_timeout_seconds,
             ),
+            ("stream_keep_alive_seconds", self.stream_keep_alive_seconds),
         ] {
             if !(value.is_finite() && value > 0.0) {
                 return Err(invalid(name, "must be a number of seconds greater than 0"));

@@ -6,7 +6,7 @@
 //! `proptest-regressions/` and replayed first on every run.
 
 use axum::http::{HeaderMap, HeaderValue};
-use llm_gateway::api::auth::{client_ip, AuthConfig};
+use llm_gateway::api::auth::{bearer_or_api_key, client_ip, AuthConfig};
 use llm_gateway::api::limit_headers as headers;
 use llm_gateway::api::original::schema::parse_chat_request;
 use llm_gateway::api::original::ApiError;
@@ -77,7 +77,7 @@ fn any_request() -> impl Strategy<Value = ChatRequest> {
                 messages,
                 model,
                 model_hint,
-                max_tokens,
+                max_tokens: Some(max_tokens),
                 temperature,
                 stream,
                 sampling: Default::default(),
@@ -88,7 +88,7 @@ fn any_request() -> impl Strategy<Value = ChatRequest> {
 fn to_body(r: &ChatRequest) -> Vec<u8> {
     json!({
         "messages": r.messages, "model": r.model, "model_hint": r.model_hint,
-        "max_tokens": r.max_tokens, "temperature": r.temperature, "stream": r.stream,
+        "max_tokens": r.max_tokens.unwrap_or(0), "temperature": r.temperature, "stream": r.stream,
     })
     .to_string()
     .into_bytes()
@@ -169,10 +169,11 @@ proptest! {
         ]).unwrap();
         let auth = AuthConfig::from_settings(&settings).unwrap();
         let mut h = HeaderMap::new();
-        if let Ok(v) = HeaderValue::from_bytes(&key) { h.insert("x-api-key", v); }
+        if let Ok(v) = HeaderValue::from_bytes(&key) { h.insert("x-api-key", v.clone()); h.insert("authorization", v); }
         if let Ok(v) = HeaderValue::from_bytes(&forwarded) { h.insert("x-forwarded-for", v); }
         let peer = std::net::IpAddr::from(peer);
-        let _ = auth.identify(&h, Some(peer));
+        let presented = bearer_or_api_key(&h).and_then(Result::ok);
+        let _ = auth.identify(presented, &h, Some(peer));
         let _ = client_ip(&h, peer, &["::/0".parse().unwrap()]);
     }
 

@@ -65,7 +65,7 @@ fn parse_plain(body: &[u8]) -> Option<ChatRequest> {
         messages: plain.messages,
         model: plain.model,
         model_hint: plain.model_hint,
-        max_tokens,
+        max_tokens: Some(max_tokens),
         temperature,
         stream: plain.stream.unwrap_or(false),
         sampling: Default::default(),
@@ -198,7 +198,7 @@ fn validate(value: Value) -> Result<ChatRequest, Vec<FieldError>> {
             messages,
             model,
             model_hint,
-            max_tokens,
+            max_tokens: Some(max_tokens),
             temperature,
             stream,
             sampling: Default::default(),
@@ -439,7 +439,7 @@ mod tests {
             parse_full(format!("{{{m},\"max_tokens\":64.0}}").as_bytes())
                 .unwrap()
                 .max_tokens,
-            64
+            Some(64)
         );
         let last_wins = parse_chat_request(others[11].as_bytes(), None).unwrap();
         assert_eq!(last_wins.messages[0].content, "b");
@@ -452,7 +452,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(r.max_tokens, 512);
+        assert_eq!(r.max_tokens, Some(512));
         assert_eq!(r.temperature, 0.7);
         assert!(!r.stream);
         assert_eq!(r.model, None);
@@ -466,13 +466,16 @@ mod tests {
             Some("application/json; charset=utf-8"),
         )
         .unwrap();
-        assert_eq!((r.max_tokens, r.temperature, r.stream), (64, 1.5, true));
+        assert_eq!(
+            (r.max_tokens, r.temperature, r.stream),
+            (Some(64), 1.5, true)
+        );
         let r = parse_chat_request(
             br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":64.0}"#,
             None,
         )
         .unwrap();
-        assert_eq!(r.max_tokens, 64);
+        assert_eq!(r.max_tokens, Some(64));
     }
 
     #[test]

@@ -1,0 +1,471 @@
+//! `POST /v1/chat/completions`: OpenAI's Chat Completions, whole or streamed as SSE.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Extension, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::error::OpenAiError;
+use super::request::{parse, OpenAiRequest};
+use crate::api::auth::ClientIdentity;
+use crate::api::limit_headers;
+use crate::api::observe::ChatMeta;
+use crate::api::original::chat::MaxBodyBytes;
+use crate::api::sse::{self, KeepAliveEvery};
+use crate::chat::service::{ChatService, Streamed};
+use crate::chat::stream::LiveStream;
+use crate::domain::{CacheStatus, ChatError, FinishReason, Reply, StreamEvent, Usage};
+use crate::ratelimit::{BucketPolicy, Decision};
+use crate::serve::body::BodyReadTimeout;
+
+/// The handler. Authentication has run; the order of checks is the original door's:
+/// 429, then 413/400, then the answer (or 502/503/504).
+pub async fn chat_completions(
+    State(chat): State<Arc<ChatService>>,
+    State(MaxBodyBytes(max_body_bytes)): State<MaxBodyBytes>,
+    State(keep_alive): State<KeepAliveEvery>,
+    identity: Option<Extension<ClientIdentity>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(Extension(identity)) = identity else {
+        return OpenAiError::unauthorized().into_response();
+    };
+    let policy = &identity.policy;
+    if let Some(denied) = chat.cached_denial(&identity.bucket_key) {
+        return rate_limited(policy, &denied);
+    }
+    let parsed = body
+        .map_err(|rejection| body_error(&rejection, max_body_bytes))
+        .and_then(|body| parse(&body));
+    let cache_key = match &parsed {
+        Ok(request) if chat.caching() => Some(request.cache_key()),
+        _ => None,
+    };
+    let admission = chat.admit(&identity.bucket_key, policy, cache_key).await;
+    let decision = match &admission.decision {
+        Ok(decision) if !decision.allowed => return rate_limited(policy, decision),
+        Ok(decision) => decision.clone(),
+        Err(error) => return OpenAiError::from(error.clone()).into_response(),
+    };
+    let request = match parsed {
+        Ok(request) => request,
+        Err(error) => return with_limits(error.into_response(), policy, &decision),
+    };
+    let mut response = if request.chat.stream {
+        stream(&chat, request, admission, keep_alive).await
+    } else {
+        let OpenAiRequest { chat: core, .. } = request;
+        match chat.answer(core, admission, encode).await {
+            Ok(outcome) => json_answer(outcome.body, outcome.cache, outcome.provider),
+            Err(error) => OpenAiError::from(error).into_response(),
+        }
+    };
+    limit_headers::apply_openai(response.headers_mut(), policy, &decision);
+    response
+}
+
+async fn stream(
+    chat: &ChatService,
+    request: OpenAiRequest,
+    admission: crate::chat::service::Admission,
+    keep_alive: KeepAliveEvery,
+) -> Response {
+    let include_usage = request.include_usage;
+    match chat.answer_stream(request.chat, admission, encode).await {
+        Ok(Streamed::Cached { body, provider }) => match replay(&body, include_usage) {
+            Some(frames) => {
+                let mut response = sse::response(futures_util::stream::iter(frames), keep_alive);
+                mark(&mut response, CacheStatus::Hit, provider);
+                response
+            }
+            None => OpenAiError::from(ChatError::UpstreamFailed(
+                "A cached answer could not be read".into(),
+            ))
+            .into_response(),
+        },
+        Ok(Streamed::Live(live)) => {
+            let provider = live.provider();
+            let mut response = sse::response(live_frames(live, include_usage), keep_alive);
+            mark(&mut response, CacheStatus::Miss, provider);
+            response
+        }
+        Err(error) => OpenAiError::from(error).into_response(),
+    }
+}
+
+fn mark(response: &mut Response, cache: CacheStatus, provider: crate::chat::routing::ProviderKind) {
+    response
+        .headers_mut()
+        .insert("x-cache", HeaderValue::from_static(cache.as_str()));
+    response
+        .extensions_mut()
+        .insert(ChatMeta { provider, cache });
+}
+
+fn json_answer(
+    body: Bytes,
+    cache: CacheStatus,
+    provider: crate::chat::routing::ProviderKind,
+) -> Response {
+    let mut response = (StatusCode::OK, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    mark(&mut response, cache, provider);
+    response
+}
+
+fn rate_limited(policy: &BucketPolicy, decision: &Decision) -> Response {
+    let mut response = OpenAiError::rate_limited().into_response();
+    limit_headers::apply_openai(response.headers_mut(), policy, decision);
+    response
+}
+
+fn with_limits(mut response: Response, policy: &BucketPolicy, decision: &Decision) -> Response {
+    limit_headers::apply_openai(response.headers_mut(), policy, decision);
+    response
+}
+
+/// Why the body could not be read: too large (413), too slow (408) or broken (400).
+fn body_error(rejection: &BytesRejection, max_body_bytes: usize) -> OpenAiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return OpenAiError::too_large(max_body_bytes);
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if error.is::<BodyReadTimeout>() {
+            return OpenAiError::body_timeout();
+        }
+        source = error.source();
+    }
+    OpenAiError::unparsable()
+}
+
+/// `finish_reason` as OpenAI writes it.
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::ContentFilter => "content_filter",
+    }
+}
+
+/// `chatcmpl-` and the answer's id.
+fn completion_id(id: uuid::Uuid) -> String {
+    format!("chatcmpl-{}", id.simple())
+}
+
+/// A whole answer (`chat.completion`); the cache keeps exactly these bytes.
+#[derive(Serialize, Deserialize)]
+struct Completion<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    object: std::borrow::Cow<'a, str>,
+    created: u64,
+    #[serde(borrow)]
+    model: std::borrow::Cow<'a, str>,
+    choices: Vec<Choice<'a>>,
+    usage: Usage,
+    system_fingerprint: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Choice<'a> {
+    index: u32,
+    #[serde(borrow)]
+    message: AssistantMessage<'a>,
+    logprobs: Option<()>,
+    #[serde(borrow)]
+    finish_reason: std::borrow::Cow<'a, str>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct AssistantMessage<'a> {
+    #[serde(borrow)]
+    role: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    content: std::borrow::Cow<'a, str>,
+    refusal: Option<String>,
+}
+
+fn encode(reply: &Reply) -> Result<Bytes, ChatError> {
+    let completion = Completion {
+        id: completion_id(reply.id).into(),
+        object: "chat.completion".into(),
+        created: reply.created,
+        model: reply.model.as_str().into(),
+        choices: vec![Choice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant".into(),
+                content: reply.completion.content.as_str().into(),
+                refusal: None,
+            },
+            logprobs: None,
+            finish_reason: finish_reason(reply.completion.finish_reason).into(),
+        }],
+        usage: reply.completion.usage,
+        system_fingerprint: None,
+    };
+    let mut body = Vec::with_capacity(reply.completion.content.len() + 320);
+    serde_json::to_writer(&mut body, &completion)
+        .map(|()| Bytes::from(body))
+        .map_err(|_| ChatError::UpstreamFailed("the answer could not be encoded".into()))
+}
+
+/// One `chat.completion.chunk` event.
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: Option<()>,
+    choices: &'a [ChunkChoice<'a>],
+    /// Absent without `include_usage`; with it, `null` on every chunk but the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<&'a Usage>>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+/// Writes the chunks of one stream.
+struct Chunks {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    started: bool,
+}
+
+impl Chunks {
+    fn frame(&self, choices: &[ChunkChoice<'_>], usage: Option<&Usage>) -> Bytes {
+        let chunk = Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: None,
+            choices,
+            usage: self.include_usage.then_some(usage),
+        };
+        let mut frame = b"data: ".to_vec();
+        // A chunk of plain strings and numbers always serialises.
+        let _ = serde_json::to_writer(&mut frame, &chunk);
+        frame.extend_from_slice(b"\n\n");
+        Bytes::from(frame)
+    }
+
+    /// The frames of one event; the first delta also carries the role.
+    fn event(&mut self, event: &StreamEvent) -> Vec<Bytes> {
+        let role = (!self.started).then_some("assistant");
+        self.started = true;
+        match event {
+            StreamEvent::Delta(text) => vec![self.frame(
+                &[ChunkChoice {
+                    index: 0,
+                    delta: Delta {
+                        role,
+                        content: Some(text),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                None,
+            )],
+            StreamEvent::Finish { reason, usage } => {
+                let mut frames = vec![self.frame(
+                    &[ChunkChoice {
+                        index: 0,
+                        delta: Delta {
+                            role,
+                            content: role.map(|_| ""),
+                        },
+                        logprobs: None,
+                        finish_reason: Some(finish_reason(*reason)),
+                    }],
+                    None,
+                )];
+                if self.include_usage {
+                    frames.push(self.frame(&[], Some(usage)));
+                }
+                frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                frames
+            }
+        }
+    }
+}
+
+/// A failure after the first byte: one error event, and the stream ends without `[DONE]`.
+fn error_frame(error: ChatError) -> Bytes {
+    Bytes::from(format!("data: {}\n\n", OpenAiError::from(error).json()))
+}
+
+fn live_frames(
+    live: LiveStream,
+    include_usage: bool,
+) -> impl futures_util::Stream<Item = Bytes> + Send {
+    let mut chunks = Chunks {
+        id: completion_id(live.id()),
+        created: live.created(),
+        model: live.model().to_owned(),
+        include_usage,
+        started: false,
+    };
+    live.flat_map(move |event| {
+        let frames = match event {
+            Ok(event) => chunks.event(&event),
+            Err(error) => vec![error_frame(error)],
+        };
+        futures_util::stream::iter(frames)
+    })
+}
+
+/// A stored answer replayed as a stream: the whole text in one chunk, then the end.
+fn replay(body: &[u8], include_usage: bool) -> Option<Vec<Bytes>> {
+    let stored: Completion<'_> = serde_json::from_slice(body).ok()?;
+    let choice = stored.choices.first()?;
+    let reason = match choice.finish_reason.as_ref() {
+        "length" => FinishReason::Length,
+        "content_filter" => FinishReason::ContentFilter,
+        _ => FinishReason::Stop,
+    };
+    let mut chunks = Chunks {
+        id: stored.id.clone().into_owned(),
+        created: stored.created,
+        model: stored.model.clone().into_owned(),
+        include_usage,
+        started: false,
+    };
+    let mut frames = chunks.event(&StreamEvent::Delta(
+        choice.message.content.clone().into_owned(),
+    ));
+    frames.extend(chunks.event(&StreamEvent::Finish {
+        reason,
+        usage: stored.usage,
+    }));
+    Some(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Completion as CoreCompletion;
+
+    fn reply(content: &str) -> Reply {
+        Reply {
+            id: uuid::Uuid::nil(),
+            created: 1_700_000_000,
+            provider: "ollama",
+            model: "llama3.1".into(),
+            completion: CoreCompletion {
+                content: content.into(),
+                usage: Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 2,
+                    total_tokens: 5,
+                },
+                finish_reason: FinishReason::Stop,
+            },
+        }
+    }
+
+    fn text(frames: &[Bytes]) -> String {
+        frames
+            .iter()
+            .map(|f| String::from_utf8_lossy(f).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_whole_answer_is_a_chat_completion() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&encode(&reply("hi")).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "id": "chatcmpl-00000000000000000000000000000000", "object": "chat.completion",
+                "created": 1_700_000_000, "model": "llama3.1",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi", "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+                "system_fingerprint": null,
+            })
+        );
+    }
+
+    #[test]
+    fn chunks_are_framed_byte_for_byte() {
+        let mut chunks = Chunks {
+            id: "chatcmpl-x".into(),
+            created: 7,
+            model: "m".into(),
+            include_usage: true,
+            started: false,
+        };
+        let mut frames = chunks.event(&StreamEvent::Delta("Hel".into()));
+        frames.extend(chunks.event(&StreamEvent::Delta("lo".into())));
+        frames.extend(chunks.event(&StreamEvent::Finish {
+            reason: FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                total_tokens: 3,
+            },
+        }));
+        let head = r#"{"id":"chatcmpl-x","object":"chat.completion.chunk","created":7,"model":"m","system_fingerprint":null,"choices":"#;
+        assert_eq!(
+            text(&frames),
+            format!(
+                "data: {head}[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"Hel\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n\
+                 data: {head}[{{\"index\":0,\"delta\":{{\"content\":\"lo\"}},\"logprobs\":null,\"finish_reason\":null}}],\"usage\":null}}\n\n\
+                 data: {head}[{{\"index\":0,\"delta\":{{}},\"logprobs\":null,\"finish_reason\":\"length\"}}],\"usage\":null}}\n\n\
+                 data: {head}[],\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}}}\n\n\
+                 data: [DONE]\n\n"
+            )
+        );
+    }
+
+    #[test]
+    fn without_include_usage_there_is_no_usage_field_and_no_usage_chunk() {
+        let frames = replay(&encode(&reply("hi")).unwrap(), false).unwrap();
+        let all = text(&frames);
+        assert!(!all.contains("usage"), "{all}");
+        assert!(
+            all.contains(r#""delta":{"role":"assistant","content":"hi"}"#),
+            "{all}"
+        );
+        assert!(all.ends_with("data: [DONE]\n\n"));
+        assert_eq!(frames.len(), 3);
+    }
+
+    #[test]
+    fn a_failure_mid_stream_is_an_error_event() {
+        let frame = error_frame(ChatError::UpstreamFailed(
+            "Provider 'ollama' failed mid-stream".into(),
+        ));
+        let text = String::from_utf8(frame.to_vec()).unwrap();
+        assert!(text.starts_with("data: {\"error\":{"), "{text}");
+        assert!(text.contains("\"type\":\"server_error\""), "{text}");
+        assert!(text.ends_with("}\n\n"));
+    }
+}

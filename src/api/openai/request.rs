@@ -1,0 +1,482 @@
+//! The OpenAI door's request: a Chat Completions body, validated field by field into the
+//! core's [`ChatRequest`], every failure a 400 naming its field (`param`), and every
+//! field the upstreams cannot honour refused by name rather than dropped.
+
+use serde_json::{Map, Value};
+
+use super::error::OpenAiError;
+use crate::domain::{ChatRequest, Message, ResponseFormat, Sampling};
+
+/// OpenAI's documented default temperature.
+const DEFAULT_TEMPERATURE: f64 = 1.0;
+/// Stop sequences at most, as OpenAI allows.
+const MAX_STOP: usize = 4;
+/// Largest accepted `max_tokens`: no model comes near it.
+const MAX_TOKENS_LIMIT: u64 = u32::MAX as u64;
+
+/// Fields that do not change the answer, left out of the cache key.
+pub const NOT_IN_CACHE_KEY: [&str; 3] = ["stream", "stream_options", "user"];
+
+/// A parsed Chat Completions request.
+#[derive(Debug)]
+pub struct OpenAiRequest {
+    /// The request in the core's terms.
+    pub chat: ChatRequest,
+    /// The model the client named.
+    pub model: String,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// The body as an object, for the cache key.
+    pub object: Map<String, Value>,
+}
+
+impl OpenAiRequest {
+    /// The cache key: every field but [`NOT_IN_CACHE_KEY`], in a canonical form (keys
+    /// sorted, as `serde_json`'s map keeps them), under the door's own namespace.
+    pub fn cache_key(&self) -> String {
+        use std::io::Write;
+        let mut hasher = crate::cache::KeyHasher::new("openai/chat/v1");
+        // Written field by field rather than as a filtered copy of the object, so long
+        // messages are not copied to be hashed. Writing into the hasher cannot fail.
+        for (name, value) in &self.object {
+            if !NOT_IN_CACHE_KEY.contains(&name.as_str()) {
+                let _ = serde_json::to_writer(&mut hasher, name);
+                let _ = hasher.write_all(b":");
+                let _ = serde_json::to_writer(&mut hasher, value);
+                let _ = hasher.write_all(b",");
+            }
+        }
+        hasher.finish()
+    }
+}
+
+/// Parses `body` (a UTF-8 BOM in front is skipped, as FastAPI and most JSON APIs do).
+pub fn parse(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let Ok(Value::Object(object)) = serde_json::from_slice::<Value>(body) else {
+        return Err(OpenAiError::unparsable());
+    };
+    let fields = Fields(&object);
+    for name in object.keys() {
+        if !KNOWN.contains(&name.as_str()) {
+            return Err(OpenAiError::unsupported(name));
+        }
+    }
+    for name in UNSUPPORTED {
+        if fields.present(name) {
+            return Err(OpenAiError::unsupported(name));
+        }
+    }
+    if fields.boolean("logprobs")? == Some(true) {
+        return Err(OpenAiError::unsupported("logprobs"));
+    }
+    let model = match object.get("model") {
+        Some(Value::String(model)) if !model.trim().is_empty() => model.clone(),
+        Some(Value::String(_)) => {
+            return Err(OpenAiError::invalid("model", "'model' must not be empty."))
+        }
+        Some(_) => return Err(type_error("model", "a string")),
+        None => {
+            return Err(OpenAiError::invalid(
+                "model",
+                "you must provide a model parameter",
+            ))
+        }
+    };
+    let messages = messages(object.get("messages"))?;
+    let max_tokens = match (
+        fields.integer("max_completion_tokens", 1, MAX_TOKENS_LIMIT)?,
+        fields.integer("max_tokens", 1, MAX_TOKENS_LIMIT)?,
+    ) {
+        (Some(n), _) | (None, Some(n)) => Some(n as u64),
+        (None, None) => None,
+    };
+    if let Some(n) = fields.integer("n", 1, 128)? {
+        if n > 1 {
+            return Err(OpenAiError {
+                code: Some("unsupported_parameter"),
+                ..OpenAiError::invalid(
+                    "n",
+                    "Only one choice (n = 1) is supported by the upstream serving this model.",
+                )
+            });
+        }
+    }
+    let stream = fields.boolean("stream")?.unwrap_or(false);
+    let include_usage = match object.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(options)) => match options.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(include)) => *include,
+            Some(_) => return Err(type_error("stream_options.include_usage", "a boolean")),
+        },
+        Some(_) => return Err(type_error("stream_options", "an object")),
+    };
+    if object.contains_key("stream_options") && !stream {
+        return Err(OpenAiError::invalid(
+            "stream_options",
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        ));
+    }
+    if let Some(user) = object.get("user") {
+        if !user.is_string() && !user.is_null() {
+            return Err(type_error("user", "a string"));
+        }
+    }
+    let sampling = Sampling {
+        top_p: fields.number("top_p", 0.0, 1.0)?,
+        stop: stop(object.get("stop"))?,
+        seed: fields
+            .integer("seed", i64::MIN, i64::MAX as u64)?
+            .map(|seed| seed as i64),
+        presence_penalty: fields.number("presence_penalty", -2.0, 2.0)?,
+        frequency_penalty: fields.number("frequency_penalty", -2.0, 2.0)?,
+        response_format: response_format(object.get("response_format"))?,
+    };
+    let chat = ChatRequest {
+        messages,
+        model: Some(model.clone()),
+        model_hint: None,
+        max_tokens,
+        temperature: fields
+            .number("temperature", 0.0, 2.0)?
+            .unwrap_or(DEFAULT_TEMPERATURE),
+        stream,
+        sampling,
+    };
+    Ok(OpenAiRequest {
+        chat,
+        model,
+        include_usage,
+        object,
+    })
+}
+
+/// Every field the door reads; anything else is refused by name.
+const KNOWN: [&str; 18] = [
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "user",
+    // Known, and refused unless absent or null (see UNSUPPORTED).
+    "tools",
+    "tool_choice",
+    "logprobs",
+];
+
+/// OpenAI fields the current upstreams (Ollama, Gemini) cannot honour: refused by name
+/// when given a value. (`logprobs: false` asks for nothing and passes.)
+const UNSUPPORTED: [&str; 2] = ["tools", "tool_choice"];
+
+/// Typed access to the body's fields, with OpenAI's error wording.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn present(&self, name: &str) -> bool {
+        self.0.get(name).is_some_and(|v| !v.is_null())
+    }
+
+    fn number(&self, name: &str, min: f64, max: f64) -> Result<Option<f64>, OpenAiError> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => match n.as_f64() {
+                Some(v) if (min..=max).contains(&v) => Ok(Some(v)),
+                _ => Err(OpenAiError::invalid(
+                    name,
+                    format!("Invalid '{name}': must be a number from {min} to {max}."),
+                )),
+            },
+            Some(_) => Err(type_error(name, "a number")),
+        }
+    }
+
+    fn integer(&self, name: &str, min: i64, max: u64) -> Result<Option<i128>, OpenAiError> {
+        let value = match self.0.get(name) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .map(i128::from)
+                .or_else(|| n.as_u64().map(i128::from)),
+            Some(_) => None,
+        };
+        match value {
+            Some(v) if v >= i128::from(min) && v <= i128::from(max) => Ok(Some(v)),
+            Some(_) => Err(OpenAiError::invalid(
+                name,
+                format!("Invalid '{name}': must be an integer from {min} to {max}."),
+            )),
+            None => Err(type_error(name, "an integer")),
+        }
+    }
+
+    fn boolean(&self, name: &str) -> Result<Option<bool>, OpenAiError> {
+        match self.0.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(type_error(name, "a boolean")),
+        }
+    }
+}
+
+fn type_error(param: &str, expected: &str) -> OpenAiError {
+    OpenAiError::invalid(
+        param,
+        format!("Invalid type for '{param}': expected {expected}."),
+    )
+}
+
+/// The roles a conversation may hold; `developer` is OpenAI's newer name for `system`.
+fn role(value: Option<&Value>, param: &str) -> Result<&'static str, OpenAiError> {
+    match value.and_then(Value::as_str) {
+        Some("system") | Some("developer") => Ok("system"),
+        Some("user") => Ok("user"),
+        Some("assistant") => Ok("assistant"),
+        Some("tool") | Some("function") => Err(OpenAiError::unsupported(param)),
+        Some(other) => Err(OpenAiError::invalid(
+            param,
+            format!("Invalid value: '{}'. Supported values are: 'system', 'developer', 'user' and 'assistant'.", other.escape_default()),
+        )),
+        None => Err(OpenAiError::invalid(
+            param,
+            format!("Missing required parameter: '{param}'."),
+        )),
+    }
+}
+
+fn messages(value: Option<&Value>) -> Result<Vec<Message>, OpenAiError> {
+    let Some(value) = value else {
+        return Err(OpenAiError::invalid(
+            "messages",
+            "Missing required parameter: 'messages'.",
+        ));
+    };
+    let Value::Array(items) = value else {
+        return Err(type_error("messages", "an array"));
+    };
+    if items.is_empty() {
+        return Err(OpenAiError::invalid(
+            "messages",
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = format!("messages[{i}]");
+            let Value::Object(message) = item else {
+                return Err(type_error(&at, "an object"));
+            };
+            if message.get("tool_calls").is_some_and(|v| !v.is_null()) {
+                return Err(OpenAiError::unsupported(&format!("{at}.tool_calls")));
+            }
+            let role = role(message.get("role"), &format!("{at}.role"))?;
+            let content = content(message.get("content"), &format!("{at}.content"))?;
+            Ok(Message {
+                role: role.to_owned(),
+                content,
+            })
+        })
+        .collect()
+}
+
+/// A message's content: a string, or an array of text parts (joined with newlines).
+fn content(value: Option<&Value>, param: &str) -> Result<String, OpenAiError> {
+    match value {
+        Some(Value::String(text)) => Ok(text.clone()),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.iter().enumerate() {
+                let at = format!("{param}[{j}]");
+                match part.get("type").and_then(Value::as_str) {
+                    Some("text") => match part.get("text") {
+                        Some(Value::String(text)) => texts.push(text.as_str()),
+                        _ => return Err(type_error(&format!("{at}.text"), "a string")),
+                    },
+                    Some(_) => return Err(OpenAiError::unsupported(&format!("{at}.type"))),
+                    None => return Err(type_error(&format!("{at}.type"), "a string")),
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        None | Some(Value::Null) => Err(OpenAiError::invalid(
+            param,
+            format!("Missing required parameter: '{param}'."),
+        )),
+        Some(_) => Err(type_error(param, "a string or an array of content parts")),
+    }
+}
+
+fn stop(value: Option<&Value>) -> Result<Vec<String>, OpenAiError> {
+    let stops = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(stop)) => vec![stop.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(stop) => Ok(stop.clone()),
+                _ => Err(type_error("stop", "a string or an array of strings")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(type_error("stop", "a string or an array of strings")),
+    };
+    if stops.len() > MAX_STOP {
+        return Err(OpenAiError::invalid(
+            "stop",
+            format!("Invalid 'stop': at most {MAX_STOP} sequences."),
+        ));
+    }
+    Ok(stops)
+}
+
+fn response_format(value: Option<&Value>) -> Result<ResponseFormat, OpenAiError> {
+    let format = match value {
+        None | Some(Value::Null) => return Ok(ResponseFormat::Text),
+        Some(Value::Object(format)) => format,
+        Some(_) => return Err(type_error("response_format", "an object")),
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(ResponseFormat::Text),
+        Some("json_object") => Ok(ResponseFormat::JsonObject),
+        Some("json_schema") => match format.get("json_schema").and_then(|s| s.get("schema")) {
+            Some(schema @ Value::Object(_)) => Ok(ResponseFormat::JsonSchema(schema.clone())),
+            _ => Err(OpenAiError::invalid(
+                "response_format.json_schema.schema",
+                "Missing required parameter: 'response_format.json_schema.schema'.",
+            )),
+        },
+        _ => Err(OpenAiError::invalid(
+            "response_format.type",
+            "Invalid value: expected 'text', 'json_object' or 'json_schema'.",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param_of(body: &str) -> Option<String> {
+        parse(body.as_bytes()).unwrap_err().param
+    }
+
+    #[test]
+    fn a_plain_request_becomes_the_cores_request() {
+        let parsed = parse(
+            br#"{"model":"llama3.1","messages":[{"role":"developer","content":"be brief"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"max_tokens":20,"stop":"END","stream":true,"stream_options":{"include_usage":true},"user":"u-1"}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.model, "llama3.1");
+        assert!(parsed.include_usage && parsed.chat.stream);
+        assert_eq!(parsed.chat.max_tokens, Some(20));
+        assert_eq!(parsed.chat.temperature, DEFAULT_TEMPERATURE);
+        assert_eq!(parsed.chat.sampling.stop, ["END"]);
+        assert_eq!(parsed.chat.messages[0].role, "system");
+        assert_eq!(parsed.chat.messages[1].content, "a\nb");
+    }
+
+    #[test]
+    fn each_invalid_field_is_named() {
+        let cases = [
+            (
+                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                Some("model"),
+            ),
+            (r#"{"model":"m","messages":[]}"#, Some("messages")),
+            (
+                r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#,
+                Some("messages[0].role"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user"}]}"#,
+                Some("messages[0].content"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":5}]}"#,
+                Some("messages[0].content"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                Some("temperature"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                Some("max_tokens"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"5"}"#,
+                Some("max_tokens"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#,
+                Some("n"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
+                Some("tools"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{}}"#,
+                Some("logit_bias"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
+                Some("stream_options"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+                Some("messages[0].content[0].type"),
+            ),
+            ("[1,2]", None),
+            ("not json", None),
+        ];
+        for (body, param) in cases {
+            assert_eq!(
+                param_of(body).as_deref().filter(|p| !p.is_empty()),
+                param,
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_cache_key_ignores_stream_options_and_user_but_nothing_else() {
+        let key = |body: &str| parse(body.as_bytes()).unwrap().cache_key();
+        let base =
+            key(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.5}"#);
+        assert!(base.starts_with("cache:"));
+        assert_eq!(
+            base,
+            key(
+                r#"{"temperature":0.5,"user":"u","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"x"}],"model":"m"}"#
+            ),
+            "field order, stream and user do not matter"
+        );
+        for other in [
+            r#"{"model":"m2","messages":[{"role":"user","content":"x"}],"temperature":0.5}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"y"}],"temperature":0.5}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.6}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.5,"seed":1}"#,
+        ] {
+            assert_ne!(key(other), base, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped() {
+        let body =
+            b"\xEF\xBB\xBF{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}";
+        assert!(parse(body).is_ok());
+    }
+}
