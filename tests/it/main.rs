@@ -13,6 +13,7 @@ mod layers;
 mod limiter;
 mod limiter_faults;
 mod limiter_policies;
+mod openai;
 mod ops;
 mod properties;
 mod providers;
