@@ -18,5 +18,6 @@ mod ops;
 mod properties;
 mod providers;
 mod router;
+mod sdk;
 mod soak;
 mod stores;

@@ -1,0 +1,78 @@
+//! The official SDKs against the gateway, unchanged: each script in `tests/sdk/` runs in
+//! the pinned virtual environment that `scripts/test.sh` creates (`target/sdk-venv`), the
+//! gateway and `mock-llm` started here. A missing environment fails with the command that
+//! makes it; it is never skipped.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::{MockLlm, TestApp};
+
+const KEY: &str = "sk-sdk-ample";
+const SLOW_KEY: &str = "sk-sdk-slow";
+
+/// The virtual environment's interpreter (`SDK_PYTHON` overrides it).
+fn python() -> PathBuf {
+    let python = std::env::var_os("SDK_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv/bin/python")
+        });
+    assert!(
+        python.exists(),
+        "{} is missing: run `scripts/test.sh` (it creates the SDKs' virtual environment), or \
+         `python3 -m venv target/sdk-venv && target/sdk-venv/bin/pip install -r tests/sdk/requirements.txt`",
+        python.display()
+    );
+    python
+}
+
+async fn gateway(mock: &MockLlm) -> TestApp {
+    TestApp::builder()
+        .keys(&format!("{KEY},{SLOW_KEY}"))
+        .set("OLLAMA_BASE_URL", mock.url.as_str())
+        .set("RATE_LIMITER_CAPACITY", "1000")
+        .set("RATE_LIMITER_TIERS", "slow:1:2")
+        .set("API_KEY_TIERS", format!("{SLOW_KEY}=slow"))
+        .spawn()
+        .await
+}
+
+/// Runs `script` with the gateway's address; fails the test with its output unless it
+/// exits 0.
+async fn run(script: &str, app: &TestApp) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
+    let mut command = Command::new(python());
+    command
+        .arg(&path)
+        .env("GATEWAY_URL", &app.url)
+        .env("GATEWAY_KEY", KEY)
+        .env("SLOW_KEY", SLOW_KEY)
+        .env("GEMINI_MODEL_WITHOUT_KEY", "gemini-not-configured")
+        .env("PYTHONUNBUFFERED", "1");
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || command.output()),
+    )
+    .await
+    .expect("the SDK script finished within 2 minutes")
+    .unwrap()
+    .expect("the SDK script started");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{stdout}\n{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_sdk_works_unchanged() {
+    let mock = MockLlm::start(&["--chunks", "3"]);
+    let app = gateway(&mock).await;
+    run("openai_sdk.py", &app).await;
+}

@@ -1,0 +1,150 @@
+"""The official `openai` package driving the gateway unchanged (base_url = gateway/v1).
+
+Run by tests/it/sdk.rs against a gateway in front of mock-llm; exits non-zero at the
+first failed check. Environment: GATEWAY_URL, GATEWAY_KEY (ample bucket), SLOW_KEY (a
+bucket of one token refilling at 2/s), GEMINI_MODEL_WITHOUT_KEY (a model whose upstream
+is not configured, so the gateway answers 502).
+"""
+
+import os
+import time
+import urllib.request
+
+import openai
+
+URL = os.environ["GATEWAY_URL"]
+KEY = os.environ["GATEWAY_KEY"]
+SLOW_KEY = os.environ["SLOW_KEY"]
+BROKEN_MODEL = os.environ["GEMINI_MODEL_WITHOUT_KEY"]
+
+
+def client(key=KEY, retries=0):
+    return openai.OpenAI(api_key=key, base_url=f"{URL}/v1", max_retries=retries)
+
+
+def metric(series):
+    text = urllib.request.urlopen(f"{URL}/metrics").read().decode()
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def check(condition, what):
+    if not condition:
+        raise AssertionError(what)
+    print("ok:", what)
+
+
+# A whole completion.
+answer = client().chat.completions.create(
+    model="llama3.1",
+    messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello sdk"}],
+    max_tokens=50,
+    temperature=0.2,
+)
+check(answer.id.startswith("chatcmpl-"), "the id is a chat completion id")
+check(answer.choices[0].message.content == "Echo: hello sdk", "the content is the answer")
+check(answer.choices[0].finish_reason == "stop", "finish_reason")
+check(answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens > 0, "usage adds up")
+check(answer.model == "llama3.1", "the model")
+
+# The raw response carries the gateway's headers.
+raw = client().chat.completions.with_raw_response.create(
+    model="llama3.1", messages=[{"role": "user", "content": "headers please"}]
+)
+check(raw.headers.get("x-cache") == "MISS", "X-Cache on the raw response")
+check(raw.headers.get("x-ratelimit-limit-requests") is not None, "x-ratelimit-limit-requests")
+check(raw.parse().choices[0].message.content == "Echo: headers please", "the parsed raw response")
+
+# Streams, with and without usage.
+pieces, usage, finish = [], None, None
+for chunk in client().chat.completions.create(
+    model="llama3.1",
+    messages=[{"role": "user", "content": "stream with usage"}],
+    stream=True,
+    stream_options={"include_usage": True},
+):
+    if chunk.choices:
+        if chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        finish = chunk.choices[0].finish_reason or finish
+    elif chunk.usage:
+        usage = chunk.usage
+check("".join(pieces) == "Echo: stream with usage", "a streamed answer, chunk by chunk")
+check(len(pieces) > 1, "more than one chunk")
+check(finish == "stop", "the stream's finish_reason")
+check(usage is not None and usage.completion_tokens > 0, "the usage chunk")
+
+chunks = list(
+    client().chat.completions.create(
+        model="llama3.1", messages=[{"role": "user", "content": "stream without usage"}], stream=True
+    )
+)
+check(all(c.usage is None for c in chunks), "no usage without include_usage")
+check("".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: stream without usage", "text")
+
+# A cached answer replayed as a stream.
+time.sleep(0.2)
+replayed = client().chat.completions.with_raw_response.create(
+    model="llama3.1", messages=[{"role": "user", "content": "stream without usage"}], stream=True
+)
+check(replayed.headers.get("x-cache") == "HIT", "a repeated stream is a hit")
+text = "".join(c.choices[0].delta.content or "" for c in replayed.parse() if c.choices)
+check(text == "Echo: stream without usage", "the hit replays as a stream")
+
+# Models.
+ids = [m.id for m in client().models.list()]
+check("llama3.1" in ids and "fast" in ids, "the models list")
+check(client().models.retrieve("llama3.1").owned_by == "ollama", "one model")
+try:
+    client().models.retrieve("no-such-model")
+    check(False, "an unknown model is refused")
+except openai.NotFoundError as error:
+    check(error.code == "model_not_found", "an unknown model is NotFoundError model_not_found")
+
+# Errors as the SDK's own classes.
+try:
+    client(key="sk-wrong").chat.completions.create(model="llama3.1", messages=[{"role": "user", "content": "x"}])
+    check(False, "a wrong key is refused")
+except openai.AuthenticationError as error:
+    check(error.status_code == 401 and "API key" in error.message, "AuthenticationError")
+try:
+    client().chat.completions.create(model="llama3.1", messages=[{"role": "user", "content": "x"}], temperature=5)
+    check(False, "a bad temperature is refused")
+except openai.BadRequestError as error:
+    check(error.param == "temperature", "BadRequestError names the param")
+try:
+    client().chat.completions.create(model="llama3.1", messages=[{"role": "user", "content": "x"}], n=3)
+    check(False, "n > 1 is refused")
+except openai.BadRequestError as error:
+    check(error.param == "n", "n > 1 is a 400 naming n")
+
+# 429: the SDK's RateLimitError without retries; with retries it waits out retry-after-ms.
+client(key=SLOW_KEY).chat.completions.create(model="llama3.1", messages=[{"role": "user", "content": "first"}])
+try:
+    client(key=SLOW_KEY).chat.completions.create(model="llama3.1", messages=[{"role": "user", "content": "second"}])
+    check(False, "an empty bucket is refused")
+except openai.RateLimitError as error:
+    check(error.status_code == 429 and error.code == "rate_limit_exceeded", "RateLimitError")
+    wait_ms = int(error.response.headers["retry-after-ms"])
+    check(1 <= wait_ms <= 500, f"retry-after-ms {wait_ms}")
+time.sleep(0.6)
+client(key=SLOW_KEY).chat.completions.create(model="llama3.1", messages=[{"role": "user", "content": "refill"}])
+started = time.monotonic()
+waited = client(key=SLOW_KEY, retries=3).chat.completions.create(
+    model="llama3.1", messages=[{"role": "user", "content": "after a wait"}]
+)
+elapsed = time.monotonic() - started
+check(waited.choices[0].message.content == "Echo: after a wait", "the SDK retried after the 429")
+check(0.2 <= elapsed < 5, f"it waited for the refill ({elapsed:.2f}s)")
+
+# A 502 after the gateway's own retries says x-should-retry: false, which the SDK obeys.
+before = metric('chat_requests_total{status="5xx"}')
+try:
+    client(retries=3).chat.completions.create(model=BROKEN_MODEL, messages=[{"role": "user", "content": "x"}])
+    check(False, "the broken upstream fails")
+except openai.InternalServerError as error:
+    check(error.status_code == 502, "InternalServerError 502")
+check(metric('chat_requests_total{status="5xx"}') - before == 1, "the SDK did not retry it")
+print("all OpenAI SDK checks passed")
