@@ -15,6 +15,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::api;
+use crate::api::anthropic::AnthropicDoor;
 use crate::api::auth::{require_key, KeyDoor, OriginalDoor};
 use crate::api::openai::OpenAiDoor;
 use crate::api::original::ApiError;
@@ -134,10 +135,20 @@ pub fn build_router(state: AppState) -> Router {
             limit_concurrency::<OpenAiDoor>,
         ));
     let openai_key = || from_fn_with_state(state.clone(), require_key::<OpenAiDoor>);
+    let messages = post(api::anthropic::messages::messages)
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            require_key::<AnthropicDoor>,
+        ))
+        .route_layer(from_fn_with_state(
+            state.clone(),
+            limit_concurrency::<AnthropicDoor>,
+        ));
     Router::new()
         .route("/api/v1/chat", chat.clone())
         .route("/v1/chat", chat)
         .route("/v1/chat/completions", completions)
+        .route("/v1/messages", messages)
         .route(
             "/v1/models",
             get(api::openai::models::list).route_layer(openai_key()),

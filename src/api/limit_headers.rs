@@ -4,6 +4,7 @@
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::ratelimit::{BucketPolicy, Decision};
+use crate::telemetry::log_format::rfc3339;
 
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
@@ -53,6 +54,24 @@ pub fn apply_openai(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &D
     headers.insert(OPENAI_REMAINING.clone(), number(decision.remaining));
     if let Ok(reset) = HeaderValue::from_str(&go_duration(decision.reset_ms)) {
         headers.insert(OPENAI_RESET.clone(), reset);
+    }
+}
+
+static ANTHROPIC_LIMIT: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-limit");
+static ANTHROPIC_REMAINING: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining");
+static ANTHROPIC_RESET: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-reset");
+
+/// Adds, beside [`apply`]'s, Anthropic's request-limit headers:
+/// `anthropic-ratelimit-requests-limit`, `-remaining` and `-reset` (when the bucket is
+/// full again, as an RFC 3339 time).
+pub fn apply_anthropic(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision) {
+    apply(headers, policy, decision);
+    headers.insert(ANTHROPIC_LIMIT.clone(), number(policy.capacity));
+    headers.insert(ANTHROPIC_REMAINING.clone(), number(decision.remaining));
+    let reset = std::time::SystemTime::now() + std::time::Duration::from_millis(decision.reset_ms);
+    if let Ok(reset) = HeaderValue::from_str(&rfc3339(reset)) {
+        headers.insert(ANTHROPIC_RESET.clone(), reset);
     }
 }
 

@@ -3,7 +3,9 @@
 //! Beside them, what every door shares: authentication, the limit headers, the request
 //! log layer, and the operational endpoints.
 
+pub mod anthropic;
 pub mod auth;
+pub mod door;
 pub mod health;
 pub mod limit_headers;
 pub mod metrics;

@@ -35,6 +35,8 @@ pub struct ChatRequest {
 pub struct Sampling {
     /// Nucleus sampling mass.
     pub top_p: Option<f64>,
+    /// Sample from this many most likely tokens only.
+    pub top_k: Option<u64>,
     /// Sequences that end generation.
     pub stop: Vec<String>,
     /// Seed for reproducible sampling.

@@ -69,6 +69,8 @@ struct GenerationConfig<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<i64>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop_sequences: &'a [String],
@@ -121,6 +123,7 @@ fn generation_config(request: &ChatRequest) -> GenerationConfig<'_> {
         temperature: request.temperature,
         max_output_tokens: request.max_tokens,
         top_p: sampling.top_p,
+        top_k: sampling.top_k,
         seed: sampling.seed,
         stop_sequences: &sampling.stop,
         presence_penalty: sampling.presence_penalty,

@@ -62,6 +62,8 @@ struct OllamaOptions<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    top_k: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<i64>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     stop: &'a [String],
@@ -81,6 +83,7 @@ fn request_body<'a>(request: &'a ChatRequest, model: &'a str, stream: bool) -> O
             temperature: request.temperature,
             num_predict: request.max_tokens,
             top_p: sampling.top_p,
+            top_k: sampling.top_k,
             seed: sampling.seed,
             stop: &sampling.stop,
             presence_penalty: sampling.presence_penalty,
@@ -248,6 +251,7 @@ mod tests {
         );
         let controlled = request(Sampling {
             top_p: Some(0.9),
+            top_k: Some(40),
             stop: vec!["END".into()],
             seed: Some(7),
             presence_penalty: Some(0.5),
@@ -258,7 +262,7 @@ mod tests {
         assert_eq!(
             body["options"],
             serde_json::json!({
-                "temperature": 0.5, "num_predict": 32, "top_p": 0.9, "seed": 7,
+                "temperature": 0.5, "num_predict": 32, "top_p": 0.9, "top_k": 40, "seed": 7,
                 "stop": ["END"], "presence_penalty": 0.5, "frequency_penalty": -0.5,
             })
         );

@@ -272,6 +272,11 @@ impl<W: Write> Write for JsonEscaped<'_, W> {
     }
 }
 
+/// `time` in RFC 3339, UTC, to the microsecond (as log lines write it).
+pub fn rfc3339(time: SystemTime) -> String {
+    String::from_utf8_lossy(&timestamp(time)).into_owned()
+}
+
 /// `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` for `now`, in UTC. By hand because no crate in the
 /// tree writes RFC 3339 (tracing-subscriber's writer is private; `httpdate` writes HTTP
 /// dates, in seconds): ~60 lines instead of a date-time crate for one format.

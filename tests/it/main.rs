@@ -2,6 +2,7 @@
 //! over real HTTP (wiremock or mock-llm).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod anthropic;
 mod api;
 mod backends;
 mod cache;

@@ -76,3 +76,10 @@ async fn the_official_openai_sdk_works_unchanged() {
     let app = gateway(&mock).await;
     run("openai_sdk.py", &app).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_anthropic_sdk_works_unchanged() {
+    let mock = MockLlm::start(&["--chunks", "3"]);
+    let app = gateway(&mock).await;
+    run("anthropic_sdk.py", &app).await;
+}

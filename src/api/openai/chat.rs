@@ -5,7 +5,6 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
-use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -13,15 +12,13 @@ use serde::{Deserialize, Serialize};
 use super::error::OpenAiError;
 use super::request::{parse, OpenAiRequest};
 use crate::api::auth::ClientIdentity;
+use crate::api::door::{self, Gate};
 use crate::api::limit_headers;
-use crate::api::observe::ChatMeta;
 use crate::api::original::chat::MaxBodyBytes;
-use crate::api::sse::{self, KeepAliveEvery};
-use crate::chat::service::{ChatService, Streamed};
+use crate::api::sse::KeepAliveEvery;
+use crate::chat::service::ChatService;
 use crate::chat::stream::LiveStream;
-use crate::domain::{CacheStatus, ChatError, FinishReason, Reply, StreamEvent, Usage};
-use crate::ratelimit::{BucketPolicy, Decision};
-use crate::serve::body::BodyReadTimeout;
+use crate::domain::{ChatError, FinishReason, Reply, StreamEvent, Usage};
 
 /// The handler. Authentication has run; the order of checks is the original door's:
 /// 429, then 413/400, then the answer (or 502/503/504).
@@ -35,116 +32,43 @@ pub async fn chat_completions(
     let Some(Extension(identity)) = identity else {
         return OpenAiError::unauthorized().into_response();
     };
-    let policy = &identity.policy;
-    if let Some(denied) = chat.cached_denial(&identity.bucket_key) {
-        return rate_limited(policy, &denied);
-    }
-    let parsed = body
-        .map_err(|rejection| body_error(&rejection, max_body_bytes))
-        .and_then(|body| parse(&body));
-    let cache_key = match &parsed {
-        Ok(request) if chat.caching() => Some(request.cache_key()),
-        _ => None,
-    };
-    let admission = chat.admit(&identity.bucket_key, policy, cache_key).await;
-    let decision = match &admission.decision {
-        Ok(decision) if !decision.allowed => return rate_limited(policy, decision),
-        Ok(decision) => decision.clone(),
-        Err(error) => return OpenAiError::from(error.clone()).into_response(),
-    };
-    let request = match parsed {
-        Ok(request) => request,
-        Err(error) => return with_limits(error.into_response(), policy, &decision),
+    let gate = door::gate::<OpenAiError, _>(
+        &chat,
+        &identity,
+        body,
+        max_body_bytes,
+        parse,
+        OpenAiRequest::cache_key,
+    )
+    .await;
+    let (request, admission, decision) = match gate {
+        Gate::Admitted {
+            request,
+            admission,
+            decision,
+        } => (request, admission, decision),
+        Gate::Answered(response) => return response,
     };
     let mut response = if request.chat.stream {
-        stream(&chat, request, admission, keep_alive).await
+        let include_usage = request.include_usage;
+        door::stream_answer::<OpenAiError, _>(
+            &chat,
+            request.chat,
+            admission,
+            encode,
+            keep_alive,
+            |body| replay(body, include_usage),
+            |live| live_frames(live, include_usage),
+        )
+        .await
     } else {
-        let OpenAiRequest { chat: core, .. } = request;
-        match chat.answer(core, admission, encode).await {
-            Ok(outcome) => json_answer(outcome.body, outcome.cache, outcome.provider),
+        match chat.answer(request.chat, admission, encode).await {
+            Ok(outcome) => door::json_answer(outcome.body, outcome.cache, outcome.provider),
             Err(error) => OpenAiError::from(error).into_response(),
         }
     };
-    limit_headers::apply_openai(response.headers_mut(), policy, &decision);
+    limit_headers::apply_openai(response.headers_mut(), &identity.policy, &decision);
     response
-}
-
-async fn stream(
-    chat: &ChatService,
-    request: OpenAiRequest,
-    admission: crate::chat::service::Admission,
-    keep_alive: KeepAliveEvery,
-) -> Response {
-    let include_usage = request.include_usage;
-    match chat.answer_stream(request.chat, admission, encode).await {
-        Ok(Streamed::Cached { body, provider }) => match replay(&body, include_usage) {
-            Some(frames) => {
-                let mut response = sse::response(futures_util::stream::iter(frames), keep_alive);
-                mark(&mut response, CacheStatus::Hit, provider);
-                response
-            }
-            None => OpenAiError::from(ChatError::UpstreamFailed(
-                "A cached answer could not be read".into(),
-            ))
-            .into_response(),
-        },
-        Ok(Streamed::Live(live)) => {
-            let provider = live.provider();
-            let mut response = sse::response(live_frames(live, include_usage), keep_alive);
-            mark(&mut response, CacheStatus::Miss, provider);
-            response
-        }
-        Err(error) => OpenAiError::from(error).into_response(),
-    }
-}
-
-fn mark(response: &mut Response, cache: CacheStatus, provider: crate::chat::routing::ProviderKind) {
-    response
-        .headers_mut()
-        .insert("x-cache", HeaderValue::from_static(cache.as_str()));
-    response
-        .extensions_mut()
-        .insert(ChatMeta { provider, cache });
-}
-
-fn json_answer(
-    body: Bytes,
-    cache: CacheStatus,
-    provider: crate::chat::routing::ProviderKind,
-) -> Response {
-    let mut response = (StatusCode::OK, body).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    mark(&mut response, cache, provider);
-    response
-}
-
-fn rate_limited(policy: &BucketPolicy, decision: &Decision) -> Response {
-    let mut response = OpenAiError::rate_limited().into_response();
-    limit_headers::apply_openai(response.headers_mut(), policy, decision);
-    response
-}
-
-fn with_limits(mut response: Response, policy: &BucketPolicy, decision: &Decision) -> Response {
-    limit_headers::apply_openai(response.headers_mut(), policy, decision);
-    response
-}
-
-/// Why the body could not be read: too large (413), too slow (408) or broken (400).
-fn body_error(rejection: &BytesRejection, max_body_bytes: usize) -> OpenAiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return OpenAiError::too_large(max_body_bytes);
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
-    while let Some(error) = source {
-        if error.is::<BodyReadTimeout>() {
-            return OpenAiError::body_timeout();
-        }
-        source = error.source();
-    }
-    OpenAiError::unparsable()
 }
 
 /// `finish_reason` as OpenAI writes it.

@@ -2,13 +2,13 @@
 //! with its statuses, and the one mapping of the core's errors to it. A response the
 //! client must not retry carries `x-should-retry: false`, which the official SDKs obey.
 
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::api::door::{error_response, DoorError};
 use crate::domain::ChatError;
-
-static SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+use crate::ratelimit::{BucketPolicy, Decision};
 
 /// An error as an OpenAI client expects it.
 #[derive(Debug, Clone, PartialEq)]
@@ -185,16 +185,29 @@ impl OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, self.json()).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if !self.retry {
-            headers.insert(SHOULD_RETRY.clone(), HeaderValue::from_static("false"));
-        }
-        response
+        error_response(self.status, self.json(), self.retry)
+    }
+}
+
+impl DoorError for OpenAiError {
+    fn too_large(limit: usize) -> Self {
+        OpenAiError::too_large(limit)
+    }
+
+    fn body_timeout() -> Self {
+        OpenAiError::body_timeout()
+    }
+
+    fn unreadable() -> Self {
+        OpenAiError::unparsable()
+    }
+
+    fn rate_limited() -> Self {
+        OpenAiError::rate_limited()
+    }
+
+    fn limit_headers(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision) {
+        crate::api::limit_headers::apply_openai(headers, policy, decision);
     }
 }
 

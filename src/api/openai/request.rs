@@ -34,19 +34,7 @@ impl OpenAiRequest {
     /// The cache key: every field but [`NOT_IN_CACHE_KEY`], in a canonical form (keys
     /// sorted, as `serde_json`'s map keeps them), under the door's own namespace.
     pub fn cache_key(&self) -> String {
-        use std::io::Write;
-        let mut hasher = crate::cache::KeyHasher::new("openai/chat/v1");
-        // Written field by field rather than as a filtered copy of the object, so long
-        // messages are not copied to be hashed. Writing into the hasher cannot fail.
-        for (name, value) in &self.object {
-            if !NOT_IN_CACHE_KEY.contains(&name.as_str()) {
-                let _ = serde_json::to_writer(&mut hasher, name);
-                let _ = hasher.write_all(b":");
-                let _ = serde_json::to_writer(&mut hasher, value);
-                let _ = hasher.write_all(b",");
-            }
-        }
-        hasher.finish()
+        crate::api::door::canonical_key("openai/chat/v1", &self.object, &NOT_IN_CACHE_KEY)
     }
 }
 
@@ -125,6 +113,7 @@ pub fn parse(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
     }
     let sampling = Sampling {
         top_p: fields.number("top_p", 0.0, 1.0)?,
+        top_k: None,
         stop: stop(object.get("stop"))?,
         seed: fields
             .integer("seed", i64::MIN, i64::MAX as u64)?

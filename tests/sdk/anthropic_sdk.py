@@ -1,0 +1,116 @@
+"""The official `anthropic` package driving the gateway unchanged (base_url = gateway).
+
+Run by tests/it/sdk.rs against a gateway in front of mock-llm; exits non-zero at the
+first failed check. Environment: as for openai_sdk.py.
+"""
+
+import os
+import time
+import urllib.request
+
+import anthropic
+
+URL = os.environ["GATEWAY_URL"]
+KEY = os.environ["GATEWAY_KEY"]
+SLOW_KEY = os.environ["SLOW_KEY"]
+BROKEN_MODEL = os.environ["GEMINI_MODEL_WITHOUT_KEY"]
+
+
+def client(key=KEY, retries=0):
+    return anthropic.Anthropic(api_key=key, base_url=URL, max_retries=retries)
+
+
+def metric(series):
+    text = urllib.request.urlopen(f"{URL}/metrics").read().decode()
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def check(condition, what):
+    if not condition:
+        raise AssertionError(what)
+    print("ok:", what)
+
+
+# A whole message, with a system prompt and content blocks.
+message = client().messages.create(
+    model="llama3.1",
+    max_tokens=64,
+    system="be brief",
+    messages=[{"role": "user", "content": [{"type": "text", "text": "hello claude sdk"}]}],
+)
+check(message.id.startswith("msg_"), "the id is a message id")
+check(message.type == "message" and message.role == "assistant", "type and role")
+check(message.content[0].type == "text" and message.content[0].text == "Echo: hello claude sdk", "the text block")
+check(message.stop_reason == "end_turn", "stop_reason")
+check(message.usage.input_tokens > 0 and message.usage.output_tokens > 0, "usage")
+
+raw = client().messages.with_raw_response.create(
+    model="llama3.1", max_tokens=64, messages=[{"role": "user", "content": "headers please"}]
+)
+check(raw.headers.get("x-cache") == "MISS", "X-Cache")
+check(raw.headers.get("anthropic-ratelimit-requests-limit") is not None, "anthropic-ratelimit-requests-limit")
+check(raw.headers.get("anthropic-ratelimit-requests-reset", "").endswith("Z"), "the reset is an RFC 3339 time")
+
+# A stream through the SDK's helper, which reads every named event.
+with client().messages.stream(
+    model="llama3.1", max_tokens=64, messages=[{"role": "user", "content": "stream for claude"}]
+) as stream:
+    pieces = list(stream.text_stream)
+    final = stream.get_final_message()
+check("".join(pieces) == "Echo: stream for claude" and len(pieces) > 1, "text as it comes")
+check(final.content[0].text == "Echo: stream for claude", "the final message")
+check(final.stop_reason == "end_turn" and final.usage.output_tokens > 0, "stop_reason and usage at the end")
+
+# The raw events, in Anthropic's order.
+kinds = [
+    event.type
+    for event in client().messages.create(
+        model="llama3.1", max_tokens=64, messages=[{"role": "user", "content": "raw events"}], stream=True
+    )
+]
+check(kinds[0] == "message_start" and kinds[1] == "content_block_start", "the stream opens as Anthropic's")
+check(kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"], "and closes as Anthropic's")
+
+# A hit replayed as a stream.
+time.sleep(0.2)
+with client().messages.stream(
+    model="llama3.1", max_tokens=64, messages=[{"role": "user", "content": "stream for claude"}]
+) as stream:
+    check("".join(stream.text_stream) == "Echo: stream for claude", "a repeated stream is replayed")
+
+# Errors as the SDK's own classes.
+try:
+    client(key="sk-wrong").messages.create(model="llama3.1", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    check(False, "a wrong key is refused")
+except anthropic.AuthenticationError as error:
+    check(error.status_code == 401, "AuthenticationError")
+try:
+    client().messages.create(model="llama3.1", max_tokens=0, messages=[{"role": "user", "content": "x"}])
+    check(False, "max_tokens 0 is refused")
+except anthropic.BadRequestError as error:
+    check("max_tokens" in error.message, "BadRequestError names max_tokens")
+
+client(key=SLOW_KEY).messages.create(model="llama3.1", max_tokens=5, messages=[{"role": "user", "content": "first"}])
+try:
+    client(key=SLOW_KEY).messages.create(model="llama3.1", max_tokens=5, messages=[{"role": "user", "content": "second"}])
+    check(False, "an empty bucket is refused")
+except anthropic.RateLimitError as error:
+    check(error.status_code == 429, "RateLimitError")
+time.sleep(0.6)
+client(key=SLOW_KEY).messages.create(model="llama3.1", max_tokens=5, messages=[{"role": "user", "content": "refill"}])
+waited = client(key=SLOW_KEY, retries=3).messages.create(
+    model="llama3.1", max_tokens=5, messages=[{"role": "user", "content": "after a wait"}]
+)
+check(waited.content[0].text == "Echo: after a wait", "the SDK retried after the 429")
+
+before = metric('chat_requests_total{status="5xx"}')
+try:
+    client(retries=3).messages.create(model=BROKEN_MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    check(False, "the broken upstream fails")
+except anthropic.InternalServerError as error:
+    check(error.status_code == 502, "InternalServerError 502")
+check(metric('chat_requests_total{status="5xx"}') - before == 1, "the SDK did not retry it")
+print("all Anthropic SDK checks passed")
