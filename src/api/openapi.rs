@@ -1,110 +1,372 @@
-//! `GET /openapi.json`: an OpenAPI 3 description of the public endpoints.
+//! `GET /openapi.json`: an OpenAPI 3.1 description of every door exactly as it behaves:
+//! what each accepts (the original door's lax values included, as patterns its parser
+//! shares), every status it can answer, and its bodies. `tests/it/openapi.rs` runs
+//! schemathesis against it with all its checks.
 
 use std::sync::OnceLock;
 
 use axum::Json;
 use serde_json::{json, Value};
 
-fn error_response(description: &str) -> Value {
+/// The original door's `max_tokens` as a string: digits for 1 ..= 4294967295, with an
+/// optional `+`, leading zeros, and ASCII spaces around (`schema::lax_int`).
+const MAX_TOKENS_STRING: &str = r"^[ \t\n\r]*\+?0*([1-9][0-9]{0,8}|[1-3][0-9]{9}|4[01][0-9]{8}|42[0-8][0-9]{7}|429[0-3][0-9]{6}|4294[0-8][0-9]{5}|42949[0-5][0-9]{4}|429496[0-6][0-9]{3}|4294967[01][0-9]{2}|42949672[0-8][0-9]|429496729[0-5])[ \t\n\r]*$";
+
+/// The original door's `temperature` as a string: a plain decimal from 0 to 2
+/// (`schema::is_plain_decimal`, then the range).
+const TEMPERATURE_STRING: &str =
+    r"^[ \t\n\r]*\+?(0*([01](\.[0-9]*)?|\.[0-9]+)|0*2(\.0*)?)[ \t\n\r]*$";
+
+/// The original door's `stream` as a string: the words pydantic reads as booleans.
+const STREAM_STRING: &str = r"^[ \t\n\r]*(0|1|[oO][nN]|[oO][fF][fF]|[tT]|[fF]|[tT][rR][uU][eE]|[fF][aA][lL][sS][eE]|[yY]|[nN]|[yY][eE][sS]|[nN][oO])[ \t\n\r]*$";
+
+/// The largest `max_tokens` any door takes.
+const MAX_TOKENS: u64 = u32::MAX as u64;
+
+fn response(description: &str, schema: &str) -> Value {
     json!({
         "description": description,
-        "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
+        "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } }
     })
 }
 
-fn chat_operation() -> Value {
+/// The statuses every chat operation of a door can answer besides 200, with its error
+/// schema.
+fn errors(schema: &str, invalid: (&str, &str)) -> Value {
+    let mut responses = json!({
+        "401": response("Invalid or missing API key", schema),
+        "404": response("No such route, or (SDK doors) model", schema),
+        "405": response("Wrong method", schema),
+        "408": response("The body did not arrive within BODY_READ_TIMEOUT_SECONDS", schema),
+        "413": response("Body larger than MAX_BODY_BYTES", schema),
+        "429": response("Rate limited; see Retry-After and retry-after-ms", schema),
+        "502": response("The provider failed after its retries", schema),
+        "503": response("Rate limiter failing closed, or too many requests in flight", schema),
+        "504": response("The provider timed out", schema),
+    });
+    responses["400"] = response("The body could not be read", schema);
+    responses[invalid.0] = response("The body fails the schema", invalid.1);
+    responses
+}
+
+fn chat_operation(
+    summary: &str,
+    security: Value,
+    request: &str,
+    answer: Value,
+    error: &str,
+    invalid: (&str, &str),
+) -> Value {
+    let mut responses = errors(error, invalid);
+    responses["200"] = answer;
     json!({
-        "summary": "Chat completion",
-        "description": "Authenticated with X-API-Key, rate limited per client, answered from the cache or the routed provider.",
-        "security": [{ "ApiKey": [] }],
+        "summary": summary,
+        "security": security,
         "requestBody": {
             "required": true,
-            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ChatRequest" } } }
+            "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{request}") } } }
         },
-        "responses": {
-            "200": {
-                "description": "The completion. Carries X-Cache and the rate-limit headers.",
-                "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ChatResponse" } } }
-            },
-            "401": error_response("Invalid or missing API Key"),
-            "413": error_response("Body larger than MAX_BODY_BYTES"),
-            "422": {
-                "description": "Body is not JSON or fails the schema",
-                "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ValidationError" } } }
-            },
-            "429": error_response("Rate limited; see Retry-After"),
-            "502": error_response("Provider failed after its retries"),
-            "503": error_response("Rate limiter backend down and failing closed"),
-            "504": error_response("Provider timed out")
+        "responses": responses,
+    })
+}
+
+/// A 200 that is JSON, or server-sent events when the request asked for a stream.
+fn answer_or_stream(schema: &str) -> Value {
+    json!({
+        "description": "The answer; a stream of server-sent events when `stream` is true. Carries X-Cache and the rate-limit headers.",
+        "content": {
+            "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } },
+            "text/event-stream": { "schema": {
+                "description": "Each event: its name (`event`) and its JSON (`data`).",
+                "type": "object",
+                "properties": { "event": { "type": "string" }, "data": { "type": "string" } }
+            } }
+        }
+    })
+}
+
+fn nullable(kind: &str) -> Value {
+    json!([kind, "null"])
+}
+
+fn schemas() -> Value {
+    let text_part = json!({
+        "type": "object", "required": ["type", "text"],
+        "properties": { "type": { "const": "text" }, "text": { "type": "string" } }
+    });
+    let usage = json!({
+        "type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+        "properties": {
+            "prompt_tokens": { "type": "integer" },
+            "completion_tokens": { "type": "integer" },
+            "total_tokens": { "type": "integer" }
+        }
+    });
+    json!({
+        "Message": {
+            "type": "object", "required": ["role", "content"],
+            "properties": { "role": { "type": "string" }, "content": { "type": "string" } }
+        },
+        "ChatRequest": {
+            "type": "object", "required": ["messages"],
+            "description": "Unknown fields are ignored; null means the default. Numbers and booleans are also taken in pydantic's lax forms.",
+            "properties": {
+                "messages": { "type": "array", "minItems": 1, "items": { "$ref": "#/components/schemas/Message" } },
+                "model": { "type": nullable("string") },
+                "model_hint": { "type": nullable("string") },
+                "max_tokens": { "default": 512, "anyOf": [
+                    { "type": "integer", "minimum": 1, "maximum": MAX_TOKENS },
+                    { "type": "string", "pattern": MAX_TOKENS_STRING },
+                    { "type": "null" }
+                ] },
+                "temperature": { "default": 0.7, "anyOf": [
+                    { "type": "number", "minimum": 0, "maximum": 2 },
+                    { "type": "string", "pattern": TEMPERATURE_STRING },
+                    { "type": "null" }
+                ] },
+                "stream": { "default": false, "description": "Accepted; this door always answers whole.", "anyOf": [
+                    { "type": "boolean" },
+                    { "type": "integer", "enum": [0, 1] },
+                    { "type": "string", "pattern": STREAM_STRING },
+                    { "type": "null" }
+                ] }
+            }
+        },
+        "Usage": usage,
+        "ChatResponse": {
+            "type": "object", "required": ["id", "provider", "content", "usage"],
+            "properties": {
+                "id": { "type": "string", "format": "uuid" },
+                "provider": { "type": "string", "enum": ["ollama", "gemini"] },
+                "content": { "type": "string" },
+                "usage": { "$ref": "#/components/schemas/Usage" }
+            }
+        },
+        "Error": {
+            "type": "object", "required": ["detail"],
+            "properties": { "detail": { "type": "string" } }
+        },
+        "ValidationError": {
+            "type": "object", "required": ["detail"],
+            "properties": { "detail": { "type": "array", "items": {
+                "type": "object", "required": ["type", "loc", "msg"],
+                "properties": {
+                    "type": { "type": "string" },
+                    "loc": { "type": "array", "items": {} },
+                    "msg": { "type": "string" }
+                }
+            } } }
+        },
+        "OpenAIMessage": {
+            "type": "object", "required": ["role", "content"],
+            "properties": {
+                "role": { "enum": ["system", "developer", "user", "assistant"] },
+                "content": { "anyOf": [
+                    { "type": "string" },
+                    { "type": "array", "items": { "$ref": "#/components/schemas/TextPart" } }
+                ] },
+                "tool_calls": { "anyOf": [{ "type": "null" }, { "type": "array", "maxItems": 0 }] }
+            }
+        },
+        "TextPart": text_part,
+        "ResponseFormat": { "oneOf": [
+            { "type": "object", "required": ["type"], "properties": { "type": { "const": "text" } } },
+            { "type": "object", "required": ["type"], "properties": { "type": { "const": "json_object" } } },
+            { "type": "object", "required": ["type", "json_schema"], "properties": {
+                "type": { "const": "json_schema" },
+                "json_schema": { "type": "object", "required": ["schema"], "properties": { "schema": { "type": "object" } } }
+            } }
+        ] },
+        "ChatCompletionRequest": {
+            "type": "object", "required": ["model", "messages"], "additionalProperties": false,
+            "description": "OpenAI's Chat Completions. A field the upstreams cannot honour (tools, logit_bias, n > 1, ...) is a 400 naming it.",
+            "properties": {
+                "model": { "type": "string", "minLength": 1 },
+                "messages": { "type": "array", "minItems": 1, "items": { "$ref": "#/components/schemas/OpenAIMessage" } },
+                "max_tokens": { "type": nullable("integer"), "minimum": 1, "maximum": MAX_TOKENS },
+                "max_completion_tokens": { "type": nullable("integer"), "minimum": 1, "maximum": MAX_TOKENS },
+                "temperature": { "type": nullable("number"), "minimum": 0, "maximum": 2 },
+                "top_p": { "type": nullable("number"), "minimum": 0, "maximum": 1 },
+                "n": { "type": nullable("integer"), "minimum": 1, "maximum": 1 },
+                "stream": { "type": nullable("boolean") },
+                "stream_options": { "type": nullable("object"), "properties": { "include_usage": { "type": nullable("boolean") } } },
+                "stop": { "anyOf": [
+                    { "type": "string" },
+                    { "type": "array", "maxItems": 4, "items": { "type": "string" } },
+                    { "type": "null" }
+                ] },
+                "seed": { "type": nullable("integer"), "minimum": i64::MIN, "maximum": i64::MAX },
+                "presence_penalty": { "type": nullable("number"), "minimum": -2, "maximum": 2 },
+                "frequency_penalty": { "type": nullable("number"), "minimum": -2, "maximum": 2 },
+                "response_format": { "anyOf": [{ "type": "null" }, { "$ref": "#/components/schemas/ResponseFormat" }] },
+                "user": { "type": nullable("string") },
+                "logprobs": { "enum": [false, null] }
+            }
+        },
+        "ChatCompletion": {
+            "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {
+                "id": { "type": "string", "pattern": "^chatcmpl-" },
+                "object": { "const": "chat.completion" },
+                "created": { "type": "integer" },
+                "model": { "type": "string" },
+                "choices": { "type": "array", "items": {
+                    "type": "object", "required": ["index", "message", "finish_reason"],
+                    "properties": {
+                        "index": { "type": "integer" },
+                        "message": { "type": "object", "required": ["role", "content"], "properties": {
+                            "role": { "const": "assistant" }, "content": { "type": "string" } } },
+                        "finish_reason": { "enum": ["stop", "length", "content_filter"] }
+                    }
+                } },
+                "usage": usage
+            }
+        },
+        "ModelList": {
+            "type": "object", "required": ["object", "data"],
+            "properties": {
+                "object": { "const": "list" },
+                "data": { "type": "array", "items": { "$ref": "#/components/schemas/Model" } }
+            }
+        },
+        "Model": {
+            "type": "object", "required": ["id", "object", "created", "owned_by"],
+            "properties": {
+                "id": { "type": "string" }, "object": { "const": "model" },
+                "created": { "type": "integer" }, "owned_by": { "type": "string" }
+            }
+        },
+        "OpenAIError": {
+            "type": "object", "required": ["error"],
+            "properties": { "error": {
+                "type": "object", "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": { "type": "string" }, "type": { "type": "string" },
+                    "param": { "type": nullable("string") }, "code": { "type": nullable("string") }
+                }
+            } }
+        },
+        "MessagesRequest": {
+            "type": "object", "required": ["model", "max_tokens", "messages"], "additionalProperties": false,
+            "description": "Anthropic's Messages. A field the upstreams cannot honour (tools, thinking, images, ...) is a 400 naming it.",
+            "properties": {
+                "model": { "type": "string", "minLength": 1 },
+                "max_tokens": { "type": "integer", "minimum": 1, "maximum": MAX_TOKENS },
+                "system": { "anyOf": [
+                    { "type": "string" },
+                    { "type": "array", "items": { "$ref": "#/components/schemas/TextPart" } }
+                ] },
+                "messages": { "type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["role", "content"],
+                    "properties": {
+                        "role": { "enum": ["user", "assistant"] },
+                        "content": { "anyOf": [
+                            { "type": "string" },
+                            { "type": "array", "items": { "$ref": "#/components/schemas/TextPart" } }
+                        ] }
+                    }
+                } },
+                "temperature": { "type": nullable("number"), "minimum": 0, "maximum": 1 },
+                "top_p": { "type": nullable("number"), "minimum": 0, "maximum": 1 },
+                "top_k": { "type": nullable("integer"), "minimum": 0, "maximum": MAX_TOKENS },
+                "stop_sequences": { "type": nullable("array"), "items": { "type": "string" } },
+                "stream": { "type": nullable("boolean") },
+                "metadata": { "type": nullable("object") }
+            }
+        },
+        "AnthropicAnswer": {
+            "type": "object", "required": ["id", "type", "role", "model", "content", "stop_reason", "usage"],
+            "properties": {
+                "id": { "type": "string", "pattern": "^msg_" },
+                "type": { "const": "message" },
+                "role": { "const": "assistant" },
+                "model": { "type": "string" },
+                "content": { "type": "array", "items": { "$ref": "#/components/schemas/TextPart" } },
+                "stop_reason": { "enum": ["end_turn", "max_tokens", "refusal"] },
+                "usage": { "type": "object", "required": ["input_tokens", "output_tokens"], "properties": {
+                    "input_tokens": { "type": "integer" }, "output_tokens": { "type": "integer" } } }
+            }
+        },
+        "AnthropicError": {
+            "type": "object", "required": ["type", "error"],
+            "properties": {
+                "type": { "const": "error" },
+                "error": { "type": "object", "required": ["type", "message"], "properties": {
+                    "type": { "type": "string" }, "message": { "type": "string" } } }
+            }
         }
     })
 }
 
 fn document() -> Value {
-    let health = json!({ "get": { "summary": "Liveness", "responses": { "200": { "description": "{\"status\":\"ok\"}" } } } });
-    let ready = json!({ "get": { "summary": "Readiness", "responses": {
-        "200": { "description": "The limiter backend answers" },
-        "503": { "description": "The limiter backend is down; the body names it" } } } });
+    let health = json!({ "get": { "summary": "Liveness", "responses": {
+        "200": { "description": "{\"status\":\"ok\"}", "content": { "application/json": { "schema": {
+            "type": "object", "required": ["status"], "properties": { "status": { "const": "ok" } } } } } } } } });
+    let ready = json!({ "get": { "summary": "Readiness: the limiter can decide through its store", "responses": {
+        "200": { "description": "Ready", "content": { "application/json": { "schema": { "type": "object" } } } },
+        "503": { "description": "Not ready; the body names what is down", "content": { "application/json": { "schema": { "type": "object" } } } } } } });
     let metrics = json!({ "get": { "summary": "Prometheus metrics", "responses": {
         "200": { "description": "Text format 0.0.4", "content": { "text/plain": { "schema": { "type": "string" } } } } } } });
+    let sdk_keys = json!([{ "Bearer": [] }, { "ApiKey": [] }]);
+    let original = chat_operation(
+        "Chat completion (the original door)",
+        json!([{ "ApiKey": [] }]),
+        "ChatRequest",
+        response(
+            "The completion. Carries X-Cache and the rate-limit headers.",
+            "ChatResponse",
+        ),
+        "Error",
+        ("422", "ValidationError"),
+    );
+    let completions = chat_operation(
+        "OpenAI Chat Completions",
+        sdk_keys.clone(),
+        "ChatCompletionRequest",
+        answer_or_stream("ChatCompletion"),
+        "OpenAIError",
+        ("400", "OpenAIError"),
+    );
+    let messages = chat_operation(
+        "Anthropic Messages",
+        sdk_keys.clone(),
+        "MessagesRequest",
+        answer_or_stream("AnthropicAnswer"),
+        "AnthropicError",
+        ("400", "AnthropicError"),
+    );
+    let model_errors = json!({
+        "401": response("Invalid or missing API key", "OpenAIError"),
+        "404": response("No such model", "OpenAIError"),
+    });
+    let mut list_responses = model_errors.clone();
+    list_responses["200"] = response("The models clients can pick", "ModelList");
+    let mut model_responses = model_errors;
+    model_responses["200"] = response("One model", "Model");
     json!({
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": { "title": "llm-gateway", "version": env!("CARGO_PKG_VERSION") },
         "paths": {
-            "/api/v1/chat": { "post": chat_operation() },
-            "/v1/chat": { "post": chat_operation() },
+            "/api/v1/chat": { "post": original },
+            "/v1/chat": { "post": original },
+            "/v1/chat/completions": { "post": completions },
+            "/v1/messages": { "post": messages },
+            "/v1/models": { "get": { "summary": "The models", "security": sdk_keys, "responses": list_responses } },
+            "/v1/models/{id}": { "get": {
+                "summary": "One model", "security": sdk_keys,
+                "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "responses": model_responses
+            } },
             "/api/v1/health": health, "/health": health,
             "/api/v1/ready": ready, "/ready": ready,
             "/api/v1/metrics": metrics, "/metrics": metrics,
         },
         "components": {
-            "securitySchemes": { "ApiKey": { "type": "apiKey", "in": "header", "name": "X-API-Key" } },
-            "schemas": {
-                "Message": {
-                    "type": "object", "required": ["role", "content"],
-                    "properties": { "role": { "type": "string" }, "content": { "type": "string" } }
-                },
-                "ChatRequest": {
-                    "type": "object", "required": ["messages"],
-                    "properties": {
-                        "messages": { "type": "array", "minItems": 1, "items": { "$ref": "#/components/schemas/Message" } },
-                        "model": { "type": "string", "nullable": true },
-                        "model_hint": { "type": "string", "nullable": true },
-                        "max_tokens": { "type": "integer", "minimum": 1, "default": 512 },
-                        "temperature": { "type": "number", "minimum": 0, "maximum": 2, "default": 0.7 },
-                        "stream": { "type": "boolean", "default": false }
-                    }
-                },
-                "Usage": {
-                    "type": "object",
-                    "properties": {
-                        "prompt_tokens": { "type": "integer" },
-                        "completion_tokens": { "type": "integer" },
-                        "total_tokens": { "type": "integer" }
-                    }
-                },
-                "ChatResponse": {
-                    "type": "object", "required": ["id", "provider", "content", "usage"],
-                    "properties": {
-                        "id": { "type": "string", "format": "uuid" },
-                        "provider": { "type": "string", "enum": ["ollama", "gemini"] },
-                        "content": { "type": "string" },
-                        "usage": { "$ref": "#/components/schemas/Usage" }
-                    }
-                },
-                "Error": { "type": "object", "properties": { "detail": { "type": "string" } } },
-                "ValidationError": {
-                    "type": "object",
-                    "properties": { "detail": { "type": "array", "items": {
-                        "type": "object",
-                        "properties": {
-                            "type": { "type": "string" },
-                            "loc": { "type": "array", "items": {} },
-                            "msg": { "type": "string" }
-                        }
-                    } } }
-                }
-            }
+            "securitySchemes": {
+                "ApiKey": { "type": "apiKey", "in": "header", "name": "X-API-Key" },
+                "Bearer": { "type": "http", "scheme": "bearer" }
+            },
+            "schemas": schemas()
         }
     })
 }
@@ -113,4 +375,32 @@ fn document() -> Value {
 pub async fn openapi() -> Json<&'static Value> {
     static DOCUMENT: OnceLock<Value> = OnceLock::new();
     Json(DOCUMENT.get_or_init(document))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lax_string_patterns_are_the_parsers_grammar() {
+        // A regex engine is not in the tree; these spot checks pin the patterns' intent
+        // against the parser, and schemathesis checks them end to end.
+        assert!(MAX_TOKENS_STRING.contains("429496729[0-5]"));
+        assert!(TEMPERATURE_STRING.contains(r"0*2(\.0*)?"));
+        let doc = document();
+        for path in [
+            "/api/v1/chat",
+            "/v1/chat/completions",
+            "/v1/messages",
+            "/v1/models",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path}");
+        }
+        let original = &doc["paths"]["/api/v1/chat"]["post"]["responses"];
+        for status in [
+            "200", "400", "401", "404", "405", "408", "413", "422", "429", "502", "503", "504",
+        ] {
+            assert!(original[status].is_object(), "{status}");
+        }
+    }
 }

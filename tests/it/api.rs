@@ -261,3 +261,60 @@ async fn health_ready_metrics_and_openapi_answer_on_both_paths() {
     // Liveness does not depend on Redis.
     assert_eq!(app.get("/health").await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_byte_order_mark_and_pydantics_lax_values_are_accepted_as_documented() {
+    let redis = RedisServer::start();
+    let upstream = upstream_ok().await;
+    let app = app(&redis, &upstream, &[]).await;
+    let send = |body: Vec<u8>| {
+        app.client
+            .post(format!("{}/api/v1/chat", app.url))
+            .header("X-API-Key", KEY)
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+    };
+    let mut with_bom = b"\xEF\xBB\xBF".to_vec();
+    with_bom.extend_from_slice(br#"{"messages":[{"role":"user","content":"bom"}]}"#);
+    assert_eq!(send(with_bom).await.unwrap().status(), 200);
+    // The lax forms the OpenAPI document states: digit strings, whole floats, plain
+    // decimal strings, boolean words, and null for the default.
+    for lax in [
+        r#""max_tokens":"64""#,
+        r#""max_tokens":" +0064 ""#,
+        r#""max_tokens":64.0"#,
+        r#""max_tokens":null"#,
+        r#""temperature":"0.5""#,
+        r#""temperature":".5""#,
+        r#""temperature":null"#,
+        r#""stream":"yes""#,
+        r#""stream":1"#,
+        r#""stream":null"#,
+    ] {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"lax"}}],{lax}}}"#);
+        assert_eq!(
+            send(body.into_bytes()).await.unwrap().status(),
+            200,
+            "{lax}"
+        );
+    }
+    // And nothing beyond them.
+    for strict in [
+        r#""max_tokens":"4294967296""#,
+        r#""max_tokens":"6.4e1""#,
+        r#""max_tokens":"""#,
+        r#""temperature":"1e0""#,
+        r#""temperature":"2.5""#,
+        r#""temperature":"-0""#,
+        r#""stream":"maybe""#,
+        r#""stream":2"#,
+    ] {
+        let body = format!(r#"{{"messages":[{{"role":"user","content":"lax"}}],{strict}}}"#);
+        assert_eq!(
+            send(body.into_bytes()).await.unwrap().status(),
+            422,
+            "{strict}"
+        );
+    }
+}

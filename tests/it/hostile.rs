@@ -303,3 +303,78 @@ async fn connections_over_the_cap_get_503_and_are_closed() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(app.get("/health").await.status(), 200, "slots are released");
 }
+
+#[tokio::test]
+async fn hostile_bodies_on_the_sdk_doors_get_each_doors_clear_400s() {
+    let upstream = upstream_ok().await;
+    let app = app(&upstream, &[("MAX_BODY_BYTES", "65536")]).await;
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep_object = format!(
+        r#"{{"model":"m","max_tokens":5,"messages":[{{"role":"user","content":{}"x"{}}}]}}"#,
+        "[".repeat(5_000),
+        "]".repeat(5_000)
+    );
+    let bodies: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("empty", Vec::new(), 400),
+        (
+            "random bytes",
+            (0..400u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            400,
+        ),
+        ("deep arrays", deep.into_bytes(), 413),
+        ("deep content", deep_object.into_bytes(), 400),
+        ("too large", vec![b' '; 70_000], 413),
+        (
+            "wrong types",
+            br#"{"model":5,"max_tokens":"x","messages":"no"}"#.to_vec(),
+            400,
+        ),
+        (
+            "unknown role",
+            br#"{"model":"m","max_tokens":5,"messages":[{"role":"wizard","content":"x"}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            "empty messages",
+            br#"{"model":"m","max_tokens":5,"messages":[]}"#.to_vec(),
+            400,
+        ),
+        (
+            "truncated",
+            br#"{"model":"m","max_tokens":5,"mess"#.to_vec(),
+            400,
+        ),
+    ];
+    for (path, envelope) in [("/v1/chat/completions", "error"), ("/v1/messages", "type")] {
+        for (name, body, status) in &bodies {
+            let response = app
+                .client
+                .post(format!("{}{path}", app.url))
+                .bearer_auth(KEY)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), *status, "{path} {name}");
+            let error: Value = response
+                .json()
+                .await
+                .unwrap_or_else(|e| panic!("{path} {name}: not JSON: {e}"));
+            assert!(error.get(envelope).is_some(), "{path} {name}: {error}");
+        }
+    }
+    let n = app
+        .client
+        .post(format!("{}/v1/chat/completions", app.url))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "m", "n": 2, "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(n.status(), 400);
+    assert_eq!(n.json::<Value>().await.unwrap()["error"]["param"], "n");
+    assert!(upstream.received_requests().await.unwrap().is_empty());
+    assert_eq!(app.get("/health").await.status(), 200);
+}

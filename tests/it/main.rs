@@ -15,6 +15,7 @@ mod limiter;
 mod limiter_faults;
 mod limiter_policies;
 mod openai;
+mod openapi;
 mod ops;
 mod properties;
 mod providers;

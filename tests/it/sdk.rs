@@ -7,26 +7,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{MockLlm, TestApp};
+use crate::common::{sdk_venv_program, MockLlm, TestApp};
 
 const KEY: &str = "sk-sdk-ample";
 const SLOW_KEY: &str = "sk-sdk-slow";
-
-/// The virtual environment's interpreter (`SDK_PYTHON` overrides it).
-fn python() -> PathBuf {
-    let python = std::env::var_os("SDK_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv/bin/python")
-        });
-    assert!(
-        python.exists(),
-        "{} is missing: run `scripts/test.sh` (it creates the SDKs' virtual environment), or \
-         `python3 -m venv target/sdk-venv && target/sdk-venv/bin/pip install -r tests/sdk/requirements.txt`",
-        python.display()
-    );
-    python
-}
 
 async fn gateway(mock: &MockLlm) -> TestApp {
     TestApp::builder()
@@ -45,7 +29,7 @@ async fn run(script: &str, app: &TestApp) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/sdk")
         .join(script);
-    let mut command = Command::new(python());
+    let mut command = Command::new(sdk_venv_program("python"));
     command
         .arg(&path)
         .env("GATEWAY_URL", &app.url)

@@ -59,7 +59,7 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, AnthropicError> {
         return Err(AnthropicError::unsupported(name));
     }
     let model = match object.get("model") {
-        Some(Value::String(model)) if !model.trim().is_empty() => model.clone(),
+        Some(Value::String(model)) if !model.is_empty() => model.clone(),
         Some(Value::String(_)) | None => {
             return Err(AnthropicError::invalid("model: Field required"))
         }
@@ -70,7 +70,7 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, AnthropicError> {
         }
     };
     let max_tokens = match object.get("max_tokens") {
-        Some(Value::Number(n)) => match n.as_u64() {
+        Some(Value::Number(n)) => match whole(n) {
             Some(n) if (1..=MAX_TOKENS_LIMIT).contains(&n) => n,
             _ => {
                 return Err(AnthropicError::invalid(
@@ -146,11 +146,11 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, AnthropicError> {
     };
     let top_k = match object.get("top_k") {
         None | Some(Value::Null) => None,
-        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+        Some(Value::Number(n)) if whole(n).is_some_and(|k| k <= MAX_TOKENS_LIMIT) => whole(n),
         Some(_) => {
-            return Err(AnthropicError::invalid(
-                "top_k: Input should be a non-negative integer",
-            ))
+            return Err(AnthropicError::invalid(format!(
+                "top_k: Input should be an integer from 0 to {MAX_TOKENS_LIMIT}"
+            )))
         }
     };
     let stop = match object.get("stop_sequences") {
@@ -203,6 +203,19 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, AnthropicError> {
         },
     };
     Ok(MessagesRequest { chat, object })
+}
+
+/// A non-negative whole number (a float without a fraction counts, as JSON Schema says).
+fn whole(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| {
+                f.fract() == 0.0
+                    && *f >= 0.0
+                    && *f <= crate::api::openai::request::EXACT_FLOAT_INTEGER
+            })
+            .map(|f| f as u64)
+    })
 }
 
 /// The text of a content: a string, or a list of `text` blocks (joined with newlines).

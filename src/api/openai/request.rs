@@ -14,6 +14,9 @@ const MAX_STOP: usize = 4;
 /// Largest accepted `max_tokens`: no model comes near it.
 const MAX_TOKENS_LIMIT: u64 = u32::MAX as u64;
 
+/// The largest integer a float holds exactly (2^53).
+pub const EXACT_FLOAT_INTEGER: f64 = 9_007_199_254_740_992.0;
+
 /// Fields that do not change the answer, left out of the cache key.
 pub const NOT_IN_CACHE_KEY: [&str; 3] = ["stream", "stream_options", "user"];
 
@@ -50,16 +53,11 @@ pub fn parse(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
             return Err(OpenAiError::unsupported(name));
         }
     }
-    for name in UNSUPPORTED {
-        if fields.present(name) {
-            return Err(OpenAiError::unsupported(name));
-        }
-    }
     if fields.boolean("logprobs")? == Some(true) {
         return Err(OpenAiError::unsupported("logprobs"));
     }
     let model = match object.get("model") {
-        Some(Value::String(model)) if !model.trim().is_empty() => model.clone(),
+        Some(Value::String(model)) if !model.is_empty() => model.clone(),
         Some(Value::String(_)) => {
             return Err(OpenAiError::invalid("model", "'model' must not be empty."))
         }
@@ -100,12 +98,6 @@ pub fn parse(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
         },
         Some(_) => return Err(type_error("stream_options", "an object")),
     };
-    if object.contains_key("stream_options") && !stream {
-        return Err(OpenAiError::invalid(
-            "stream_options",
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-        ));
-    }
     if let Some(user) = object.get("user") {
         if !user.is_string() && !user.is_null() {
             return Err(type_error("user", "a string"));
@@ -141,8 +133,10 @@ pub fn parse(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
     })
 }
 
-/// Every field the door reads; anything else is refused by name.
-const KNOWN: [&str; 18] = [
+/// Every field the door reads; anything else (`tools`, `tool_choice`, `logit_bias`, ...:
+/// what the current upstreams, Ollama and Gemini, cannot honour through this door) is
+/// refused by name.
+const KNOWN: [&str; 16] = [
     "model",
     "messages",
     "max_tokens",
@@ -158,24 +152,14 @@ const KNOWN: [&str; 18] = [
     "frequency_penalty",
     "response_format",
     "user",
-    // Known, and refused unless absent or null (see UNSUPPORTED).
-    "tools",
-    "tool_choice",
+    // Only `false` (or null): log probabilities cannot be had from the upstreams.
     "logprobs",
 ];
-
-/// OpenAI fields the current upstreams (Ollama, Gemini) cannot honour: refused by name
-/// when given a value. (`logprobs: false` asks for nothing and passes.)
-const UNSUPPORTED: [&str; 2] = ["tools", "tool_choice"];
 
 /// Typed access to the body's fields, with OpenAI's error wording.
 struct Fields<'a>(&'a Map<String, Value>);
 
 impl Fields<'_> {
-    fn present(&self, name: &str) -> bool {
-        self.0.get(name).is_some_and(|v| !v.is_null())
-    }
-
     fn number(&self, name: &str, min: f64, max: f64) -> Result<Option<f64>, OpenAiError> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
@@ -193,10 +177,18 @@ impl Fields<'_> {
     fn integer(&self, name: &str, min: i64, max: u64) -> Result<Option<i128>, OpenAiError> {
         let value = match self.0.get(name) {
             None | Some(Value::Null) => return Ok(None),
+            // A float without a fraction is an integer, as JSON Schema counts it, where
+            // it is exact (an integer too large for i64 also arrives as a float: its
+            // rounded value must not pass a range check the number itself fails).
             Some(Value::Number(n)) => n
                 .as_i64()
                 .map(i128::from)
-                .or_else(|| n.as_u64().map(i128::from)),
+                .or_else(|| n.as_u64().map(i128::from))
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && f.abs() <= EXACT_FLOAT_INTEGER)
+                        .map(|f| f as i128)
+                }),
             Some(_) => None,
         };
         match value {
@@ -267,8 +259,11 @@ fn messages(value: Option<&Value>) -> Result<Vec<Message>, OpenAiError> {
             let Value::Object(message) = item else {
                 return Err(type_error(&at, "an object"));
             };
-            if message.get("tool_calls").is_some_and(|v| !v.is_null()) {
-                return Err(OpenAiError::unsupported(&format!("{at}.tool_calls")));
+            // An assistant turn that called no tool may say so (null or []).
+            match message.get("tool_calls") {
+                None | Some(Value::Null) => {}
+                Some(Value::Array(calls)) if calls.is_empty() => {}
+                Some(_) => return Err(OpenAiError::unsupported(&format!("{at}.tool_calls"))),
             }
             let role = role(message.get("role"), &format!("{at}.role"))?;
             let content = content(message.get("content"), &format!("{at}.content"))?;
@@ -420,8 +415,16 @@ mod tests {
                 Some("logit_bias"),
             ),
             (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":5}"#,
                 Some("stream_options"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true}"#,
+                Some("logprobs"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"assistant","content":"x","tool_calls":[{}]}]}"#,
+                Some("messages[0].tool_calls"),
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,

@@ -32,10 +32,35 @@ pub fn parse_chat_request(
             )]));
         }
     }
+    // A UTF-8 byte order mark in front is skipped, as FastAPI's JSON decoding does.
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     if let Some(request) = parse_plain(body) {
         return Ok(request);
     }
     parse_full(body)
+}
+
+/// The whitespace lax strings may carry around their value (the schema's `[ \t\n\r]`).
+fn trim_ascii_space(text: &str) -> &str {
+    text.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\r'))
+}
+
+/// Whether `text` is a plain decimal the original door takes as a lax number: an
+/// optional `+`, digits with at most one `.`, at least one digit (`1`, `.5`, `1.`,
+/// `0.70`). No sign but `+`, no exponent, no `inf` or `nan`: the grammar the OpenAPI
+/// document states as a pattern, so the two cannot disagree.
+fn is_plain_decimal(text: &str) -> bool {
+    let digits = text.strip_prefix('+').unwrap_or(text);
+    let mut dots = 0;
+    let mut any_digit = false;
+    for c in digits.chars() {
+        match c {
+            '0'..='9' => any_digit = true,
+            '.' => dots += 1,
+            _ => return false,
+        }
+    }
+    any_digit && dots <= 1
 }
 
 /// The shape nearly every valid body has, read straight into its types: no `Value` tree
@@ -301,7 +326,8 @@ fn optional_string(
     }
 }
 
-/// pydantic's lax integer: integers, floats without a fraction, and numeric strings.
+/// pydantic's lax integer: integers, floats without a fraction, and strings of digits
+/// (an optional `+`, ASCII spaces around).
 /// `field` names the body field; its error location is built only on error (building it
 /// up front cost four allocations per field on every valid request).
 fn lax_int(value: &Value, field: &str, errors: &mut Vec<FieldError>) -> Option<i128> {
@@ -322,12 +348,22 @@ fn lax_int(value: &Value, field: &str, errors: &mut Vec<FieldError>) -> Option<i
                 }
             }
         }
-        Value::String(s) => s.trim().parse::<i128>().map_err(|_| {
-            (
-                "int_parsing",
-                "Input should be a valid integer, unable to parse string as an integer",
-            )
-        }),
+        Value::String(s) => {
+            let digits = trim_ascii_space(s);
+            let digits = digits.strip_prefix('+').unwrap_or(digits);
+            (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| digits.trim_start_matches('0'))
+                .and_then(|digits| match digits {
+                    "" => Some(0),
+                    // Longer than any i128: certainly past the limit.
+                    d if d.len() > 38 => Some(i128::MAX),
+                    d => d.parse::<i128>().ok(),
+                })
+                .ok_or((
+                    "int_parsing",
+                    "Input should be a valid integer, unable to parse string as an integer",
+                ))
+        }
         _ => Err(("int_type", "Input should be a valid integer")),
     };
     parsed
@@ -335,16 +371,15 @@ fn lax_int(value: &Value, field: &str, errors: &mut Vec<FieldError>) -> Option<i
         .ok()
 }
 
-/// pydantic's lax float: numbers and numeric strings (no NaN or infinities).
+/// pydantic's lax float: numbers and plain decimal strings (see [`is_plain_decimal`]).
 fn lax_float(value: &Value, field: &str, errors: &mut Vec<FieldError>) -> Option<f64> {
     let parsed = match value {
         Value::Number(n) => n
             .as_f64()
             .ok_or(("float_type", "Input should be a valid number")),
-        Value::String(s) => s
-            .trim()
-            .parse::<f64>()
-            .ok()
+        Value::String(s) => Some(trim_ascii_space(s))
+            .filter(|s| is_plain_decimal(s))
+            .and_then(|s| s.parse::<f64>().ok())
             .filter(|f| f.is_finite())
             .ok_or((
                 "float_parsing",
@@ -361,12 +396,12 @@ fn lax_float(value: &Value, field: &str, errors: &mut Vec<FieldError>) -> Option
 fn lax_bool(value: &Value, field: &str, errors: &mut Vec<FieldError>) -> Option<bool> {
     let parsed = match value {
         Value::Bool(b) => Some(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(0) => Some(false),
-            Some(1) => Some(true),
+        Value::Number(n) => match n.as_f64() {
+            Some(0.0) => Some(false),
+            Some(1.0) => Some(true),
             _ => None,
         },
-        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+        Value::String(s) => match trim_ascii_space(s).to_ascii_lowercase().as_str() {
             "0" | "off" | "f" | "false" | "n" | "no" => Some(false),
             "1" | "on" | "t" | "true" | "y" | "yes" => Some(true),
             _ => None,

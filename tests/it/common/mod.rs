@@ -445,6 +445,23 @@ pub fn wait_for_line(path: &Path, needle: &str) -> Option<String> {
     None
 }
 
+/// A program of the pinned Python environment of `tests/sdk/requirements.txt`
+/// (`SDK_VENV` overrides where it is). A missing environment fails the test with the
+/// command that makes it; it is never a reason to skip.
+pub fn sdk_venv_program(name: &str) -> std::path::PathBuf {
+    let venv = std::env::var_os("SDK_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/sdk-venv"));
+    let program = venv.join("bin").join(name);
+    assert!(
+        program.exists(),
+        "{} is missing: run `scripts/test.sh` (it creates the pinned Python environment), or \
+         `python3 -m venv target/sdk-venv && target/sdk-venv/bin/pip install -r tests/sdk/requirements.txt`",
+        program.display()
+    );
+    program
+}
+
 mod cluster;
 mod load;
 pub mod raw_http;
