@@ -89,8 +89,8 @@ function done(summary, latency, requests)
     latency:percentile(50), latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
 end
 LUA
-scenario_lua() { # name key body-kind expected-status path
-  local name=$1 key=$2 kind=$3
+scenario_lua() { # name key body-kind expected-status path [dialect: original|openai]
+  local name=$1 key=$2 kind=$3 dialect=${6:-original}
   {
     cat "$WORK/common.lua"
     cat <<LUA
@@ -109,6 +109,11 @@ request = function()
   if kind == "fixed" then content = "the same question every time"
   elseif kind == "big" then content = run_tag .. id .. "-" .. counter .. pad
   else content = "question " .. run_tag .. id .. "-" .. counter end
+  if "$dialect" == "openai" then
+    -- The same question through the OpenAI door: a model, a bearer key.
+    local body = '{"model":"llama3.1","messages":[{"role":"user","content":"' .. content .. '"}],"max_tokens":64}'
+    return wrk.format("POST", "$5", {["Authorization"] = "Bearer " .. api_key, ["Content-Type"] = "application/json"}, body)
+  end
   local body = '{"messages":[{"role":"user","content":"' .. content .. '"}],"max_tokens":64}'
   return wrk.format("POST", "$5", {["X-API-Key"] = api_key, ["Content-Type"] = "application/json"}, body)
 end
@@ -122,6 +127,7 @@ scenario_lua hit     sk-bench-00002   fixed 200 /api/v1/chat
 scenario_lua limited sk-bench-limited vary  429 /api/v1/chat
 scenario_lua keys10k RANDOM           vary  200 /api/v1/chat
 scenario_lua body64k sk-bench-00003   big   200 /api/v1/chat
+scenario_lua openai  sk-bench-00004   vary  200 /v1/chat/completions openai
 # The floor speaks Ollama directly: give its body a model.
 sed -i 's/"max_tokens":64}/"max_tokens":64,"model":"m","stream":false}/' "$WORK/floor.lua"
 
@@ -163,7 +169,7 @@ run() { # scenario connections url [pid in the "gateway" columns, default the ga
 for conns in 1 64; do
   run floor "$conns" "http://127.0.0.1:$MOCK_PORT"
   [ "$conns" = 1 ] && run bound 1 "http://127.0.0.1:$RELAY_PORT" "$RELAY_PID"
-  for name in miss hit limited keys10k body64k; do
+  for name in miss openai hit limited keys10k body64k; do
     run "$name" "$conns" "http://127.0.0.1:$GW_PORT"
   done
 done
@@ -190,6 +196,9 @@ for row in "${ROWS[@]}"; do
   if [ "$name" = floor ]; then FLOOR_RPS[$conns]=$rps; FLOOR_P50[$conns]=$p50; fi
   [ "$name" = bound ] && BOUND_P50=$p50
   [ "$name" = miss ] && [ "$conns" = 1 ] && MISS_P50=$p50
+  [ "$name" = openai ] && [ "$conns" = 1 ] && OPENAI_P50=$p50
+  [ "$name" = miss ] && [ "$conns" = 64 ] && MISS_RPS=$rps
+  [ "$name" = openai ] && [ "$conns" = 64 ] && OPENAI_RPS=$rps
   ratio=$(awk -v a="$rps" -v b="${FLOOR_RPS[$conns]}" 'BEGIN { printf "%.2f", a / b }')
   delta=$((p50 - ${FLOOR_P50[$conns]}))
   per=$(awk -v c="$calls" -v r="$requests" 'BEGIN { printf "%.2f", (r > 0 ? c / r : 0) }')
@@ -203,6 +212,8 @@ echo "gateway RSS: idle $((IDLE_KB / 1024)) MiB before the run, $((FINAL_KB / 10
 echo "bound, 1 connection: a relay doing only a miss's round trips (Redis pipeline, upstream call) is" \
   "$((BOUND_P50 - FLOOR_P50[1])) us over the floor's p50; the gateway's miss $((MISS_P50 - FLOOR_P50[1])) us," \
   "so its own work adds $((MISS_P50 - BOUND_P50)) us"
+echo "OpenAI door vs original door, a miss: req/s at 64 connections $(awk -v a="$OPENAI_RPS" -v b="$MISS_RPS" 'BEGIN { printf "%.3f", a / b }')" \
+  "of the original's; p50 at 1 connection $OPENAI_P50 us against $MISS_P50 us"
 echo "reference, 1 connection: a bare Redis round trip p50 ${PING_P50} us (PING), the limiter script alone ${EVALSHA_P50} us (EVALSHA)"
 echo "cpu us/r: CPU time each process spent per request in that row (the cores also run wrk);"
 echo "  $(nproc) cores give $(nproc) million CPU-us per second, so req/s <= $(nproc)e6 / (the four processes' sum)"
