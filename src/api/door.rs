@@ -1,16 +1,14 @@
 //! What the SDK doors (OpenAI, Anthropic) share: the road from an authenticated request
-//! to an admitted one (deny cache, body, limiter, in the contract's order of checks), the
-//! canonical cache key of a JSON body, and the marks an answer carries. Each door brings
+//! to an admitted one (deny cache, body, limiter, in the contract's order of checks),
+//! streamed answers, and the marks an answer carries. Each door brings
 //! its dialect through [`DoorError`] and its parser.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value};
 
 use crate::api::auth::ClientIdentity;
 use crate::api::observe::ChatMeta;
@@ -183,21 +181,4 @@ pub fn json_answer(body: Bytes, cache: CacheStatus, provider: ProviderKind) -> R
     );
     mark(&mut response, cache, provider);
     response
-}
-
-/// The cache key of a JSON body: every field but `excluded`, canonical (`serde_json`'s
-/// map keeps keys sorted), under the door's own `namespace` so no two doors' keys meet.
-/// Written field by field into the hash, so long messages are not copied to be hashed.
-pub fn canonical_key(namespace: &str, object: &Map<String, Value>, excluded: &[&str]) -> String {
-    let mut hasher = crate::cache::KeyHasher::new(namespace);
-    // Writing into the hasher cannot fail.
-    for (name, value) in object {
-        if !excluded.contains(&name.as_str()) {
-            let _ = serde_json::to_writer(&mut hasher, name);
-            let _ = hasher.write_all(b":");
-            let _ = serde_json::to_writer(&mut hasher, value);
-            let _ = hasher.write_all(b",");
-        }
-    }
-    hasher.finish()
 }

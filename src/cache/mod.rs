@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::domain::ChatRequest;
+use crate::domain::{ChatRequest, ResponseFormat};
 
 /// Why a cache call failed; callers count it and carry on as a miss.
 #[derive(Debug, thiserror::Error)]
@@ -54,21 +54,70 @@ pub fn cache_key(request: &ChatRequest) -> String {
     KeyHasher(hasher).finish()
 }
 
-/// A cache key being hashed: `cache:` and the hex SHA-256 of what is written into it.
-/// Doors other than the original write their namespace, then a canonical form of the
-/// request (see `api::openai::request`).
-pub struct KeyHasher(Sha256);
+/// The cache key of a door other than the original: `namespace` (the door's, so no two
+/// doors' keys meet; each stores its own rendering) and every field of the request that
+/// reaches an upstream, length-prefixed in a fixed order, as [`cache_key`] does. What the
+/// door read only to frame its answer (`stream`, usage options, end-user ids) is not in
+/// the request, so it is not in the key; two bodies that ask the same (content as a
+/// string or as text parts, `max_tokens` or `max_completion_tokens`) share an entry.
+pub fn request_key(namespace: &str, request: &ChatRequest) -> String {
+    let mut key = KeyHasher::new(namespace);
+    let hasher = &mut key.0;
+    hasher.update((request.messages.len() as u64).to_le_bytes());
+    for message in &request.messages {
+        hash_text(hasher, Some(&message.role));
+        hash_text(hasher, Some(&message.content));
+    }
+    hash_text(hasher, request.model.as_deref());
+    hash_text(hasher, request.model_hint.as_deref());
+    hash_number(hasher, request.max_tokens.map(|n| n as f64));
+    hash_number(hasher, Some(request.temperature));
+    let sampling = &request.sampling;
+    hash_number(hasher, sampling.top_p);
+    hash_number(hasher, sampling.top_k.map(|k| k as f64));
+    hasher.update((sampling.stop.len() as u64).to_le_bytes());
+    for stop in &sampling.stop {
+        hash_text(hasher, Some(stop));
+    }
+    hash_text(hasher, sampling.seed.map(|s| s.to_string()).as_deref());
+    hash_number(hasher, sampling.presence_penalty);
+    hash_number(hasher, sampling.frequency_penalty);
+    match &sampling.response_format {
+        ResponseFormat::Text => hasher.update([0u8]),
+        ResponseFormat::JsonObject => hasher.update([1u8]),
+        ResponseFormat::JsonSchema(schema) => {
+            hasher.update([2u8]);
+            // serde_json's maps keep their keys sorted: one schema, one rendering.
+            hash_text(hasher, Some(&schema.to_string()));
+        }
+    }
+    key.finish()
+}
+
+/// An optional number as a presence byte and its bits (0.0 and -0.0 are one value).
+fn hash_number(hasher: &mut Sha256, number: Option<f64>) {
+    match number {
+        None => hasher.update([0u8]),
+        Some(n) => {
+            hasher.update([1u8]);
+            hasher.update((if n == 0.0 { 0.0f64 } else { n }).to_bits().to_le_bytes());
+        }
+    }
+}
+
+/// A cache key being hashed: `cache:` and the hex SHA-256 of what is fed into it.
+struct KeyHasher(Sha256);
 
 impl KeyHasher {
     /// A key in `namespace`, so no two doors' keys can meet.
-    pub fn new(namespace: &str) -> KeyHasher {
+    fn new(namespace: &str) -> KeyHasher {
         let mut hasher = Sha256::new();
         hash_text(&mut hasher, Some(namespace));
         KeyHasher(hasher)
     }
 
     /// The key.
-    pub fn finish(self) -> String {
+    fn finish(self) -> String {
         // Into a buffer on the stack: `hex::encode` builds its string through a char
         // iterator and `format!` copies it again, ~2.5k instructions per request
         // (callgrind).
@@ -79,17 +128,6 @@ impl KeyHasher {
             key.push_str(std::str::from_utf8(&hex).unwrap_or_default());
         }
         key
-    }
-}
-
-impl std::io::Write for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.update(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 //! every failure a 400 saying which field, every field the upstreams cannot honour
 //! refused by name rather than dropped.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::error::AnthropicError;
 use crate::domain::{ChatRequest, Message, ResponseFormat, Sampling};
@@ -12,9 +12,6 @@ use crate::domain::{ChatRequest, Message, ResponseFormat, Sampling};
 const DEFAULT_TEMPERATURE: f64 = 1.0;
 /// Largest accepted `max_tokens`.
 const MAX_TOKENS_LIMIT: u64 = u32::MAX as u64;
-
-/// Fields that do not change the answer, left out of the cache key.
-const NOT_IN_CACHE_KEY: [&str; 2] = ["stream", "metadata"];
 
 /// Every field the door reads; anything else is refused by name.
 const KNOWN: [&str; 10] = [
@@ -35,15 +32,13 @@ const KNOWN: [&str; 10] = [
 pub struct MessagesRequest {
     /// The request in the core's terms.
     pub chat: ChatRequest,
-    /// The body as an object, for the cache key.
-    object: Map<String, Value>,
 }
 
 impl MessagesRequest {
-    /// The cache key: every field but `stream` and `metadata`, canonical (sorted keys),
-    /// under the door's own namespace.
+    /// The cache key: the request as it reaches the upstream, in the door's namespace
+    /// (`stream` and `metadata` change nothing upstream, so they are not in it).
     pub fn cache_key(&self) -> String {
-        crate::api::door::canonical_key("anthropic/messages/v1", &self.object, &NOT_IN_CACHE_KEY)
+        crate::cache::request_key("anthropic/messages/v1", &self.chat)
     }
 }
 
@@ -202,7 +197,7 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, AnthropicError> {
             response_format: ResponseFormat::Text,
         },
     };
-    Ok(MessagesRequest { chat, object })
+    Ok(MessagesRequest { chat })
 }
 
 /// A non-negative whole number (a float without a fraction counts, as JSON Schema says).
