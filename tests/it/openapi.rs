@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{sdk_venv_program, MockLlm, TestApp};
+use crate::common::{output_of, sdk_venv_program, MockLlm, TestApp};
 
 const KEY: &str = "sk-schemathesis";
 
@@ -32,14 +32,7 @@ async fn schemathesis_finds_nothing_with_all_its_checks() {
         .args(["-H", &format!("X-API-Key: {KEY}")])
         .args(["-H", &format!("Authorization: Bearer {KEY}")])
         .env("NO_COLOR", "1");
-    let output = tokio::time::timeout(
-        Duration::from_secs(600),
-        tokio::task::spawn_blocking(move || command.output()),
-    )
-    .await
-    .expect("schemathesis finished")
-    .unwrap()
-    .expect("schemathesis started");
+    let output = output_of(command, Duration::from_secs(600)).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let summary: Vec<&str> = stdout.lines().rev().take(14).collect();
     println!(

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{sdk_venv_program, MockLlm, TestApp};
+use crate::common::{output_of, sdk_venv_program, MockLlm, TestApp};
 
 const KEY: &str = "sk-sdk-ample";
 const SLOW_KEY: &str = "sk-sdk-slow";
@@ -37,14 +37,7 @@ async fn run(script: &str, app: &TestApp) {
         .env("SLOW_KEY", SLOW_KEY)
         .env("GEMINI_MODEL_WITHOUT_KEY", "gemini-not-configured")
         .env("PYTHONUNBUFFERED", "1");
-    let output = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::task::spawn_blocking(move || command.output()),
-    )
-    .await
-    .expect("the SDK script finished within 2 minutes")
-    .unwrap()
-    .expect("the SDK script started");
+    let output = output_of(command, Duration::from_secs(120)).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");

@@ -4,34 +4,15 @@ Run by tests/it/sdk.rs against a gateway in front of mock-llm; exits non-zero at
 first failed check. Environment: as for openai_sdk.py.
 """
 
-import os
 import time
-import urllib.request
 
 import anthropic
 
-URL = os.environ["GATEWAY_URL"]
-KEY = os.environ["GATEWAY_KEY"]
-SLOW_KEY = os.environ["SLOW_KEY"]
-BROKEN_MODEL = os.environ["GEMINI_MODEL_WITHOUT_KEY"]
+from gateway import BROKEN_MODEL, KEY, SLOW_KEY, URL, check, metric
 
 
 def client(key=KEY, retries=0):
     return anthropic.Anthropic(api_key=key, base_url=URL, max_retries=retries)
-
-
-def metric(series):
-    text = urllib.request.urlopen(f"{URL}/metrics").read().decode()
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def check(condition, what):
-    if not condition:
-        raise AssertionError(what)
-    print("ok:", what)
 
 
 # A whole message, with a system prompt and content blocks.

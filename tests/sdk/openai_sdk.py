@@ -6,34 +6,15 @@ bucket of one token refilling at 2/s), GEMINI_MODEL_WITHOUT_KEY (a model whose u
 is not configured, so the gateway answers 502).
 """
 
-import os
 import time
-import urllib.request
 
 import openai
 
-URL = os.environ["GATEWAY_URL"]
-KEY = os.environ["GATEWAY_KEY"]
-SLOW_KEY = os.environ["SLOW_KEY"]
-BROKEN_MODEL = os.environ["GEMINI_MODEL_WITHOUT_KEY"]
+from gateway import BROKEN_MODEL, KEY, SLOW_KEY, URL, check, metric
 
 
 def client(key=KEY, retries=0):
     return openai.OpenAI(api_key=key, base_url=f"{URL}/v1", max_retries=retries)
-
-
-def metric(series):
-    text = urllib.request.urlopen(f"{URL}/metrics").read().decode()
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def check(condition, what):
-    if not condition:
-        raise AssertionError(what)
-    print("ok:", what)
 
 
 # A whole completion.

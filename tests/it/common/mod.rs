@@ -462,6 +462,16 @@ pub fn sdk_venv_program(name: &str) -> std::path::PathBuf {
     program
 }
 
+/// Runs `command` to its end, off the runtime's threads, failing the test past `limit`.
+pub async fn output_of(mut command: Command, limit: Duration) -> std::process::Output {
+    let program = format!("{:?}", command.get_program());
+    tokio::time::timeout(limit, tokio::task::spawn_blocking(move || command.output()))
+        .await
+        .unwrap_or_else(|_| panic!("{program} did not finish within {limit:?}"))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{program} did not start: {e}"))
+}
+
 mod cluster;
 mod load;
 pub mod raw_http;
