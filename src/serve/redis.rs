@@ -130,16 +130,7 @@ impl RedisConn {
     /// once: the caller still waits for one round trip, not one per command.
     pub async fn round_trip(&self, commands: Vec<Cmd>) -> RedisResult<Vec<RedisResult<Value>>> {
         match self {
-            RedisConn::Single(node) => {
-                let mut writes = node.deferred.take_for_ride();
-                let mut pipe = redis::pipe();
-                writes.add_to(&mut pipe);
-                for cmd in commands {
-                    pipe.add_command(cmd);
-                }
-                pipe.ignore_errors();
-                node.send(pipe, writes).await
-            }
+            RedisConn::Single(node) => node.send(node.deferred.take_for_ride(), commands).await,
             RedisConn::Cluster(handle) => {
                 let conn = handle.get().await?;
                 let calls = commands.into_iter().map(|cmd| {
@@ -182,11 +173,7 @@ impl RedisConn {
                 // Empty when a round trip took this write just now; its outcome follows.
                 let writes = node.deferred.take();
                 if !writes.is_empty() {
-                    let mut pipe = redis::pipe();
-                    let mut writes = writes;
-                    writes.add_to(&mut pipe);
-                    pipe.ignore_errors();
-                    let sent = node.send(pipe, writes);
+                    let sent = node.send(writes, Vec::new());
                     if tokio::time::timeout(timeout, sent).await.is_err() {
                         return Err("timed out".into());
                     }
@@ -215,13 +202,19 @@ impl RedisConn {
 }
 
 impl SingleNode {
-    /// Sends `pipe`, whose first commands are `writes`; hands the writes their replies
-    /// and returns the rest.
+    /// Sends `writes`, then `commands`, in one pipeline whose replies each stand on their
+    /// own; hands the writes their replies and returns the commands'.
     async fn send(
         &self,
-        pipe: Pipeline,
-        writes: TakenWrites,
+        mut writes: TakenWrites,
+        commands: Vec<Cmd>,
     ) -> RedisResult<Vec<RedisResult<Value>>> {
+        let mut pipe = redis::pipe();
+        writes.add_to(&mut pipe);
+        for cmd in commands {
+            pipe.add_command(cmd);
+        }
+        pipe.ignore_errors();
         let mut conn = self.connections.get().clone();
         match pipe.query_async::<Vec<RedisResult<Value>>>(&mut conn).await {
             Ok(replies) => {
