@@ -139,7 +139,7 @@ where
         },
         Ok(Streamed::Live(stream)) => {
             let provider = stream.provider();
-            let mut response = sse::response(live(stream), keep_alive);
+            let mut response = sse::response(live(*stream), keep_alive);
             mark(&mut response, CacheStatus::Miss, provider);
             response
         }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::domain::{ChatRequest, ResponseFormat};
+use crate::domain::{ChatRequest, ResponseFormat, ToolChoice};
 
 /// Why a cache call failed; callers count it and carry on as a miss.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,20 @@ pub fn request_key(namespace: &str, request: &ChatRequest) -> String {
     for message in &request.messages {
         hash_text(hasher, Some(&message.role));
         hash_text(hasher, Some(&message.content));
+        hasher.update((message.tool_calls.len() as u64).to_le_bytes());
+        for call in &message.tool_calls {
+            hash_text(hasher, Some(&call.id));
+            hash_text(hasher, Some(&call.name));
+            hash_text(hasher, Some(&call.arguments));
+        }
+        match &message.tool_result {
+            None => hasher.update([0u8]),
+            Some(result) => {
+                hasher.update([1u8 + u8::from(result.is_error)]);
+                hash_text(hasher, Some(&result.call_id));
+                hash_text(hasher, Some(&result.name));
+            }
+        }
     }
     hash_text(hasher, request.model.as_deref());
     hash_text(hasher, request.model_hint.as_deref());
@@ -89,6 +103,25 @@ pub fn request_key(namespace: &str, request: &ChatRequest) -> String {
             hasher.update([2u8]);
             // serde_json's maps keep their keys sorted: one schema, one rendering.
             hash_text(hasher, Some(&schema.to_string()));
+        }
+    }
+    hasher.update((request.tools.len() as u64).to_le_bytes());
+    for tool in &request.tools {
+        hash_text(hasher, Some(&tool.name));
+        hash_text(hasher, tool.description.as_deref());
+        hash_text(
+            hasher,
+            tool.parameters.as_ref().map(|p| p.to_string()).as_deref(),
+        );
+        hasher.update([u8::from(tool.strict)]);
+    }
+    match &request.tool_choice {
+        ToolChoice::Auto => hasher.update([0u8]),
+        ToolChoice::None => hasher.update([1u8]),
+        ToolChoice::Required => hasher.update([2u8]),
+        ToolChoice::Function(name) => {
+            hasher.update([3u8]);
+            hash_text(hasher, Some(name));
         }
     }
     key.finish()
@@ -150,16 +183,15 @@ mod tests {
 
     fn request() -> ChatRequest {
         ChatRequest {
-            messages: vec![Message {
-                role: "user".into(),
-                content: "hello".into(),
-            }],
+            messages: vec![Message::text("user", "hello")],
             model: None,
             model_hint: None,
             max_tokens: Some(512),
             temperature: 0.7,
             stream: false,
             sampling: Default::default(),
+            tools: Vec::new(),
+            tool_choice: Default::default(),
         }
     }
 
@@ -190,10 +222,7 @@ mod tests {
                 ..request()
             },
             ChatRequest {
-                messages: vec![Message {
-                    role: "system".into(),
-                    content: "hello".into(),
-                }],
+                messages: vec![Message::text("system", "hello")],
                 ..request()
             },
         ];
@@ -213,23 +242,11 @@ mod tests {
     #[test]
     fn field_boundaries_cannot_be_forged() {
         let a = ChatRequest {
-            messages: vec![Message {
-                role: "user".into(),
-                content: "a\",\"b".into(),
-            }],
+            messages: vec![Message::text("user", "a\",\"b")],
             ..request()
         };
         let b = ChatRequest {
-            messages: vec![
-                Message {
-                    role: "user".into(),
-                    content: "a".into(),
-                },
-                Message {
-                    role: "b".into(),
-                    content: "".into(),
-                },
-            ],
+            messages: vec![Message::text("user", "a"), Message::text("b", "")],
             ..request()
         };
         assert_ne!(cache_key(&a), cache_key(&b));
@@ -251,14 +268,8 @@ mod tests {
         // Text moved from one message's content into the next one's role.
         let split = |first: &str, second_role: &str| ChatRequest {
             messages: vec![
-                Message {
-                    role: "user".into(),
-                    content: first.into(),
-                },
-                Message {
-                    role: second_role.into(),
-                    content: "c".into(),
-                },
+                Message::text("user", first),
+                Message::text(second_role, "c"),
             ],
             ..request()
         };

@@ -97,16 +97,15 @@ mod tests {
 
     fn req(model: Option<&str>, hint: Option<&str>) -> ChatRequest {
         ChatRequest {
-            messages: vec![Message {
-                role: "user".into(),
-                content: "x".into(),
-            }],
+            messages: vec![Message::text("user", "x")],
             model: model.map(Into::into),
             model_hint: hint.map(Into::into),
             max_tokens: Some(1),
             temperature: 0.0,
             stream: false,
             sampling: Default::default(),
+            tools: Vec::new(),
+            tool_choice: Default::default(),
         }
     }
 

@@ -364,7 +364,7 @@ impl ChatService {
             }),
             _ => None,
         };
-        Ok(Streamed::Live(LiveStream::new(
+        Ok(Streamed::Live(Box::new(LiveStream::new(
             &routed,
             &request,
             first,
@@ -372,7 +372,7 @@ impl ChatService {
             self.retry.attempt_timeout,
             store,
             self.metrics.clone(),
-        )))
+        ))))
     }
 }
 
@@ -386,7 +386,7 @@ pub enum Streamed {
         provider: ProviderKind,
     },
     /// The provider's events as they come.
-    Live(LiveStream),
+    Live(Box<LiveStream>),
 }
 
 /// A fresh reply to a request routed by `routed`, named now.

@@ -14,7 +14,9 @@ use tokio::time::{Instant, Sleep};
 use super::routing::{ProviderKind, Route};
 use super::service::Encode;
 use crate::cache::Cache;
-use crate::domain::{ChatError, ChatRequest, Completion, FinishReason, Reply, StreamEvent, Usage};
+use crate::domain::{
+    ChatError, ChatRequest, Completion, FinishReason, Reply, StreamEvent, ToolCall, Usage,
+};
 use crate::providers::{count_tokens, EventStream};
 use crate::telemetry::metrics::Metrics;
 
@@ -51,6 +53,8 @@ pub struct LiveStream {
     silence: Pin<Box<Sleep>>,
     /// The text so far: for the cache, and the token estimate of a stream cut short.
     text: String,
+    /// The tools called so far, for the cache.
+    tool_calls: Vec<ToolCall>,
     prompt_bytes: usize,
     store: Option<StoreWhenDone>,
     metrics: Metrics,
@@ -79,6 +83,7 @@ impl LiveStream {
             idle,
             silence: Box::pin(tokio::time::sleep(idle)),
             text: String::new(),
+            tool_calls: Vec::new(),
             prompt_bytes: request.messages.iter().map(|m| m.content.len()).sum(),
             store,
             metrics,
@@ -108,11 +113,14 @@ impl LiveStream {
     }
 
     /// Notes what an event means for the whole answer; at the end, counts its tokens and
-    /// stores it.
-    fn observe(&mut self, event: &StreamEvent) {
+    /// stores it. A stream that called tools ends as a stop to call them, whatever the
+    /// upstream's plain stop said.
+    fn observe(&mut self, event: &mut StreamEvent) {
         match event {
             StreamEvent::Delta(text) => self.text.push_str(text),
+            StreamEvent::ToolCall(call) => self.tool_calls.push(call.clone()),
             StreamEvent::Finish { reason, usage } => {
+                *reason = reason.with_calls(!self.tool_calls.is_empty());
                 self.ended = true;
                 self.count(usage);
                 self.store(*reason, *usage);
@@ -138,6 +146,7 @@ impl LiveStream {
             model: self.model.clone(),
             completion: Completion {
                 content: std::mem::take(&mut self.text),
+                tool_calls: std::mem::take(&mut self.tool_calls),
                 usage,
                 finish_reason: reason,
             },
@@ -174,15 +183,15 @@ impl Stream for LiveStream {
         if this.ended {
             return Poll::Ready(None);
         }
-        if let Some(first) = this.first.take() {
-            this.observe(&first);
+        if let Some(mut first) = this.first.take() {
+            this.observe(&mut first);
             let deadline = Instant::now() + this.idle;
             this.silence.as_mut().reset(deadline);
             return Poll::Ready(Some(Ok(first)));
         }
         match this.rest.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(event))) => {
-                this.observe(&event);
+            Poll::Ready(Some(Ok(mut event))) => {
+                this.observe(&mut event);
                 let deadline = Instant::now() + this.idle;
                 this.silence.as_mut().reset(deadline);
                 Poll::Ready(Some(Ok(event)))
@@ -221,7 +230,15 @@ impl Drop for LiveStream {
     fn drop(&mut self) {
         if !self.counted {
             let estimate = |bytes: usize| bytes.div_ceil(4) as u64;
-            let (prompt, completion) = (estimate(self.prompt_bytes), estimate(self.text.len()));
+            let called: usize = self
+                .tool_calls
+                .iter()
+                .map(|c| c.name.len() + c.arguments.len())
+                .sum();
+            let (prompt, completion) = (
+                estimate(self.prompt_bytes),
+                estimate(self.text.len() + called),
+            );
             self.count(&Usage {
                 prompt_tokens: prompt,
                 completion_tokens: completion,

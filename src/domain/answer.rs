@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::tools::ToolCall;
+
 /// Token counts of one completion.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
@@ -24,6 +26,19 @@ pub enum FinishReason {
     Length,
     /// The upstream withheld content (a safety filter).
     ContentFilter,
+    /// The model called tools and waits for their results.
+    ToolCalls,
+}
+
+impl FinishReason {
+    /// The reason of an answer that called tools (or not): upstreams report a plain stop
+    /// when the model ends its turn with calls, the doors say it called tools.
+    pub fn with_calls(self, called: bool) -> FinishReason {
+        match self {
+            FinishReason::Stop if called => FinishReason::ToolCalls,
+            other => other,
+        }
+    }
 }
 
 /// What a provider answered.
@@ -31,10 +46,29 @@ pub enum FinishReason {
 pub struct Completion {
     /// The generated text.
     pub content: String,
+    /// The tools the model called, in order.
+    pub tool_calls: Vec<ToolCall>,
     /// Token counts as the provider reported them.
     pub usage: Usage,
     /// Why generation stopped.
     pub finish_reason: FinishReason,
+}
+
+impl Completion {
+    /// An answer of `content` and `tool_calls`; a stop with calls is a stop to call tools.
+    pub fn new(
+        content: String,
+        tool_calls: Vec<ToolCall>,
+        reason: FinishReason,
+        usage: Usage,
+    ) -> Completion {
+        Completion {
+            finish_reason: reason.with_calls(!tool_calls.is_empty()),
+            content,
+            tool_calls,
+            usage,
+        }
+    }
 }
 
 /// A finished answer as the doors render it, fresh from a provider: the text, the

@@ -2,6 +2,8 @@
 //! and error body, once; the messages name the component or provider and never hold a
 //! secret or an upstream body.
 
+use super::tools::Unsupported;
+
 /// A failure of the chat use case.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ChatError {
@@ -14,4 +16,13 @@ pub enum ChatError {
     /// The provider's last attempt timed out.
     #[error("{0}")]
     UpstreamTimedOut(String),
+    /// The upstream serving the request cannot honour part of it (the client's error:
+    /// each door names the field).
+    #[error("the upstream '{provider}' cannot honour {what:?}")]
+    Unsupported {
+        /// The provider that cannot.
+        provider: &'static str,
+        /// What it cannot honour.
+        what: Unsupported,
+    },
 }

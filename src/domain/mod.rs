@@ -7,8 +7,10 @@ pub mod answer;
 pub mod error;
 pub mod request;
 pub mod stream;
+pub mod tools;
 
 pub use answer::{CacheStatus, Completion, FinishReason, Reply, Usage};
 pub use error::ChatError;
 pub use request::{ChatRequest, Message, ResponseFormat, Sampling};
 pub use stream::StreamEvent;
+pub use tools::{Tool, ToolCall, ToolChoice, ToolResult, Unsupported};

@@ -1,14 +1,29 @@
 //! A chat request as the core sees it, whichever door it came through.
 
-use serde::{Deserialize, Serialize};
+use super::tools::{Tool, ToolCall, ToolChoice, ToolResult};
 
 /// One chat turn.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Message {
-    /// `user`, `assistant`, `system`, ...
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
-    /// The text of the turn.
+    /// The text of the turn (of a `tool` turn: the tool's output).
     pub content: String,
+    /// The tools an `assistant` turn called.
+    pub tool_calls: Vec<ToolCall>,
+    /// On a `tool` turn: which call it answers.
+    pub tool_result: Option<ToolResult>,
+}
+
+impl Message {
+    /// A turn of plain text.
+    pub fn text(role: impl Into<String>, content: impl Into<String>) -> Message {
+        Message {
+            role: role.into(),
+            content: content.into(),
+            ..Message::default()
+        }
+    }
 }
 
 /// A validated chat request.
@@ -28,6 +43,10 @@ pub struct ChatRequest {
     pub stream: bool,
     /// Sampling controls beyond the original's two; the original door sets none.
     pub sampling: Sampling,
+    /// Functions the model may call; the original door offers none.
+    pub tools: Vec<Tool>,
+    /// Whether it may, must or must not call one.
+    pub tool_choice: ToolChoice,
 }
 
 /// Sampling controls the newer doors accept and every upstream translates.
@@ -68,8 +87,25 @@ impl ChatRequest {
         let text: usize = self
             .messages
             .iter()
-            .map(|m| m.role.len() + m.content.len() + 48)
+            .map(|m| {
+                let calls: usize = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| c.name.len() + c.arguments.len() + 64)
+                    .sum();
+                m.role.len() + m.content.len() + calls + 48
+            })
             .sum();
-        text + 256
+        let tools: usize = self
+            .tools
+            .iter()
+            .map(|t| {
+                t.name.len()
+                    + t.description.as_ref().map_or(0, String::len)
+                    + t.parameters.as_ref().map_or(0, |p| p.to_string().len())
+                    + 64
+            })
+            .sum();
+        text + tools + 256
     }
 }

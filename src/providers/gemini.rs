@@ -11,7 +11,9 @@ use hyper::Uri;
 use super::framing::SseDecoder;
 use super::http::MAX_ANSWER_BYTES;
 use super::{events_from, json_body, EventStream, Provider, ProviderError, UpstreamClient};
-use crate::domain::{ChatRequest, Completion, FinishReason, ResponseFormat, StreamEvent, Usage};
+use crate::domain::{
+    ChatRequest, Completion, FinishReason, ResponseFormat, StreamEvent, ToolCall, ToolChoice, Usage,
+};
 
 /// The header that carries the API key.
 const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-goog-api-key");
@@ -42,22 +44,174 @@ pub struct GeminiRequest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     system_instruction: Option<Instruction<'a>>,
     generation_config: GenerationConfig<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<ToolGroup<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_config: Option<ToolConfig<'a>>,
 }
 
 #[derive(Serialize)]
 struct Turn<'a> {
     role: &'static str,
-    parts: [Text<'a>; 1],
+    parts: Vec<OutPart<'a>>,
 }
 
 #[derive(Serialize)]
 struct Instruction<'a> {
-    parts: Vec<Text<'a>>,
+    parts: Vec<OutPart<'a>>,
+}
+
+/// One part of a turn: text, a call the model made, or a call's result.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+enum OutPart<'a> {
+    FunctionCall {
+        name: &'a str,
+        args: serde_json::Value,
+    },
+    FunctionResponse {
+        name: &'a str,
+        response: serde_json::Value,
+    },
+    #[serde(untagged)]
+    Text { text: &'a str },
+}
+
+/// Gemini groups function declarations in one tool.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolGroup<'a> {
+    function_declarations: Vec<Declaration<'a>>,
 }
 
 #[derive(Serialize)]
-struct Text<'a> {
-    text: &'a str,
+#[serde(rename_all = "camelCase")]
+struct Declaration<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters_json_schema: Option<&'a serde_json::Value>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolConfig<'a> {
+    function_calling_config: CallingConfig<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CallingConfig<'a> {
+    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allowed_function_names: Option<[&'a str; 1]>,
+}
+
+/// Gemini's body for a chat: assistant turns become role `model`, system turns become
+/// `systemInstruction`, tool results become `functionResponse` parts of a `user` turn
+/// (consecutive results in one turn, as Gemini pairs them with the calls before),
+/// everything else is a `user` turn.
+pub fn request_body(request: &ChatRequest) -> GeminiRequest<'_> {
+    let mut system = Vec::new();
+    let mut contents: Vec<Turn<'_>> = Vec::new();
+    for message in &request.messages {
+        let text = OutPart::Text {
+            text: &message.content,
+        };
+        match (message.role.as_str(), &message.tool_result) {
+            ("system", _) => system.push(text),
+            (_, Some(result)) => {
+                let output = serde_json::Value::from(message.content.as_str());
+                let response = if result.is_error {
+                    serde_json::json!({ "error": output })
+                } else {
+                    serde_json::json!({ "output": output })
+                };
+                let part = OutPart::FunctionResponse {
+                    name: &result.name,
+                    response,
+                };
+                match contents.last_mut() {
+                    Some(turn)
+                        if turn
+                            .parts
+                            .iter()
+                            .all(|p| matches!(p, OutPart::FunctionResponse { .. })) =>
+                    {
+                        turn.parts.push(part)
+                    }
+                    _ => contents.push(Turn {
+                        role: "user",
+                        parts: vec![part],
+                    }),
+                }
+            }
+            (role, None) => {
+                let mut parts = Vec::with_capacity(1 + message.tool_calls.len());
+                // A turn of calls only has no text part: Gemini refuses empty text.
+                if !message.content.is_empty() || message.tool_calls.is_empty() {
+                    parts.push(text);
+                }
+                parts.extend(message.tool_calls.iter().map(|call| OutPart::FunctionCall {
+                    name: &call.name,
+                    args: call.arguments_value(),
+                }));
+                contents.push(Turn {
+                    role: if role == "assistant" || role == "model" {
+                        "model"
+                    } else {
+                        "user"
+                    },
+                    parts,
+                });
+            }
+        }
+    }
+    let (tools, tool_config) = tools(request);
+    GeminiRequest {
+        contents,
+        system_instruction: (!system.is_empty()).then_some(Instruction { parts: system }),
+        generation_config: generation_config(request),
+        tools,
+        tool_config,
+    }
+}
+
+/// The declarations and the calling mode: `strict` tools are held to their schemas
+/// (`VALIDATED`, or `ANY` when a call is forced, which validates too).
+fn tools(request: &ChatRequest) -> (Vec<ToolGroup<'_>>, Option<ToolConfig<'_>>) {
+    if request.tools.is_empty() {
+        return (Vec::new(), None);
+    }
+    let declarations = request
+        .tools
+        .iter()
+        .map(|tool| Declaration {
+            name: &tool.name,
+            description: tool.description.as_deref(),
+            parameters_json_schema: tool.parameters.as_ref(),
+        })
+        .collect();
+    let strict = request.tools.iter().any(|tool| tool.strict);
+    let (mode, allowed) = match &request.tool_choice {
+        ToolChoice::Auto if strict => ("VALIDATED", None),
+        ToolChoice::Auto => ("AUTO", None),
+        ToolChoice::None => ("NONE", None),
+        ToolChoice::Required => ("ANY", None),
+        ToolChoice::Function(name) => ("ANY", Some([name.as_str()])),
+    };
+    (
+        vec![ToolGroup {
+            function_declarations: declarations,
+        }],
+        Some(ToolConfig {
+            function_calling_config: CallingConfig {
+                mode,
+                allowed_function_names: allowed,
+            },
+        }),
+    )
 }
 
 #[derive(Serialize)]
@@ -82,34 +236,6 @@ struct GenerationConfig<'a> {
     response_mime_type: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_json_schema: Option<&'a serde_json::Value>,
-}
-
-/// Gemini's body for a chat: assistant turns become role `model`, system turns become
-/// `systemInstruction`, everything else is a `user` turn.
-pub fn request_body(request: &ChatRequest) -> GeminiRequest<'_> {
-    let mut system = Vec::new();
-    let mut contents = Vec::new();
-    for message in &request.messages {
-        let text = Text {
-            text: &message.content,
-        };
-        match message.role.as_str() {
-            "system" => system.push(text),
-            role => contents.push(Turn {
-                role: if role == "assistant" || role == "model" {
-                    "model"
-                } else {
-                    "user"
-                },
-                parts: [text],
-            }),
-        }
-    }
-    GeminiRequest {
-        contents,
-        system_instruction: (!system.is_empty()).then_some(Instruction { parts: system }),
-        generation_config: generation_config(request),
-    }
 }
 
 fn generation_config(request: &ChatRequest) -> GenerationConfig<'_> {
@@ -158,9 +284,41 @@ struct CandidateContent {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Part {
     #[serde(default)]
     text: Option<String>,
+    #[serde(default)]
+    function_call: Option<FunctionCall>,
+    /// A thought summary, not part of the answer.
+    #[serde(default)]
+    thought: bool,
+}
+
+#[derive(Deserialize)]
+struct FunctionCall {
+    #[serde(default)]
+    id: Option<String>,
+    name: String,
+    #[serde(default)]
+    args: serde_json::Value,
+}
+
+impl FunctionCall {
+    fn to_call(&self) -> ToolCall {
+        let arguments = match &self.args {
+            serde_json::Value::Null => "{}".to_owned(),
+            args => args.to_string(),
+        };
+        match self.id.as_ref().filter(|id| !id.is_empty()) {
+            Some(id) => ToolCall {
+                id: id.clone(),
+                name: self.name.clone(),
+                arguments,
+            },
+            None => ToolCall::named(self.name.clone(), arguments),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -175,13 +333,29 @@ struct UsageMetadata {
 }
 
 impl GeminiReply {
-    /// The text of the first candidate.
-    fn text(&self) -> String {
+    /// The parts of the first candidate.
+    fn parts(&self) -> &[Part] {
         self.candidates
             .first()
             .and_then(|c| c.content.as_ref())
-            .map(|c| c.parts.iter().filter_map(|p| p.text.as_deref()).collect())
-            .unwrap_or_default()
+            .map_or(&[], |c| &c.parts[..])
+    }
+
+    /// The text of the first candidate.
+    fn text(&self) -> String {
+        self.parts()
+            .iter()
+            .filter(|p| !p.thought)
+            .filter_map(|p| p.text.as_deref())
+            .collect()
+    }
+
+    /// The tools the first candidate called.
+    fn tool_calls(&self) -> Vec<ToolCall> {
+        self.parts()
+            .iter()
+            .filter_map(|p| p.function_call.as_ref().map(FunctionCall::to_call))
+            .collect()
     }
 
     /// Why the first candidate stopped, once it has.
@@ -272,6 +446,7 @@ impl StreamState {
             if !text.is_empty() {
                 events.push(StreamEvent::Delta(text));
             }
+            events.extend(reply.tool_calls().into_iter().map(StreamEvent::ToolCall));
             if let Some(reason) = reply.finish_reason() {
                 self.reason = Some(reason);
             }
@@ -300,15 +475,16 @@ impl Provider for Gemini {
             .client
             .post_json(&url, Some((API_KEY_HEADER, key)), body)
             .await?;
-        Ok(Completion {
-            content: reply.text(),
-            finish_reason: reply.finish_reason().unwrap_or_default(),
-            usage: reply
+        Ok(Completion::new(
+            reply.text(),
+            reply.tool_calls(),
+            reply.finish_reason().unwrap_or_default(),
+            reply
                 .usage_metadata
                 .as_ref()
                 .map(UsageMetadata::usage)
                 .unwrap_or_default(),
-        })
+        ))
     }
 
     async fn stream(
@@ -340,18 +516,9 @@ mod tests {
     fn roles_map_to_gemini_turns_and_system_instruction() {
         let request = ChatRequest {
             messages: vec![
-                Message {
-                    role: "system".into(),
-                    content: "be brief".into(),
-                },
-                Message {
-                    role: "user".into(),
-                    content: "hi".into(),
-                },
-                Message {
-                    role: "assistant".into(),
-                    content: "hello".into(),
-                },
+                Message::text("system", "be brief"),
+                Message::text("user", "hi"),
+                Message::text("assistant", "hello"),
             ],
             model: None,
             model_hint: None,
@@ -359,6 +526,8 @@ mod tests {
             temperature: 0.5,
             stream: false,
             sampling: Default::default(),
+            tools: Vec::new(),
+            tool_choice: Default::default(),
         };
         assert_eq!(
             serde_json::to_value(request_body(&request)).unwrap(),

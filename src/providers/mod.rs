@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::{Stream, StreamExt};
 
-use crate::domain::{ChatError, ChatRequest, Completion, StreamEvent};
+use crate::domain::{ChatError, ChatRequest, Completion, StreamEvent, Unsupported};
 use crate::telemetry::metrics::Metrics;
 use http::ByteStream;
 
@@ -59,6 +59,12 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, ProviderErr
 pub trait Provider: Send + Sync {
     /// `gemini` or `ollama`.
     fn name(&self) -> &'static str;
+    /// What in `request` this upstream cannot honour, if anything: checked before any
+    /// attempt, so it is the client's error and never a provider failure.
+    fn refusal(&self, request: &ChatRequest) -> Option<Unsupported> {
+        let _ = request;
+        None
+    }
     /// One attempt at completing `request` with `model`. The caller bounds its time.
     async fn complete(
         &self,
@@ -177,6 +183,7 @@ pub async fn complete_with_retries(
     policy: &RetryPolicy,
     metrics: &Metrics,
 ) -> Result<Completion, ChatError> {
+    refuse(provider, request)?;
     with_retries(provider.name(), policy, metrics, || async {
         let result = provider.complete(request, model).await;
         if let Ok(completion) = &result {
@@ -197,6 +204,7 @@ pub async fn stream_with_retries(
     policy: &RetryPolicy,
     metrics: &Metrics,
 ) -> Result<(StreamEvent, EventStream), ChatError> {
+    refuse(provider, request)?;
     let started = Instant::now();
     let first = with_retries(provider.name(), policy, metrics, || async {
         let mut events = provider.stream(request, model).await?;
@@ -214,6 +222,17 @@ pub async fn stream_with_retries(
         .get(provider.name())
         .observe(started.elapsed().as_secs_f64());
     Ok(first)
+}
+
+/// `ChatError::Unsupported` when `provider` cannot honour `request`.
+fn refuse(provider: &dyn Provider, request: &ChatRequest) -> Result<(), ChatError> {
+    match provider.refusal(request) {
+        Some(what) => Err(ChatError::Unsupported {
+            provider: provider.name(),
+            what,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Adds a completion's usage to `tokens_total`.

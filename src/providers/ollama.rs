@@ -9,7 +9,8 @@ use super::framing::Lines;
 use super::http::MAX_ANSWER_BYTES;
 use super::{events_from, json_body, EventStream, Provider, ProviderError, UpstreamClient};
 use crate::domain::{
-    ChatRequest, Completion, FinishReason, Message, ResponseFormat, StreamEvent, Usage,
+    ChatRequest, Completion, FinishReason, Message, ResponseFormat, StreamEvent, ToolCall,
+    ToolChoice, Unsupported, Usage,
 };
 
 /// An Ollama server.
@@ -42,16 +43,56 @@ impl Ollama {
     }
 }
 
-/// Ollama's chat body, borrowing the messages (no copy of their text).
+/// Ollama's chat body, borrowing the messages' text (no copy of it).
 #[derive(Serialize)]
 struct OllamaRequest<'a> {
     model: &'a str,
-    messages: &'a [Message],
+    messages: Vec<OllamaTurn<'a>>,
     stream: bool,
     options: OllamaOptions<'a>,
     /// `"json"`, or a JSON Schema the answer must match.
     #[serde(skip_serializing_if = "Option::is_none")]
     format: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<OllamaTool<'a>>,
+}
+
+/// One turn: an assistant's tool calls carry their arguments as an object, and a tool's
+/// result names the function (Ollama has no call ids).
+#[derive(Serialize)]
+struct OllamaTurn<'a> {
+    role: &'a str,
+    content: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<OllamaCall<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_name: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct OllamaCall<'a> {
+    function: OllamaFunctionCall<'a>,
+}
+
+#[derive(Serialize)]
+struct OllamaFunctionCall<'a> {
+    name: &'a str,
+    arguments: serde_json::Value,
+}
+
+#[derive(Serialize)]
+struct OllamaTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionDeclaration<'a>,
+}
+
+#[derive(Serialize)]
+struct FunctionDeclaration<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<&'a str>,
+    parameters: &'a serde_json::Value,
 }
 
 #[derive(Serialize)]
@@ -73,11 +114,34 @@ struct OllamaOptions<'a> {
     frequency_penalty: Option<f64>,
 }
 
+/// What Ollama cannot honour: it has no way to force a tool call or to hold arguments
+/// to their schema.
+fn refusal(request: &ChatRequest) -> Option<Unsupported> {
+    if request.tools.is_empty() {
+        return None;
+    }
+    match request.tool_choice {
+        ToolChoice::Required | ToolChoice::Function(_) => Some(Unsupported::ForcedToolChoice),
+        ToolChoice::None => None,
+        ToolChoice::Auto => request
+            .tools
+            .iter()
+            .any(|tool| tool.strict)
+            .then_some(Unsupported::StrictTools),
+    }
+}
+
+/// Ollama's body. `tool_choice: none` is honoured by not offering the tools; what
+/// [`refusal`] refuses never reaches here (the tools are offered as `auto`).
 fn request_body<'a>(request: &'a ChatRequest, model: &'a str, stream: bool) -> OllamaRequest<'a> {
+    let offered = match request.tool_choice {
+        ToolChoice::None => &[],
+        _ => &request.tools[..],
+    };
     let sampling = &request.sampling;
     OllamaRequest {
         model,
-        messages: &request.messages,
+        messages: request.messages.iter().map(turn).collect(),
         stream,
         options: OllamaOptions {
             temperature: request.temperature,
@@ -94,6 +158,39 @@ fn request_body<'a>(request: &'a ChatRequest, model: &'a str, stream: bool) -> O
             ResponseFormat::JsonObject => Some(serde_json::Value::from("json")),
             ResponseFormat::JsonSchema(schema) => Some(schema.clone()),
         },
+        tools: offered
+            .iter()
+            .map(|tool| OllamaTool {
+                kind: "function",
+                function: FunctionDeclaration {
+                    name: &tool.name,
+                    description: tool.description.as_deref(),
+                    parameters: tool.parameters.as_ref().unwrap_or(&NO_PARAMETERS),
+                },
+            })
+            .collect(),
+    }
+}
+
+/// The schema of a function that takes no arguments.
+static NO_PARAMETERS: std::sync::LazyLock<serde_json::Value> =
+    std::sync::LazyLock::new(|| serde_json::json!({"type": "object", "properties": {}}));
+
+fn turn(message: &Message) -> OllamaTurn<'_> {
+    OllamaTurn {
+        role: &message.role,
+        content: &message.content,
+        tool_calls: message
+            .tool_calls
+            .iter()
+            .map(|call| OllamaCall {
+                function: OllamaFunctionCall {
+                    name: &call.name,
+                    arguments: call.arguments_value(),
+                },
+            })
+            .collect(),
+        tool_name: message.tool_result.as_ref().map(|r| r.name.as_str()),
     }
 }
 
@@ -119,6 +216,40 @@ struct OllamaReply {
 struct OllamaMessage {
     #[serde(default)]
     content: String,
+    #[serde(default)]
+    tool_calls: Vec<OllamaReplyCall>,
+}
+
+#[derive(Deserialize)]
+struct OllamaReplyCall {
+    /// Newer Ollama versions name their calls.
+    #[serde(default)]
+    id: Option<String>,
+    function: OllamaReplyFunction,
+}
+
+#[derive(Deserialize)]
+struct OllamaReplyFunction {
+    name: String,
+    #[serde(default)]
+    arguments: serde_json::Value,
+}
+
+impl OllamaReplyCall {
+    fn into_call(self) -> ToolCall {
+        let arguments = match self.function.arguments {
+            serde_json::Value::Null => "{}".to_owned(),
+            value => value.to_string(),
+        };
+        match self.id.filter(|id| !id.is_empty()) {
+            Some(id) => ToolCall {
+                id,
+                name: self.function.name,
+                arguments,
+            },
+            None => ToolCall::named(self.function.name, arguments),
+        }
+    }
 }
 
 impl OllamaReply {
@@ -151,16 +282,20 @@ fn line_events(line: &[u8]) -> Result<Vec<StreamEvent>, ProviderError> {
         ));
     }
     let mut events = Vec::new();
-    if let Some(message) = &reply.message {
+    let (reason, usage) = (reply.finish_reason(), reply.usage());
+    if let Some(message) = reply.message {
         if !message.content.is_empty() {
-            events.push(StreamEvent::Delta(message.content.clone()));
+            events.push(StreamEvent::Delta(message.content));
         }
+        events.extend(
+            message
+                .tool_calls
+                .into_iter()
+                .map(|call| StreamEvent::ToolCall(call.into_call())),
+        );
     }
     if reply.done {
-        events.push(StreamEvent::Finish {
-            reason: reply.finish_reason(),
-            usage: reply.usage(),
-        });
+        events.push(StreamEvent::Finish { reason, usage });
     }
     Ok(events)
 }
@@ -171,6 +306,10 @@ impl Provider for Ollama {
         "ollama"
     }
 
+    fn refusal(&self, request: &ChatRequest) -> Option<Unsupported> {
+        refusal(request)
+    }
+
     async fn complete(
         &self,
         request: &ChatRequest,
@@ -178,11 +317,17 @@ impl Provider for Ollama {
     ) -> Result<Completion, ProviderError> {
         let body = self.body(request, model, false)?;
         let reply: OllamaReply = self.client.post_json(&self.url, None, body).await?;
-        Ok(Completion {
-            usage: reply.usage(),
-            finish_reason: reply.finish_reason(),
-            content: reply.message.map(|m| m.content).unwrap_or_default(),
-        })
+        let (reason, usage) = (reply.finish_reason(), reply.usage());
+        let (content, calls) = reply
+            .message
+            .map(|m| (m.content, m.tool_calls))
+            .unwrap_or_default();
+        Ok(Completion::new(
+            content,
+            calls.into_iter().map(OllamaReplyCall::into_call).collect(),
+            reason,
+            usage,
+        ))
     }
 
     async fn stream(
@@ -224,16 +369,15 @@ mod tests {
 
     fn request(sampling: Sampling) -> ChatRequest {
         ChatRequest {
-            messages: vec![Message {
-                role: "user".into(),
-                content: "hi".into(),
-            }],
+            messages: vec![Message::text("user", "hi")],
             model: None,
             model_hint: None,
             max_tokens: Some(32),
             temperature: 0.5,
             stream: false,
             sampling,
+            tools: Vec::new(),
+            tool_choice: Default::default(),
         }
     }
 

@@ -60,7 +60,7 @@ fn any_message() -> impl Strategy<Value = Message> {
         ],
         ".{0,40}",
     )
-        .prop_map(|(role, content)| Message { role, content })
+        .prop_map(|(role, content)| Message::text(role, content))
 }
 
 fn any_request() -> impl Strategy<Value = ChatRequest> {
@@ -81,13 +81,15 @@ fn any_request() -> impl Strategy<Value = ChatRequest> {
                 temperature,
                 stream,
                 sampling: Default::default(),
+                tools: Vec::new(),
+                tool_choice: Default::default(),
             },
         )
 }
 
 fn to_body(r: &ChatRequest) -> Vec<u8> {
     json!({
-        "messages": r.messages, "model": r.model, "model_hint": r.model_hint,
+        "messages": r.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>(), "model": r.model, "model_hint": r.model_hint,
         "max_tokens": r.max_tokens.unwrap_or(0), "temperature": r.temperature, "stream": r.stream,
     })
     .to_string()

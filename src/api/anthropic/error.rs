@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::api::door::{error_response, DoorError};
-use crate::domain::ChatError;
+use crate::domain::{ChatError, Unsupported};
 use crate::ratelimit::{BucketPolicy, Decision};
 
 /// An error as an Anthropic client expects it.
@@ -124,6 +124,15 @@ impl From<ChatError> for AnthropicError {
     fn from(error: ChatError) -> AnthropicError {
         // The gateway already retried the upstream: retrying at once repeats its failure.
         let (status, kind, retry) = match &error {
+            ChatError::Unsupported { provider, what } => {
+                let field = match what {
+                    Unsupported::ForcedToolChoice => "tool_choice (forcing a tool call)",
+                    Unsupported::StrictTools => "tools.strict",
+                };
+                return AnthropicError::invalid(format!(
+                    "{field}: not supported by the upstream serving this model ('{provider}')"
+                ));
+            }
             ChatError::LimiterUnavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", true)
             }

@@ -18,7 +18,7 @@ use crate::api::original::chat::MaxBodyBytes;
 use crate::api::sse::KeepAliveEvery;
 use crate::chat::service::ChatService;
 use crate::chat::stream::LiveStream;
-use crate::domain::{ChatError, FinishReason, Reply, StreamEvent, Usage};
+use crate::domain::{ChatError, Completion, FinishReason, Reply, StreamEvent, ToolCall, Usage};
 
 /// The handler. Authentication has run; the order of checks is the original door's:
 /// 429, then 413/400, then the answer (or 502/503/504).
@@ -76,6 +76,7 @@ fn stop_reason(reason: FinishReason) -> &'static str {
         FinishReason::Stop => "end_turn",
         FinishReason::Length => "max_tokens",
         FinishReason::ContentFilter => "refusal",
+        FinishReason::ToolCalls => "tool_use",
     }
 }
 
@@ -108,17 +109,45 @@ struct Message {
     kind: String,
     role: String,
     model: String,
-    content: Vec<TextBlock>,
+    content: Vec<Block>,
     stop_reason: Option<String>,
     stop_sequence: Option<String>,
     usage: AnthropicUsage,
 }
 
+/// A content block of an answer: text, or a call of a tool with its input.
 #[derive(Serialize, Deserialize)]
-struct TextBlock {
-    #[serde(rename = "type")]
-    kind: String,
-    text: String,
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block {
+    Text {
+        text: String,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        input: serde_json::Value,
+    },
+}
+
+impl Block {
+    fn tool_use(call: &ToolCall) -> Block {
+        Block::ToolUse {
+            id: call.id.clone(),
+            name: call.name.clone(),
+            input: call.arguments_value(),
+        }
+    }
+}
+
+/// The text (unless the answer is calls only), then a block per call.
+fn blocks(completion: &Completion) -> Vec<Block> {
+    let text =
+        (!completion.content.is_empty() || completion.tool_calls.is_empty()).then(|| Block::Text {
+            text: completion.content.clone(),
+        });
+    text.into_iter()
+        .chain(completion.tool_calls.iter().map(Block::tool_use))
+        .collect()
 }
 
 fn encode(reply: &Reply) -> Result<Bytes, ChatError> {
@@ -127,10 +156,7 @@ fn encode(reply: &Reply) -> Result<Bytes, ChatError> {
         kind: "message".into(),
         role: "assistant".into(),
         model: reply.model.clone(),
-        content: vec![TextBlock {
-            kind: "text".into(),
-            text: reply.completion.content.clone(),
-        }],
+        content: blocks(&reply.completion),
         stop_reason: Some(stop_reason(reply.completion.finish_reason).into()),
         stop_sequence: None,
         usage: reply.completion.usage.into(),
@@ -145,57 +171,113 @@ fn event(name: &str, data: &serde_json::Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
-/// Writes the events of one stream.
+/// Writes the events of one stream: `message_start`, then each content block (text as
+/// it comes; a tool call whole, its input in one `input_json_delta`), then the end.
 struct Events {
     id: String,
     model: String,
     started: bool,
+    /// Blocks begun so far; the last is open while `text_open`.
+    blocks: u32,
+    text_open: bool,
 }
 
 impl Events {
-    /// `message_start`, `content_block_start` and a `ping`, before the first text.
-    fn start(&mut self) -> Vec<Bytes> {
-        self.started = true;
-        vec![
-            event(
-                "message_start",
-                &serde_json::json!({"type": "message_start", "message": {
-                    "id": self.id, "type": "message", "role": "assistant", "content": [],
-                    "model": self.model, "stop_reason": null, "stop_sequence": null,
-                    "usage": {"input_tokens": 0, "output_tokens": 0},
-                }}),
-            ),
-            event(
-                "content_block_start",
-                &serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-            ),
-            event("ping", &serde_json::json!({"type": "ping"})),
-        ]
+    fn new(id: String, model: String) -> Events {
+        Events {
+            id,
+            model,
+            started: false,
+            blocks: 0,
+            text_open: false,
+        }
+    }
+
+    fn message_start(&self) -> Bytes {
+        event(
+            "message_start",
+            &serde_json::json!({"type": "message_start", "message": {
+                "id": self.id, "type": "message", "role": "assistant", "content": [],
+                "model": self.model, "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
+            }}),
+        )
+    }
+
+    /// `content_block_start` of the next block (the first followed by a `ping`, as
+    /// Anthropic sends it).
+    fn block_start(&mut self, block: serde_json::Value, events: &mut Vec<Bytes>) -> u32 {
+        let index = self.blocks;
+        self.blocks += 1;
+        events.push(event(
+            "content_block_start",
+            &serde_json::json!({"type": "content_block_start", "index": index, "content_block": block}),
+        ));
+        if index == 0 {
+            events.push(event("ping", &serde_json::json!({"type": "ping"})));
+        }
+        index
+    }
+
+    fn block_stop(index: u32) -> Bytes {
+        event(
+            "content_block_stop",
+            &serde_json::json!({"type": "content_block_stop", "index": index}),
+        )
+    }
+
+    /// Closes the open text block, if any.
+    fn close_text(&mut self, events: &mut Vec<Bytes>) {
+        if std::mem::take(&mut self.text_open) {
+            events.push(Events::block_stop(self.blocks - 1));
+        }
     }
 
     fn event(&mut self, stream_event: &StreamEvent) -> Vec<Bytes> {
-        let mut events = if self.started {
-            Vec::new()
-        } else {
-            self.start()
-        };
+        let mut events = Vec::with_capacity(2);
+        if !std::mem::replace(&mut self.started, true) {
+            events.push(self.message_start());
+        }
         match stream_event {
-            StreamEvent::Delta(text) => events.push(event(
-                "content_block_delta",
-                &serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
-            )),
-            StreamEvent::Finish { reason, usage } => {
+            StreamEvent::Delta(text) => {
+                if !self.text_open {
+                    self.block_start(serde_json::json!({"type": "text", "text": ""}), &mut events);
+                    self.text_open = true;
+                }
                 events.push(event(
-                    "content_block_stop",
-                    &serde_json::json!({"type": "content_block_stop", "index": 0}),
+                    "content_block_delta",
+                    &serde_json::json!({"type": "content_block_delta", "index": self.blocks - 1, "delta": {"type": "text_delta", "text": text}}),
                 ));
+            }
+            StreamEvent::ToolCall(call) => {
+                self.close_text(&mut events);
+                let index = self.block_start(
+                    serde_json::json!({"type": "tool_use", "id": call.id, "name": call.name, "input": {}}),
+                    &mut events,
+                );
+                events.push(event(
+                    "content_block_delta",
+                    &serde_json::json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
+                ));
+                events.push(Events::block_stop(index));
+            }
+            StreamEvent::Finish { reason, usage } => {
+                // An empty answer still has its (empty) text block.
+                if self.blocks == 0 {
+                    self.block_start(serde_json::json!({"type": "text", "text": ""}), &mut events);
+                    self.text_open = true;
+                }
+                self.close_text(&mut events);
                 events.push(event(
                     "message_delta",
                     &serde_json::json!({"type": "message_delta",
                         "delta": {"stop_reason": stop_reason(*reason), "stop_sequence": null},
                         "usage": AnthropicUsage::from(*usage)}),
                 ));
-                events.push(event("message_stop", &serde_json::json!({"type": "message_stop"})));
+                events.push(event(
+                    "message_stop",
+                    &serde_json::json!({"type": "message_stop"}),
+                ));
             }
         }
         events
@@ -209,11 +291,7 @@ fn error_event(error: ChatError) -> Bytes {
 }
 
 fn live_events(live: LiveStream) -> impl futures_util::Stream<Item = Bytes> + Send {
-    let mut events = Events {
-        id: message_id(live.id()),
-        model: live.model().to_owned(),
-        started: false,
-    };
+    let mut events = Events::new(message_id(live.id()), live.model().to_owned());
     live.flat_map(move |item| {
         let frames = match item {
             Ok(stream_event) => events.event(&stream_event),
@@ -223,21 +301,29 @@ fn live_events(live: LiveStream) -> impl futures_util::Stream<Item = Bytes> + Se
     })
 }
 
-/// A stored answer replayed as a stream: the whole text in one delta, then the end.
+/// A stored answer replayed as a stream: the whole text in one delta, each tool call as
+/// its block, then the end.
 fn replay(body: &[u8]) -> Option<Vec<Bytes>> {
     let stored: Message = serde_json::from_slice(body).ok()?;
-    let text: String = stored.content.iter().map(|b| b.text.as_str()).collect();
     let reason = match stored.stop_reason.as_deref() {
         Some("max_tokens") => FinishReason::Length,
         Some("refusal") => FinishReason::ContentFilter,
+        Some("tool_use") => FinishReason::ToolCalls,
         _ => FinishReason::Stop,
     };
-    let mut events = Events {
-        id: stored.id,
-        model: stored.model,
-        started: false,
-    };
-    let mut frames = events.event(&StreamEvent::Delta(text));
+    let mut events = Events::new(stored.id, stored.model);
+    let mut frames = Vec::new();
+    for block in stored.content {
+        let stream_event = match block {
+            Block::Text { text } => StreamEvent::Delta(text),
+            Block::ToolUse { id, name, input } => StreamEvent::ToolCall(ToolCall {
+                id,
+                name,
+                arguments: input.to_string(),
+            }),
+        };
+        frames.extend(events.event(&stream_event));
+    }
     frames.extend(events.event(&StreamEvent::Finish {
         reason,
         usage: Usage {
@@ -252,15 +338,10 @@ fn replay(body: &[u8]) -> Option<Vec<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Completion;
 
     #[test]
     fn a_stream_is_anthropics_named_events_in_order() {
-        let mut events = Events {
-            id: "msg_1".into(),
-            model: "m".into(),
-            started: false,
-        };
+        let mut events = Events::new("msg_1".into(), "m".into());
         let mut frames = events.event(&StreamEvent::Delta("Hi".into()));
         frames.extend(events.event(&StreamEvent::Finish {
             reason: FinishReason::Length,
@@ -307,6 +388,7 @@ mod tests {
             model: "m".into(),
             completion: Completion {
                 content: "hello".into(),
+                tool_calls: Vec::new(),
                 usage: Usage {
                     prompt_tokens: 2,
                     completion_tokens: 1,

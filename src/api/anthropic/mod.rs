@@ -5,6 +5,7 @@
 pub mod error;
 pub mod messages;
 pub mod request;
+pub mod tools;
 
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};

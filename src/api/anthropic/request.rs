@@ -6,7 +6,8 @@
 use serde_json::Value;
 
 use super::error::AnthropicError;
-use crate::domain::{ChatRequest, Message, ResponseFormat, Sampling};
+use super::tools;
+use crate::domain::{ChatRequest, Message, ResponseFormat, Sampling, ToolCall, ToolResult};
 
 /// Anthropic's documented default temperature.
 const DEFAULT_TEMPERATURE: f64 = 1.0;
@@ -14,7 +15,7 @@ const DEFAULT_TEMPERATURE: f64 = 1.0;
 const MAX_TOKENS_LIMIT: u64 = u32::MAX as u64;
 
 /// Every field the door reads; anything else is refused by name.
-const KNOWN: [&str; 10] = [
+const KNOWN: [&str; 12] = [
     "model",
     "messages",
     "max_tokens",
@@ -25,6 +26,8 @@ const KNOWN: [&str; 10] = [
     "stop_sequences",
     "stream",
     "metadata",
+    "tools",
+    "tool_choice",
 ];
 
 /// A parsed Messages request.
@@ -84,10 +87,7 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, AnthropicError> {
     if let Some(system) = object.get("system") {
         let system = text_of(system, "system")?;
         if !system.is_empty() {
-            messages.push(Message {
-                role: "system".into(),
-                content: system,
-            });
+            messages.push(Message::text("system", system));
         }
     }
     let Some(Value::Array(items)) = object.get("messages") else {
@@ -120,10 +120,7 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, AnthropicError> {
                 "{at}.content: Field required"
             )));
         };
-        messages.push(Message {
-            role: role.to_owned(),
-            content: text_of(content, &format!("{at}.content"))?,
-        });
+        turn(role, content, &format!("{at}.content"), &mut messages)?;
     }
     let number = |name: &str, min: f64, max: f64| -> Result<Option<f64>, AnthropicError> {
         match object.get(name) {
@@ -180,7 +177,11 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, AnthropicError> {
             ));
         }
     }
+    let tools = tools::tools(object.get("tools"))?;
+    let tool_choice = tools::tool_choice(object.get("tool_choice"), &tools)?;
     let chat = ChatRequest {
+        tools,
+        tool_choice,
         messages,
         model: Some(model),
         model_hint: None,
@@ -213,31 +214,173 @@ fn whole(n: &serde_json::Number) -> Option<u64> {
     })
 }
 
-/// The text of a content: a string, or a list of `text` blocks (joined with newlines).
+/// One turn's content in the core's terms, added to `messages`: a string or `text`
+/// blocks are the turn's text; an assistant's `tool_use` blocks are its calls; a user's
+/// `tool_result` blocks become `tool` turns (before the user's text, as Anthropic
+/// requires the results first), each naming the function of the call it answers.
+fn turn(
+    role: &str,
+    content: &Value,
+    at: &str,
+    messages: &mut Vec<Message>,
+) -> Result<(), AnthropicError> {
+    let blocks = match content {
+        Value::String(text) => {
+            messages.push(Message::text(role, text.as_str()));
+            return Ok(());
+        }
+        Value::Array(blocks) => blocks,
+        _ => {
+            return Err(AnthropicError::invalid(format!(
+                "{at}: Input should be a string or a list of content blocks"
+            )))
+        }
+    };
+    let mut texts = Vec::new();
+    let mut calls = Vec::new();
+    let mut has_results = false;
+    for (j, block) in blocks.iter().enumerate() {
+        let at = format!("{at}.{j}");
+        match (role, block.get("type").and_then(Value::as_str)) {
+            (_, Some("text")) => texts.push(block_text(block, &at)?),
+            ("assistant", Some("tool_use")) => calls.push(tool_use(block, &at)?),
+            ("user", Some("tool_result")) => {
+                let result = tool_result(block, &at, messages)?;
+                messages.push(result);
+                has_results = true;
+            }
+            (_, Some(other)) => {
+                return Err(AnthropicError::unsupported(&format!(
+                    "{at}.type '{}'",
+                    other.escape_default()
+                )))
+            }
+            (_, None) => {
+                return Err(AnthropicError::invalid(format!(
+                    "{at}.type: Field required"
+                )))
+            }
+        }
+    }
+    // A user turn of results only adds no empty user turn after them.
+    if !(has_results && texts.is_empty()) {
+        messages.push(Message {
+            tool_calls: calls,
+            ..Message::text(role, texts.join("\n"))
+        });
+    }
+    Ok(())
+}
+
+fn block_text<'a>(block: &'a Value, at: &str) -> Result<&'a str, AnthropicError> {
+    match block.get("text") {
+        Some(Value::String(text)) => Ok(text),
+        _ => Err(AnthropicError::invalid(format!(
+            "{at}.text: Input should be a valid string"
+        ))),
+    }
+}
+
+/// A `tool_use` block of an assistant turn: the call, its input an object.
+fn tool_use(block: &Value, at: &str) -> Result<ToolCall, AnthropicError> {
+    let id = match block.get("id") {
+        Some(Value::String(id)) if !id.is_empty() => id.clone(),
+        Some(_) => {
+            return Err(AnthropicError::invalid(format!(
+                "{at}.id: Input should be a non-empty string"
+            )))
+        }
+        None => return Err(AnthropicError::invalid(format!("{at}.id: Field required"))),
+    };
+    let name = tools::name(block.get("name"), &format!("{at}.name"))?;
+    let arguments = match block.get("input") {
+        Some(input @ Value::Object(_)) => input.to_string(),
+        Some(_) => {
+            return Err(AnthropicError::invalid(format!(
+                "{at}.input: Input should be a valid dictionary"
+            )))
+        }
+        None => {
+            return Err(AnthropicError::invalid(format!(
+                "{at}.input: Field required"
+            )))
+        }
+    };
+    Ok(ToolCall {
+        id,
+        name,
+        arguments,
+    })
+}
+
+/// A `tool_result` block of a user turn, as a `tool` turn answering an earlier call.
+fn tool_result(block: &Value, at: &str, earlier: &[Message]) -> Result<Message, AnthropicError> {
+    let call_id = match block.get("tool_use_id") {
+        Some(Value::String(id)) => id,
+        Some(_) => {
+            return Err(AnthropicError::invalid(format!(
+                "{at}.tool_use_id: Input should be a valid string"
+            )))
+        }
+        None => {
+            return Err(AnthropicError::invalid(format!(
+                "{at}.tool_use_id: Field required"
+            )))
+        }
+    };
+    let Some(call) = earlier
+        .iter()
+        .rev()
+        .flat_map(|m| &m.tool_calls)
+        .find(|call| &call.id == call_id)
+    else {
+        return Err(AnthropicError::invalid(format!(
+            "{at}.tool_use_id: no earlier tool_use block has this id"
+        )));
+    };
+    let content = match block.get("content") {
+        None | Some(Value::Null) => String::new(),
+        Some(content) => text_of(content, &format!("{at}.content"))?,
+    };
+    let is_error = match block.get("is_error") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(is_error)) => *is_error,
+        Some(_) => {
+            return Err(AnthropicError::invalid(format!(
+                "{at}.is_error: Input should be a valid boolean"
+            )))
+        }
+    };
+    Ok(Message {
+        tool_result: Some(ToolResult {
+            call_id: call_id.clone(),
+            name: call.name.clone(),
+            is_error,
+        }),
+        ..Message::text("tool", content)
+    })
+}
+
+/// The text of the system prompt or a tool's result: a string, or a list of `text`
+/// blocks (joined with newlines).
 fn text_of(value: &Value, at: &str) -> Result<String, AnthropicError> {
     match value {
         Value::String(text) => Ok(text.clone()),
         Value::Array(blocks) => {
             let mut texts = Vec::with_capacity(blocks.len());
             for (j, block) in blocks.iter().enumerate() {
+                let at = format!("{at}.{j}");
                 match block.get("type").and_then(Value::as_str) {
-                    Some("text") => match block.get("text") {
-                        Some(Value::String(text)) => texts.push(text.as_str()),
-                        _ => {
-                            return Err(AnthropicError::invalid(format!(
-                                "{at}.{j}.text: Input should be a valid string"
-                            )))
-                        }
-                    },
+                    Some("text") => texts.push(block_text(block, &at)?),
                     Some(other) => {
                         return Err(AnthropicError::unsupported(&format!(
-                            "{at}.{j}.type '{}'",
+                            "{at}.type '{}'",
                             other.escape_default()
                         )))
                     }
                     None => {
                         return Err(AnthropicError::invalid(format!(
-                            "{at}.{j}.type: Field required"
+                            "{at}.type: Field required"
                         )))
                     }
                 }
@@ -276,6 +419,50 @@ mod tests {
     }
 
     #[test]
+    fn tool_use_and_tool_result_blocks_become_calls_and_tool_turns() {
+        let chat = parse(
+            br#"{"model":"m","max_tokens":64,"messages":[
+                {"role":"user","content":"weather?"},
+                {"role":"assistant","content":[{"type":"text","text":"Let me look."},{"type":"tool_use","id":"toolu_1","name":"get_weather","input":{"city":"Paris"}}]},
+                {"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_1","content":[{"type":"text","text":"18C"}],"is_error":true},{"type":"text","text":"thanks"}]}],
+              "tools":[{"name":"get_weather","description":"d","input_schema":{"type":"object"},"cache_control":{"type":"ephemeral"}}],
+              "tool_choice":{"type":"tool","name":"get_weather"}}"#,
+        )
+        .unwrap()
+        .chat;
+        assert_eq!(chat.tools.len(), 1);
+        assert_eq!(
+            chat.tools[0].parameters,
+            Some(serde_json::json!({"type": "object"}))
+        );
+        assert_eq!(
+            chat.tool_choice,
+            crate::domain::ToolChoice::Function("get_weather".into())
+        );
+        let roles: Vec<&str> = chat.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant", "tool", "user"]);
+        assert_eq!(chat.messages[1].content, "Let me look.");
+        assert_eq!(
+            chat.messages[1].tool_calls,
+            [ToolCall {
+                id: "toolu_1".into(),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into()
+            }]
+        );
+        assert_eq!(chat.messages[2].content, "18C");
+        assert_eq!(
+            chat.messages[2].tool_result,
+            Some(ToolResult {
+                call_id: "toolu_1".into(),
+                name: "get_weather".into(),
+                is_error: true
+            })
+        );
+        assert_eq!(chat.messages[3].content, "thanks");
+    }
+
+    #[test]
     fn each_invalid_field_is_named_and_max_tokens_is_required() {
         for (body, field) in [
             (
@@ -300,8 +487,32 @@ mod tests {
                 "temperature",
             ),
             (
-                r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}],"tools":[]}"#,
-                "tools",
+                r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}],"tools":[{"name":"f"}]}"#,
+                "tools.0.input_schema",
+            ),
+            (
+                r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
+                "tools.0.type",
+            ),
+            (
+                r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}],"tool_choice":{"type":"any"}}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}],"tools":[{"name":"f","input_schema":{}}],"tool_choice":{"type":"auto","disable_parallel_tool_use":true}}"#,
+                "tool_choice.disable_parallel_tool_use",
+            ),
+            (
+                r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"x"}]}]}"#,
+                "messages.0.content.0.tool_use_id",
+            ),
+            (
+                r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_use","id":"t1","name":"f","input":{}}]}]}"#,
+                "messages.0.content.0.type",
+            ),
+            (
+                r#"{"model":"m","max_tokens":5,"messages":[{"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"f","input":[]}]}]}"#,
+                "messages.0.content.0.input",
             ),
         ] {
             let error = parse(body.as_bytes()).unwrap_err();

@@ -18,7 +18,7 @@ use crate::api::original::chat::MaxBodyBytes;
 use crate::api::sse::KeepAliveEvery;
 use crate::chat::service::ChatService;
 use crate::chat::stream::LiveStream;
-use crate::domain::{ChatError, FinishReason, Reply, StreamEvent, Usage};
+use crate::domain::{ChatError, FinishReason, Reply, StreamEvent, ToolCall, Usage};
 
 /// The handler. Authentication has run; the order of checks is the original door's:
 /// 429, then 413/400, then the answer (or 502/503/504).
@@ -77,6 +77,7 @@ fn finish_reason(reason: FinishReason) -> &'static str {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
         FinishReason::ContentFilter => "content_filter",
+        FinishReason::ToolCalls => "tool_calls",
     }
 }
 
@@ -113,12 +114,55 @@ struct Choice<'a> {
 struct AssistantMessage<'a> {
     #[serde(borrow)]
     role: std::borrow::Cow<'a, str>,
+    /// `null` when the turn is tool calls only, as OpenAI writes it.
     #[serde(borrow)]
-    content: std::borrow::Cow<'a, str>,
+    content: Option<std::borrow::Cow<'a, str>>,
     refusal: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<WireCall>,
+}
+
+/// A tool call as OpenAI writes it, in an answer and (with its `index`) in a chunk.
+#[derive(Serialize, Deserialize)]
+struct WireCall {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    index: Option<u32>,
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    function: WireFunction,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireFunction {
+    name: String,
+    arguments: String,
+}
+
+impl WireCall {
+    fn new(call: &ToolCall, index: Option<u32>) -> WireCall {
+        WireCall {
+            index,
+            id: call.id.clone(),
+            kind: "function".into(),
+            function: WireFunction {
+                name: call.name.clone(),
+                arguments: call.arguments.clone(),
+            },
+        }
+    }
+
+    fn into_call(self) -> ToolCall {
+        ToolCall {
+            id: self.id,
+            name: self.function.name,
+            arguments: self.function.arguments,
+        }
+    }
 }
 
 fn encode(reply: &Reply) -> Result<Bytes, ChatError> {
+    let completion = &reply.completion;
     let completion = Completion {
         id: completion_id(reply.id).into(),
         object: "chat.completion".into(),
@@ -128,8 +172,14 @@ fn encode(reply: &Reply) -> Result<Bytes, ChatError> {
             index: 0,
             message: AssistantMessage {
                 role: "assistant".into(),
-                content: reply.completion.content.as_str().into(),
+                content: (!completion.content.is_empty() || completion.tool_calls.is_empty())
+                    .then(|| completion.content.as_str().into()),
                 refusal: None,
+                tool_calls: completion
+                    .tool_calls
+                    .iter()
+                    .map(|call| WireCall::new(call, None))
+                    .collect(),
             },
             logprobs: None,
             finish_reason: finish_reason(reply.completion.finish_reason).into(),
@@ -171,6 +221,9 @@ struct Delta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    /// One whole call per chunk, numbered in the answer by `index`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<[WireCall; 1]>,
 }
 
 /// Writes the chunks of one stream.
@@ -180,9 +233,22 @@ struct Chunks {
     model: String,
     include_usage: bool,
     started: bool,
+    /// Tool calls sent so far.
+    calls: u32,
 }
 
 impl Chunks {
+    fn new(id: String, created: u64, model: String, include_usage: bool) -> Chunks {
+        Chunks {
+            id,
+            created,
+            model,
+            include_usage,
+            started: false,
+            calls: 0,
+        }
+    }
+
     fn frame(&self, choices: &[ChunkChoice<'_>], usage: Option<&Usage>) -> Bytes {
         let chunk = Chunk {
             id: &self.id,
@@ -211,12 +277,30 @@ impl Chunks {
                     delta: Delta {
                         role,
                         content: Some(text),
+                        tool_calls: None,
                     },
                     logprobs: None,
                     finish_reason: None,
                 }],
                 None,
             )],
+            StreamEvent::ToolCall(call) => {
+                let index = self.calls;
+                self.calls += 1;
+                vec![self.frame(
+                    &[ChunkChoice {
+                        index: 0,
+                        delta: Delta {
+                            role,
+                            content: None,
+                            tool_calls: Some([WireCall::new(call, Some(index))]),
+                        },
+                        logprobs: None,
+                        finish_reason: None,
+                    }],
+                    None,
+                )]
+            }
             StreamEvent::Finish { reason, usage } => {
                 let mut frames = vec![self.frame(
                     &[ChunkChoice {
@@ -224,6 +308,7 @@ impl Chunks {
                         delta: Delta {
                             role,
                             content: role.map(|_| ""),
+                            tool_calls: None,
                         },
                         logprobs: None,
                         finish_reason: Some(finish_reason(*reason)),
@@ -249,13 +334,12 @@ fn live_frames(
     live: LiveStream,
     include_usage: bool,
 ) -> impl futures_util::Stream<Item = Bytes> + Send {
-    let mut chunks = Chunks {
-        id: completion_id(live.id()),
-        created: live.created(),
-        model: live.model().to_owned(),
+    let mut chunks = Chunks::new(
+        completion_id(live.id()),
+        live.created(),
+        live.model().to_owned(),
         include_usage,
-        started: false,
-    };
+    );
     live.flat_map(move |event| {
         let frames = match event {
             Ok(event) => chunks.event(&event),
@@ -265,25 +349,32 @@ fn live_frames(
     })
 }
 
-/// A stored answer replayed as a stream: the whole text in one chunk, then the end.
+/// A stored answer replayed as a stream: the whole text in one chunk, each tool call in
+/// one, then the end.
 fn replay(body: &[u8], include_usage: bool) -> Option<Vec<Bytes>> {
     let stored: Completion<'_> = serde_json::from_slice(body).ok()?;
-    let choice = stored.choices.first()?;
+    let choice = stored.choices.into_iter().next()?;
     let reason = match choice.finish_reason.as_ref() {
         "length" => FinishReason::Length,
         "content_filter" => FinishReason::ContentFilter,
+        "tool_calls" => FinishReason::ToolCalls,
         _ => FinishReason::Stop,
     };
-    let mut chunks = Chunks {
-        id: stored.id.clone().into_owned(),
-        created: stored.created,
-        model: stored.model.clone().into_owned(),
+    let mut chunks = Chunks::new(
+        stored.id.into_owned(),
+        stored.created,
+        stored.model.into_owned(),
         include_usage,
-        started: false,
-    };
-    let mut frames = chunks.event(&StreamEvent::Delta(
-        choice.message.content.clone().into_owned(),
-    ));
+    );
+    let message = choice.message;
+    let mut frames = Vec::new();
+    if message.content.is_some() || message.tool_calls.is_empty() {
+        let text = message.content.unwrap_or_default().into_owned();
+        frames.extend(chunks.event(&StreamEvent::Delta(text)));
+    }
+    for call in message.tool_calls {
+        frames.extend(chunks.event(&StreamEvent::ToolCall(call.into_call())));
+    }
     frames.extend(chunks.event(&StreamEvent::Finish {
         reason,
         usage: stored.usage,
@@ -304,6 +395,7 @@ mod tests {
             model: "llama3.1".into(),
             completion: CoreCompletion {
                 content: content.into(),
+                tool_calls: Vec::new(),
                 usage: Usage {
                     prompt_tokens: 3,
                     completion_tokens: 2,
@@ -339,13 +431,7 @@ mod tests {
 
     #[test]
     fn chunks_are_framed_byte_for_byte() {
-        let mut chunks = Chunks {
-            id: "chatcmpl-x".into(),
-            created: 7,
-            model: "m".into(),
-            include_usage: true,
-            started: false,
-        };
+        let mut chunks = Chunks::new("chatcmpl-x".into(), 7, "m".into(), true);
         let mut frames = chunks.event(&StreamEvent::Delta("Hel".into()));
         frames.extend(chunks.event(&StreamEvent::Delta("lo".into())));
         frames.extend(chunks.event(&StreamEvent::Finish {

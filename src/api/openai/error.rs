@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::api::door::{error_response, DoorError};
-use crate::domain::ChatError;
+use crate::domain::{ChatError, Unsupported};
 use crate::ratelimit::{BucketPolicy, Decision};
 
 /// An error as an OpenAI client expects it.
@@ -138,6 +138,21 @@ impl From<ChatError> for OpenAiError {
     fn from(error: ChatError) -> OpenAiError {
         // The gateway already retried the upstream: retrying at once repeats its failure.
         let (status, retry) = match &error {
+            ChatError::Unsupported { provider, what } => {
+                let (param, what) = match what {
+                    Unsupported::ForcedToolChoice => {
+                        ("tool_choice", "a 'tool_choice' that forces a tool call")
+                    }
+                    Unsupported::StrictTools => ("tools", "'strict' function tools"),
+                };
+                return OpenAiError {
+                    code: Some("unsupported_parameter"),
+                    ..OpenAiError::invalid(
+                        param,
+                        format!("Unsupported parameter: {what} is not supported by the upstream serving this model ('{provider}')."),
+                    )
+                };
+            }
             ChatError::LimiterUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, true),
             ChatError::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, false),
             ChatError::UpstreamTimedOut(_) => (StatusCode::GATEWAY_TIMEOUT, false),

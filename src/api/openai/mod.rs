@@ -7,6 +7,7 @@ pub mod chat;
 pub mod error;
 pub mod models;
 pub mod request;
+pub mod tools;
 
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};

@@ -5,7 +5,8 @@
 use serde_json::{Map, Value};
 
 use super::error::OpenAiError;
-use crate::domain::{ChatRequest, Message, ResponseFormat, Sampling};
+use super::tools;
+use crate::domain::{ChatRequest, Message, ResponseFormat, Sampling, ToolChoice, ToolResult};
 
 /// OpenAI's documented default temperature.
 const DEFAULT_TEMPERATURE: f64 = 1.0;
@@ -113,10 +114,7 @@ fn parse_plain(body: &[u8]) -> Option<OpenAiRequest> {
                 "assistant" => "assistant",
                 _ => return None,
             };
-            Some(Message {
-                role: role.to_owned(),
-                content: m.content,
-            })
+            Some(Message::text(role, m.content))
         })
         .collect::<Option<Vec<_>>>()?;
     Some(OpenAiRequest {
@@ -134,6 +132,8 @@ fn parse_plain(body: &[u8]) -> Option<OpenAiRequest> {
                 frequency_penalty: plain.frequency_penalty,
                 ..Sampling::default()
             },
+            tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
         },
         model: plain.model,
         include_usage: plain
@@ -215,6 +215,9 @@ fn parse_full(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
         frequency_penalty: fields.number("frequency_penalty", -2.0, 2.0)?,
         response_format: response_format(object.get("response_format"))?,
     };
+    let tools = tools::tools(object.get("tools"))?;
+    let tool_choice = tools::tool_choice(object.get("tool_choice"), &tools)?;
+    tools::parallel_tool_calls(object.get("parallel_tool_calls"))?;
     let chat = ChatRequest {
         messages,
         model: Some(model.clone()),
@@ -225,6 +228,8 @@ fn parse_full(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
             .unwrap_or(DEFAULT_TEMPERATURE),
         stream,
         sampling,
+        tools,
+        tool_choice,
     };
     Ok(OpenAiRequest {
         chat,
@@ -233,10 +238,10 @@ fn parse_full(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
     })
 }
 
-/// Every field the door reads; anything else (`tools`, `tool_choice`, `logit_bias`, ...:
+/// Every field the door reads; anything else (`logit_bias`, `audio`, `functions`, ...:
 /// what the current upstreams, Ollama and Gemini, cannot honour through this door) is
 /// refused by name.
-const KNOWN: [&str; 16] = [
+const KNOWN: [&str; 19] = [
     "model",
     "messages",
     "max_tokens",
@@ -252,6 +257,9 @@ const KNOWN: [&str; 16] = [
     "frequency_penalty",
     "response_format",
     "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
     // Only `false` (or null): log probabilities cannot be had from the upstreams.
     "logprobs",
 ];
@@ -310,7 +318,8 @@ impl Fields<'_> {
     }
 }
 
-fn type_error(param: &str, expected: &str) -> OpenAiError {
+/// `Invalid type for '<param>': expected <expected>.`
+pub(super) fn type_error(param: &str, expected: &str) -> OpenAiError {
     OpenAiError::invalid(
         param,
         format!("Invalid type for '{param}': expected {expected}."),
@@ -318,15 +327,17 @@ fn type_error(param: &str, expected: &str) -> OpenAiError {
 }
 
 /// The roles a conversation may hold; `developer` is OpenAI's newer name for `system`.
+/// (`function`, the deprecated form of `tool`, is refused by name.)
 fn role(value: Option<&Value>, param: &str) -> Result<&'static str, OpenAiError> {
     match value.and_then(Value::as_str) {
         Some("system") | Some("developer") => Ok("system"),
         Some("user") => Ok("user"),
         Some("assistant") => Ok("assistant"),
-        Some("tool") | Some("function") => Err(OpenAiError::unsupported(param)),
+        Some("tool") => Ok("tool"),
+        Some("function") => Err(OpenAiError::unsupported(param)),
         Some(other) => Err(OpenAiError::invalid(
             param,
-            format!("Invalid value: '{}'. Supported values are: 'system', 'developer', 'user' and 'assistant'.", other.escape_default()),
+            format!("Invalid value: '{}'. Supported values are: 'system', 'developer', 'user', 'assistant' and 'tool'.", other.escape_default()),
         )),
         None => Err(OpenAiError::invalid(
             param,
@@ -351,28 +362,73 @@ fn messages(value: Option<&Value>) -> Result<Vec<Message>, OpenAiError> {
             "Invalid 'messages': empty array. Expected an array with minimum length 1.",
         ));
     }
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let at = format!("messages[{i}]");
-            let Value::Object(message) = item else {
-                return Err(type_error(&at, "an object"));
-            };
-            // An assistant turn that called no tool may say so (null or []).
-            match message.get("tool_calls") {
-                None | Some(Value::Null) => {}
-                Some(Value::Array(calls)) if calls.is_empty() => {}
-                Some(_) => return Err(OpenAiError::unsupported(&format!("{at}.tool_calls"))),
+    let mut messages: Vec<Message> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let Value::Object(message) = item else {
+            return Err(type_error(&at, "an object"));
+        };
+        let role = role(message.get("role"), &format!("{at}.role"))?;
+        let content_at = format!("{at}.content");
+        let message = match role {
+            "assistant" => {
+                let tool_calls = tools::assistant_calls(message, &at)?;
+                // A turn that called tools may have no text.
+                let content = match message.get("content") {
+                    None | Some(Value::Null) if !tool_calls.is_empty() => String::new(),
+                    value => content(value, &content_at)?,
+                };
+                Message {
+                    tool_calls,
+                    ..Message::text(role, content)
+                }
             }
-            let role = role(message.get("role"), &format!("{at}.role"))?;
-            let content = content(message.get("content"), &format!("{at}.content"))?;
-            Ok(Message {
-                role: role.to_owned(),
-                content,
-            })
-        })
-        .collect()
+            "tool" => {
+                let param = format!("{at}.tool_call_id");
+                let call_id = match message.get("tool_call_id") {
+                    Some(Value::String(id)) => id,
+                    Some(_) => return Err(type_error(&param, "a string")),
+                    None => {
+                        return Err(OpenAiError::invalid(
+                            &param,
+                            format!("Missing required parameter: '{param}'."),
+                        ))
+                    }
+                };
+                // Gemini and Ollama name a result by its function: the call says which.
+                let Some(call) = messages
+                    .iter()
+                    .rev()
+                    .flat_map(|m| &m.tool_calls)
+                    .find(|call| &call.id == call_id)
+                else {
+                    return Err(OpenAiError::invalid(
+                        &param,
+                        format!("Invalid '{param}': a message with role 'tool' must answer a tool call of an earlier assistant message."),
+                    ));
+                };
+                Message {
+                    tool_result: Some(ToolResult {
+                        call_id: call_id.clone(),
+                        name: call.name.clone(),
+                        is_error: false,
+                    }),
+                    ..Message::text(role, content(message.get("content"), &content_at)?)
+                }
+            }
+            _ => {
+                // A turn that called no tool may say so (null or []).
+                match message.get("tool_calls") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Array(calls)) if calls.is_empty() => {}
+                    Some(_) => return Err(OpenAiError::unsupported(&format!("{at}.tool_calls"))),
+                }
+                Message::text(role, content(message.get("content"), &content_at)?)
+            }
+        };
+        messages.push(message);
+    }
+    Ok(messages)
 }
 
 /// A message's content: a string, or an array of text parts (joined with newlines).
@@ -450,6 +506,7 @@ fn response_format(value: Option<&Value>) -> Result<ResponseFormat, OpenAiError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Tool;
 
     fn param_of(body: &str) -> Option<String> {
         parse(body.as_bytes()).unwrap_err().param
@@ -508,7 +565,39 @@ mod tests {
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}"#,
+                Some("tools[0].function"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"a b"}}]}"#,
+                Some("tools[0].function.name"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[]}"#,
                 Some("tools"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"custom","custom":{"name":"a"}}]}"#,
+                Some("tools[0].type"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"required"}"#,
+                Some("tool_choice"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"a"}}],"tool_choice":{"type":"function","function":{"name":"b"}}}"#,
+                Some("tool_choice"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"a"}}],"parallel_tool_calls":false}"#,
+                Some("parallel_tool_calls"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"tool","content":"x","tool_call_id":"c1"}]}"#,
+                Some("messages[0].tool_call_id"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"a","arguments":"[1]"}}]}]}"#,
+                Some("messages[0].tool_calls[0].function.arguments"),
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{}}"#,
@@ -524,7 +613,15 @@ mod tests {
             ),
             (
                 r#"{"model":"m","messages":[{"role":"assistant","content":"x","tool_calls":[{}]}]}"#,
+                Some("messages[0].tool_calls[0].id"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x","tool_calls":[{}]}]}"#,
                 Some("messages[0].tool_calls"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"function","content":"x","name":"f"}]}"#,
+                Some("messages[0].role"),
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
@@ -539,6 +636,67 @@ mod tests {
                 param,
                 "{body}"
             );
+        }
+    }
+
+    #[test]
+    fn tools_calls_and_results_become_the_cores_terms() {
+        let parsed = parse(
+            br#"{"model":"m","messages":[
+                {"role":"user","content":"weather?"},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},
+                {"role":"tool","tool_call_id":"call_1","content":[{"type":"text","text":"18C"}]}],
+              "tools":[{"type":"function","function":{"name":"get_weather","description":"d","parameters":{"type":"object"},"strict":true}}],
+              "tool_choice":{"type":"function","function":{"name":"get_weather"}},"parallel_tool_calls":true}"#,
+        )
+        .unwrap()
+        .chat;
+        assert_eq!(
+            parsed.tools,
+            [Tool {
+                name: "get_weather".into(),
+                description: Some("d".into()),
+                parameters: Some(serde_json::json!({"type": "object"})),
+                strict: true,
+            }]
+        );
+        assert_eq!(
+            parsed.tool_choice,
+            ToolChoice::Function("get_weather".into())
+        );
+        let call = &parsed.messages[1].tool_calls[0];
+        assert_eq!(
+            (
+                call.id.as_str(),
+                call.name.as_str(),
+                call.arguments.as_str()
+            ),
+            ("call_1", "get_weather", r#"{"city":"Paris"}"#)
+        );
+        assert_eq!(parsed.messages[1].content, "");
+        let result = &parsed.messages[2];
+        assert_eq!(
+            (result.role.as_str(), result.content.as_str()),
+            ("tool", "18C")
+        );
+        assert_eq!(
+            result.tool_result,
+            Some(ToolResult {
+                call_id: "call_1".into(),
+                name: "get_weather".into(),
+                is_error: false
+            })
+        );
+        for (choice, expected) in [
+            ("\"none\"", ToolChoice::None),
+            ("\"auto\"", ToolChoice::Auto),
+            ("\"required\"", ToolChoice::Required),
+            ("null", ToolChoice::Auto),
+        ] {
+            let body = format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"tools":[{{"type":"function","function":{{"name":"f"}}}}],"tool_choice":{choice}}}"#
+            );
+            assert_eq!(parse(body.as_bytes()).unwrap().chat.tool_choice, expected);
         }
     }
 
@@ -560,6 +718,8 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user","content":"y"}],"temperature":0.5}"#,
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.6}"#,
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.5,"seed":1}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.5,"tools":[{"type":"function","function":{"name":"f"}}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.5,"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"none"}"#,
         ] {
             assert_ne!(key(other), base, "{other}");
         }

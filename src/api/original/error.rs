@@ -65,6 +65,9 @@ impl From<ChatError> for ApiError {
             ChatError::LimiterUnavailable(message) => ApiError::Unavailable(message),
             ChatError::UpstreamFailed(message) => ApiError::BadGateway(message),
             ChatError::UpstreamTimedOut(message) => ApiError::GatewayTimeout(message),
+            // This door offers no tools, so nothing it sends can be refused; were it to
+            // happen, the upstream could not be used for the request.
+            error @ ChatError::Unsupported { .. } => ApiError::BadGateway(error.to_string()),
         }
     }
 }

@@ -68,12 +68,20 @@ fn is_plain_decimal(text: &str) -> bool {
 /// in callgrind).
 #[derive(Deserialize)]
 struct PlainBody {
-    messages: Vec<Message>,
+    messages: Vec<PlainMessage>,
     model: Option<String>,
     model_hint: Option<String>,
     max_tokens: Option<u64>,
     temperature: Option<f64>,
     stream: Option<bool>,
+}
+
+/// A message as the original door takes it: a role and a text (other fields ignored, as
+/// pydantic ignores them).
+#[derive(Deserialize)]
+struct PlainMessage {
+    role: String,
+    content: String,
 }
 
 /// The request, when `body` is a plain valid one. Anything else (an error, a lax value
@@ -87,13 +95,19 @@ fn parse_plain(body: &[u8]) -> Option<ChatRequest> {
         && (1..=MAX_TOKENS_LIMIT).contains(&max_tokens)
         && (0.0..=2.0).contains(&temperature);
     valid.then(|| ChatRequest {
-        messages: plain.messages,
+        messages: plain
+            .messages
+            .into_iter()
+            .map(|m| Message::text(m.role, m.content))
+            .collect(),
         model: plain.model,
         model_hint: plain.model_hint,
         max_tokens: Some(max_tokens),
         temperature,
         stream: plain.stream.unwrap_or(false),
         sampling: Default::default(),
+        tools: Vec::new(),
+        tool_choice: Default::default(),
     })
 }
 
@@ -227,6 +241,8 @@ fn validate(value: Value) -> Result<ChatRequest, Vec<FieldError>> {
             temperature,
             stream,
             sampling: Default::default(),
+            tools: Vec::new(),
+            tool_choice: Default::default(),
         }),
         _ => Err(errors),
     }
@@ -301,7 +317,7 @@ fn validate_messages(
         let role = field("role");
         let content = field("content");
         if let (Some(role), Some(content)) = (role, content) {
-            messages.push(Message { role, content });
+            messages.push(Message::text(role, content));
         }
     }
     (errors.len() == before).then_some(messages)
