@@ -1,6 +1,8 @@
 //! `mock-llm`: an upstream simulator speaking the Ollama, Gemini and OpenAI wire formats.
 //!
-//! Answers echo the last user message. Faults can be injected for every request with
+//! Answers echo the last user message. Offered tools, the mock calls: the one a request
+//! forces, else the first, with arguments `{"query": <the last user message>}`; after a
+//! tool's result it answers `Tool <name> said: <result>`. Faults can be injected for every request with
 //! flags, or per request with headers (when calling the mock directly):
 //!
 //! ```text
@@ -187,6 +189,134 @@ fn echo(messages: &[(String, String)]) -> (String, u64) {
     (format!("Echo: {last_user}"), prompt_tokens)
 }
 
+/// What the mock answers a request that may offer tools.
+enum Answer {
+    /// Text (an echo, or what a tool said).
+    Text(String),
+    /// A call of `name` with `arguments`.
+    Call { name: String, arguments: Value },
+}
+
+/// The tool facts of one request, read from its own format.
+struct ToolTurn {
+    /// Tools offered (none when the request forbids calls).
+    offered: Vec<String>,
+    /// The tool a request forces.
+    forced: Option<String>,
+    /// The last turn, when it is a tool's result: the tool and what it said.
+    result: Option<(String, String)>,
+}
+
+impl ToolTurn {
+    fn answer(self, messages: &[(String, String)]) -> (Answer, u64) {
+        let (echoed, prompt_tokens) = echo(messages);
+        let answer = if let Some((name, said)) = self.result {
+            Answer::Text(format!("Tool {name} said: {said}"))
+        } else if let Some(name) = self.forced.or_else(|| self.offered.first().cloned()) {
+            let query = echoed.trim_start_matches("Echo: ").to_owned();
+            Answer::Call {
+                name,
+                arguments: json!({ "query": query }),
+            }
+        } else {
+            Answer::Text(echoed)
+        };
+        (answer, prompt_tokens)
+    }
+}
+
+/// The names at `pointer` in each of `items`.
+fn names(items: Option<&Value>, pointer: &str) -> Vec<String> {
+    items
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| i.pointer(pointer).and_then(Value::as_str))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn text_of(value: Option<&Value>) -> String {
+    match value {
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    }
+}
+
+fn ollama_tools(body: &Value) -> ToolTurn {
+    let last = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last());
+    ToolTurn {
+        offered: names(body.get("tools"), "/function/name"),
+        forced: None,
+        result: last
+            .filter(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
+            .map(|m| (text_of(m.get("tool_name")), text_of(m.get("content")))),
+    }
+}
+
+fn gemini_tools(body: &Value) -> ToolTurn {
+    let config = body.pointer("/toolConfig/functionCallingConfig");
+    let mode = config.and_then(|c| c.get("mode")).and_then(Value::as_str);
+    let offered = match mode {
+        Some("NONE") => Vec::new(),
+        _ => body
+            .get("tools")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .flat_map(|tool| names(tool.get("functionDeclarations"), "/name"))
+            .collect(),
+    };
+    let response = body
+        .get("contents")
+        .and_then(Value::as_array)
+        .and_then(|c| c.last())
+        .and_then(|turn| turn.get("parts"))
+        .and_then(Value::as_array)
+        .and_then(|parts| parts.iter().find_map(|p| p.get("functionResponse")));
+    ToolTurn {
+        offered,
+        forced: config
+            .and_then(|c| c.pointer("/allowedFunctionNames/0"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        result: response.map(|r| {
+            let said = r
+                .pointer("/response/output")
+                .or_else(|| r.pointer("/response/error"));
+            (text_of(r.get("name")), text_of(said))
+        }),
+    }
+}
+
+fn openai_tools(body: &Value) -> ToolTurn {
+    let choice = body.get("tool_choice");
+    let last = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last());
+    ToolTurn {
+        offered: match choice.and_then(Value::as_str) {
+            Some("none") => Vec::new(),
+            _ => names(body.get("tools"), "/function/name"),
+        },
+        forced: choice
+            .and_then(|c| c.pointer("/function/name"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        result: last
+            .filter(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
+            .map(|m| (text_of(m.get("tool_call_id")), text_of(m.get("content")))),
+    }
+}
+
 fn words(text: &str) -> u64 {
     text.split_whitespace().count() as u64
 }
@@ -273,7 +403,14 @@ async fn ollama_chat(
             .unwrap_or("")
             .to_owned()
     });
-    let (content, prompt_tokens) = echo(&messages);
+    let (answer, prompt_tokens) = ollama_tools(&body).answer(&messages);
+    let (content, calls) = match answer {
+        Answer::Text(text) => (text, json!([])),
+        Answer::Call { name, arguments } => (
+            String::new(),
+            json!([{ "function": { "name": name, "arguments": arguments } }]),
+        ),
+    };
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         let completion_tokens = words(&content);
         let line = |message: Value| {
@@ -293,13 +430,24 @@ async fn ollama_chat(
             "done_reason": "stop", "prompt_eval_count": prompt_tokens,
             "eval_count": completion_tokens,
         }));
+        let mut ends = vec![end];
+        if calls.as_array().is_some_and(|c| !c.is_empty()) {
+            // The call comes whole, in a chunk of its own before the end.
+            ends.insert(
+                0,
+                line(json!({
+                    "model": model, "created_at": format!("{}", now_secs()),
+                    "message": { "role": "assistant", "content": "", "tool_calls": calls }, "done": false,
+                })),
+            );
+        }
         let plan = StreamPlan::new(&mock.faults, &headers, &content);
-        return streamed(&mock, plan, chunk, vec![end], "application/x-ndjson");
+        return streamed(&mock, plan, chunk, ends, "application/x-ndjson");
     }
     Json(json!({
         "model": model,
         "created_at": format!("{}", now_secs()),
-        "message": { "role": "assistant", "content": content },
+        "message": { "role": "assistant", "content": content, "tool_calls": calls },
         "done": true,
         "done_reason": "stop",
         "total_duration": 1000,
@@ -352,7 +500,14 @@ async fn gemini_generate(
             })
             .unwrap_or_default()
     });
-    let (content, prompt_tokens) = echo(&messages);
+    let (answer, prompt_tokens) = gemini_tools(&body).answer(&messages);
+    let (content, call) = match answer {
+        Answer::Text(text) => (text, None),
+        Answer::Call { name, arguments } => (
+            String::new(),
+            Some(json!({ "functionCall": { "name": name, "args": arguments } })),
+        ),
+    };
     let completion_tokens = words(&content);
     let usage = json!({
         "promptTokenCount": prompt_tokens,
@@ -372,7 +527,7 @@ async fn gemini_generate(
         let end = sse(
             &json!({
                 "candidates": [{
-                    "content": { "role": "model", "parts": [{ "text": "" }] },
+                    "content": { "role": "model", "parts": [call.clone().unwrap_or_else(|| json!({ "text": "" }))] },
                     "finishReason": "STOP", "index": 0,
                 }],
                 "usageMetadata": usage,
@@ -383,9 +538,10 @@ async fn gemini_generate(
         let plan = StreamPlan::new(&mock.faults, &headers, &content);
         return streamed(&mock, plan, chunk, vec![end], "text/event-stream");
     }
+    let part = call.unwrap_or_else(|| json!({ "text": content }));
     Json(json!({
         "candidates": [{
-            "content": { "role": "model", "parts": [{ "text": content }] },
+            "content": { "role": "model", "parts": [part] },
             "finishReason": "STOP",
             "index": 0,
         }],
@@ -418,7 +574,19 @@ async fn openai_chat(
             .unwrap_or("")
             .to_owned()
     });
-    let (content, prompt_tokens) = echo(&messages);
+    let (answer, prompt_tokens) = openai_tools(&body).answer(&messages);
+    let (content, call) = match answer {
+        Answer::Text(text) => (text, None),
+        Answer::Call { name, arguments } => (
+            String::new(),
+            Some(json!({
+                "id": format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24]),
+                "type": "function",
+                "function": { "name": name, "arguments": arguments.to_string() },
+            })),
+        ),
+    };
+    let finish_reason = if call.is_some() { "tool_calls" } else { "stop" };
     let completion_tokens = words(&content);
     let usage = json!({
         "prompt_tokens": prompt_tokens,
@@ -454,10 +622,19 @@ async fn openai_chat(
                 None,
             )
         };
-        let mut end = vec![frame(
-            json!([{ "index": 0, "delta": {}, "finish_reason": "stop" }]),
+        let mut end = Vec::new();
+        if let Some(call) = &call {
+            let mut call = call.clone();
+            call["index"] = json!(0);
+            end.push(frame(
+                json!([{ "index": 0, "delta": { "role": "assistant", "content": null, "tool_calls": [call] }, "finish_reason": null }]),
+                None,
+            ));
+        }
+        end.push(frame(
+            json!([{ "index": 0, "delta": {}, "finish_reason": finish_reason }]),
             None,
-        )];
+        ));
         if include_usage {
             end.push(frame(json!([]), Some(&usage)));
         }
@@ -472,8 +649,11 @@ async fn openai_chat(
         "model": model,
         "choices": [{
             "index": 0,
-            "message": { "role": "assistant", "content": content },
-            "finish_reason": "stop",
+            "message": match &call {
+                Some(call) => json!({ "role": "assistant", "content": null, "tool_calls": [call] }),
+                None => json!({ "role": "assistant", "content": content }),
+            },
+            "finish_reason": finish_reason,
         }],
         "usage": usage,
     }))

@@ -541,4 +541,115 @@ mod tests {
             })
         );
     }
+
+    #[test]
+    fn tools_calls_and_results_become_declarations_function_parts_and_a_mode() {
+        use crate::domain::{Tool, ToolChoice, ToolResult};
+        let call = ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        };
+        let result = |id: &str, content: &str, is_error: bool| Message {
+            tool_result: Some(ToolResult {
+                call_id: id.into(),
+                name: "get_weather".into(),
+                is_error,
+            }),
+            ..Message::text("tool", content)
+        };
+        let mut request = ChatRequest {
+            messages: vec![
+                Message::text("user", "weather?"),
+                Message {
+                    tool_calls: vec![
+                        call.clone(),
+                        ToolCall {
+                            id: "call_2".into(),
+                            ..call
+                        },
+                    ],
+                    ..Message::text("assistant", "")
+                },
+                result("call_1", "18C", false),
+                result("call_2", "no such city", true),
+            ],
+            model: None,
+            model_hint: None,
+            max_tokens: None,
+            temperature: 1.0,
+            stream: false,
+            sampling: Default::default(),
+            tools: vec![Tool {
+                name: "get_weather".into(),
+                description: Some("d".into()),
+                parameters: Some(serde_json::json!({"type": "object"})),
+                strict: false,
+            }],
+            tool_choice: ToolChoice::Function("get_weather".into()),
+        };
+        let body = serde_json::to_value(request_body(&request)).unwrap();
+        assert_eq!(
+            body["contents"],
+            serde_json::json!([
+                {"role": "user", "parts": [{"text": "weather?"}]},
+                {"role": "model", "parts": [
+                    {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+                    {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+                ]},
+                {"role": "user", "parts": [
+                    {"functionResponse": {"name": "get_weather", "response": {"output": "18C"}}},
+                    {"functionResponse": {"name": "get_weather", "response": {"error": "no such city"}}},
+                ]},
+            ])
+        );
+        assert_eq!(
+            body["tools"],
+            serde_json::json!([{"functionDeclarations": [
+                {"name": "get_weather", "description": "d", "parametersJsonSchema": {"type": "object"}}]}])
+        );
+        assert_eq!(
+            body["toolConfig"],
+            serde_json::json!({"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}})
+        );
+        for (choice, strict, mode) in [
+            (ToolChoice::Auto, false, "AUTO"),
+            (ToolChoice::Auto, true, "VALIDATED"),
+            (ToolChoice::None, false, "NONE"),
+            (ToolChoice::Required, true, "ANY"),
+        ] {
+            request.tool_choice = choice;
+            request.tools[0].strict = strict;
+            let body = serde_json::to_value(request_body(&request)).unwrap();
+            assert_eq!(body["toolConfig"]["functionCallingConfig"]["mode"], mode);
+        }
+    }
+
+    #[test]
+    fn a_function_call_part_is_a_tool_call_and_a_stop_with_calls_says_so() {
+        let reply: GeminiReply = serde_json::from_str(
+            r#"{"candidates":[{"content":{"parts":[{"text":"thinking","thought":true},{"text":"Sure."},{"functionCall":{"id":"fc-1","name":"f","args":{"a":1}}}]},"finishReason":"STOP"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            reply.text(),
+            "Sure.",
+            "thought summaries are not the answer"
+        );
+        assert_eq!(
+            reply.tool_calls(),
+            [ToolCall {
+                id: "fc-1".into(),
+                name: "f".into(),
+                arguments: r#"{"a":1}"#.into()
+            }]
+        );
+        let completion = Completion::new(
+            reply.text(),
+            reply.tool_calls(),
+            reply.finish_reason().unwrap(),
+            Usage::default(),
+        );
+        assert_eq!(completion.finish_reason, FinishReason::ToolCalls);
+    }
 }

@@ -432,4 +432,82 @@ mod tests {
         assert!(line_events(b"not json").is_err());
         assert!(line_events(b"  ").unwrap().is_empty());
     }
+
+    #[test]
+    fn tools_and_calls_go_as_ollama_takes_them_and_a_forced_call_is_refused() {
+        use crate::domain::{Tool, ToolResult};
+        let mut request = request(Sampling::default());
+        request.messages = vec![
+            Message::text("user", "weather?"),
+            Message {
+                tool_calls: vec![ToolCall {
+                    id: "call_1".into(),
+                    name: "get_weather".into(),
+                    arguments: r#"{"city":"Paris"}"#.into(),
+                }],
+                ..Message::text("assistant", "")
+            },
+            Message {
+                tool_result: Some(ToolResult {
+                    call_id: "call_1".into(),
+                    name: "get_weather".into(),
+                    is_error: false,
+                }),
+                ..Message::text("tool", "18C")
+            },
+        ];
+        request.tools = vec![Tool {
+            name: "get_weather".into(),
+            description: None,
+            parameters: None,
+            strict: false,
+        }];
+        let body = serde_json::to_value(request_body(&request, "m", false)).unwrap();
+        assert_eq!(
+            body["messages"],
+            serde_json::json!([
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": "18C", "tool_name": "get_weather"},
+            ])
+        );
+        assert_eq!(
+            body["tools"],
+            serde_json::json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}])
+        );
+        assert_eq!(refusal(&request), None);
+        request.tool_choice = ToolChoice::None;
+        let body = serde_json::to_value(request_body(&request, "m", false)).unwrap();
+        assert!(
+            body.get("tools").is_none(),
+            "none: the tools are not offered"
+        );
+        request.tool_choice = ToolChoice::Required;
+        assert_eq!(refusal(&request), Some(Unsupported::ForcedToolChoice));
+        request.tool_choice = ToolChoice::Function("get_weather".into());
+        assert_eq!(refusal(&request), Some(Unsupported::ForcedToolChoice));
+        request.tool_choice = ToolChoice::Auto;
+        request.tools[0].strict = true;
+        assert_eq!(refusal(&request), Some(Unsupported::StrictTools));
+    }
+
+    #[test]
+    fn a_streamed_tool_call_is_an_event_and_gets_an_id() {
+        let events = line_events(
+            br#"{"message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"f","arguments":{"a":1}}}]},"done":false}"#,
+        )
+        .unwrap();
+        let [StreamEvent::ToolCall(call)] = &events[..] else {
+            panic!("{events:?}");
+        };
+        assert_eq!(
+            (call.name.as_str(), call.arguments.as_str()),
+            ("f", r#"{"a":1}"#)
+        );
+        assert!(
+            call.id.starts_with("call_") && call.id.len() == 29,
+            "{}",
+            call.id
+        );
+    }
 }

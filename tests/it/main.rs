@@ -23,3 +23,4 @@ mod router;
 mod sdk;
 mod soak;
 mod stores;
+mod tools;

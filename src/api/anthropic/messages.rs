@@ -415,4 +415,66 @@ mod tests {
                 && replayed.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
         );
     }
+
+    #[test]
+    fn text_then_tool_calls_are_blocks_in_order_with_their_indexes() {
+        let call = |n: u32| ToolCall {
+            id: format!("toolu_{n}"),
+            name: "f".into(),
+            arguments: r#"{"a":1}"#.into(),
+        };
+        let mut events = Events::new("msg_1".into(), "m".into());
+        let mut frames = events.event(&StreamEvent::Delta("Let me see.".into()));
+        frames.extend(events.event(&StreamEvent::ToolCall(call(1))));
+        frames.extend(events.event(&StreamEvent::ToolCall(call(2))));
+        frames.extend(events.event(&StreamEvent::Finish {
+            reason: FinishReason::ToolCalls,
+            usage: Usage::default(),
+        }));
+        let parsed: Vec<(String, serde_json::Value)> = frames
+            .iter()
+            .map(|f| {
+                let text = String::from_utf8_lossy(f).into_owned();
+                let (name, data) = text.split_once('\n').unwrap();
+                (
+                    name.trim_start_matches("event: ").to_owned(),
+                    serde_json::from_str(data.trim().trim_start_matches("data: ")).unwrap(),
+                )
+            })
+            .collect();
+        let summary: Vec<String> = parsed
+            .iter()
+            .map(|(name, data)| match data.get("index") {
+                Some(index) => format!("{name}@{index}"),
+                None => name.clone(),
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                "message_start",
+                "content_block_start@0",
+                "ping",
+                "content_block_delta@0",
+                "content_block_stop@0",
+                "content_block_start@1",
+                "content_block_delta@1",
+                "content_block_stop@1",
+                "content_block_start@2",
+                "content_block_delta@2",
+                "content_block_stop@2",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert_eq!(
+            parsed[5].1["content_block"],
+            serde_json::json!({"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}})
+        );
+        assert_eq!(
+            parsed[6].1["delta"],
+            serde_json::json!({"type": "input_json_delta", "partial_json": "{\"a\":1}"})
+        );
+        assert_eq!(parsed[11].1["delta"]["stop_reason"], "tool_use");
+    }
 }

@@ -478,4 +478,48 @@ mod tests {
         assert!(text.contains("\"type\":\"server_error\""), "{text}");
         assert!(text.ends_with("}\n\n"));
     }
+
+    #[test]
+    fn a_tool_call_is_one_chunk_with_its_index_and_the_answer_says_tool_calls() {
+        let call = |n: u32| ToolCall {
+            id: format!("call_{n}"),
+            name: "f".into(),
+            arguments: r#"{"a":1}"#.into(),
+        };
+        let mut chunks = Chunks::new("chatcmpl-x".into(), 7, "m".into(), false);
+        let mut frames = chunks.event(&StreamEvent::ToolCall(call(1)));
+        frames.extend(chunks.event(&StreamEvent::ToolCall(call(2))));
+        let head = r#"data: {"id":"chatcmpl-x","object":"chat.completion.chunk","created":7,"model":"m","system_fingerprint":null,"choices":"#;
+        assert_eq!(
+            text(&frames),
+            format!(
+                "{head}[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"tool_calls\":[{{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{{\"name\":\"f\",\"arguments\":\"{{\\\"a\\\":1}}\"}}}}]}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n\
+                 {head}[{{\"index\":0,\"delta\":{{\"tool_calls\":[{{\"index\":1,\"id\":\"call_2\",\"type\":\"function\",\"function\":{{\"name\":\"f\",\"arguments\":\"{{\\\"a\\\":1}}\"}}}}]}},\"logprobs\":null,\"finish_reason\":null}}]}}\n\n"
+            )
+        );
+        let mut reply = reply("");
+        reply.completion.tool_calls = vec![call(1)];
+        reply.completion.finish_reason = FinishReason::ToolCalls;
+        let body = encode(&reply).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            json["choices"][0]["message"],
+            serde_json::json!({"role": "assistant", "content": null, "refusal": null,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]})
+        );
+        assert_eq!(json["choices"][0]["finish_reason"], "tool_calls");
+        let replayed = text(&replay(&body, false).unwrap());
+        assert!(
+            replayed.contains(r#""tool_calls":[{"index":0,"id":"call_1""#),
+            "{replayed}"
+        );
+        assert!(
+            replayed.contains(r#""finish_reason":"tool_calls""#),
+            "{replayed}"
+        );
+        assert!(
+            !replayed.contains(r#""content":"""#),
+            "no empty text chunk: {replayed}"
+        );
+    }
 }
