@@ -2,6 +2,9 @@
 //! cache, provider routing, metrics). See README.md (its Architecture section maps the
 //! folders) and CONTRACT.md.
 
+// The OpenAPI document is one large `json!` literal (`api/openapi.rs`).
+#![recursion_limit = "256"]
+
 pub mod api;
 pub mod app;
 pub mod cache;

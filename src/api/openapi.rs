@@ -89,7 +89,72 @@ fn nullable(kind: &str) -> Value {
     json!([kind, "null"])
 }
 
+/// The schemas of tool calling, both dialects.
+fn tool_schemas(function_name: &Value) -> Value {
+    json!({
+        "OpenAIToolCall": {
+            "type": "object", "required": ["id", "type", "function"],
+            "properties": {
+                "id": { "type": "string", "minLength": 1 },
+                "type": { "const": "function" },
+                "function": { "type": "object", "required": ["name", "arguments"], "properties": {
+                    "name": function_name, "arguments": { "type": "string" } } }
+            }
+        },
+        "OpenAITool": {
+            "type": "object", "required": ["type", "function"],
+            "properties": {
+                "type": { "const": "function" },
+                "function": { "type": "object", "required": ["name"], "properties": {
+                    "name": function_name,
+                    "description": { "type": nullable("string") },
+                    "parameters": { "type": nullable("object") },
+                    "strict": { "type": nullable("boolean") }
+                } }
+            }
+        },
+        "AnthropicTool": {
+            "type": "object", "required": ["name", "input_schema"], "additionalProperties": false,
+            "properties": {
+                "type": { "enum": ["custom", null] },
+                "name": function_name,
+                "description": { "type": nullable("string") },
+                "input_schema": { "type": "object" },
+                "cache_control": {}
+            }
+        },
+        "ToolUseBlock": {
+            "type": "object", "required": ["type", "id", "name", "input"],
+            "properties": {
+                "type": { "const": "tool_use" },
+                "id": { "type": "string", "minLength": 1 },
+                "name": function_name,
+                "input": { "type": "object" }
+            }
+        },
+        "ToolResultBlock": {
+            "type": "object", "required": ["type", "tool_use_id"],
+            "properties": {
+                "type": { "const": "tool_result" },
+                "tool_use_id": { "type": "string" },
+                "content": { "anyOf": [
+                    { "type": "null" },
+                    { "type": "string" },
+                    { "type": "array", "items": { "$ref": "#/components/schemas/TextPart" } }
+                ] },
+                "is_error": { "type": nullable("boolean") }
+            }
+        }
+    })
+}
+
 fn schemas() -> Value {
+    // The pattern generates names; the `not` keeps out a trailing newline, which `$`
+    // lets through in some regex engines (Python's among them) and the doors refuse.
+    let function_name = json!({
+        "type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$",
+        "not": { "pattern": "[^a-zA-Z0-9_-]" }
+    });
     let text_part = json!({
         "type": "object", "required": ["type", "text"],
         "properties": { "type": { "const": "text" }, "text": { "type": "string" } }
@@ -102,7 +167,7 @@ fn schemas() -> Value {
             "total_tokens": { "type": "integer" }
         }
     });
-    json!({
+    let mut schemas = json!({
         "Message": {
             "type": "object", "required": ["role", "content"],
             "properties": { "role": { "type": "string" }, "content": { "type": "string" } }
@@ -157,15 +222,43 @@ fn schemas() -> Value {
                 }
             } } }
         },
-        "OpenAIMessage": {
+        "OpenAIMessage": { "anyOf": [
+            { "$ref": "#/components/schemas/OpenAIPromptMessage" },
+            { "$ref": "#/components/schemas/OpenAIAssistantMessage" },
+            { "$ref": "#/components/schemas/OpenAIToolMessage" }
+        ] },
+        "OpenAIContent": { "anyOf": [
+            { "type": "string" },
+            { "type": "array", "items": { "$ref": "#/components/schemas/TextPart" } }
+        ] },
+        "OpenAIPromptMessage": {
             "type": "object", "required": ["role", "content"],
             "properties": {
-                "role": { "enum": ["system", "developer", "user", "assistant"] },
-                "content": { "anyOf": [
-                    { "type": "string" },
-                    { "type": "array", "items": { "$ref": "#/components/schemas/TextPart" } }
-                ] },
+                "role": { "enum": ["system", "developer", "user"] },
+                "content": { "$ref": "#/components/schemas/OpenAIContent" },
                 "tool_calls": { "anyOf": [{ "type": "null" }, { "type": "array", "maxItems": 0 }] }
+            }
+        },
+        "OpenAIAssistantMessage": {
+            "type": "object", "required": ["role"],
+            "description": "Text, tool calls, or both. Each call's `arguments` is a JSON object as text (empty counts as {}).",
+            "properties": {
+                "role": { "const": "assistant" },
+                "content": { "anyOf": [{ "type": "null" }, { "$ref": "#/components/schemas/OpenAIContent" }] },
+                "tool_calls": { "anyOf": [{ "type": "null" }, { "type": "array", "items": { "$ref": "#/components/schemas/OpenAIToolCall" } }] }
+            },
+            "anyOf": [
+                { "required": ["content"], "properties": { "content": { "not": { "type": "null" } } } },
+                { "required": ["tool_calls"], "properties": { "tool_calls": { "type": "array", "minItems": 1 } } }
+            ]
+        },
+        "OpenAIToolMessage": {
+            "type": "object", "required": ["role", "content", "tool_call_id"],
+            "description": "A tool's result: `tool_call_id` names a call of an earlier assistant message.",
+            "properties": {
+                "role": { "const": "tool" },
+                "content": { "$ref": "#/components/schemas/OpenAIContent" },
+                "tool_call_id": { "type": "string" }
             }
         },
         "TextPart": text_part,
@@ -179,7 +272,7 @@ fn schemas() -> Value {
         ] },
         "ChatCompletionRequest": {
             "type": "object", "required": ["model", "messages"], "additionalProperties": false,
-            "description": "OpenAI's Chat Completions. A field the upstreams cannot honour (tools, logit_bias, n > 1, ...) is a 400 naming it.",
+            "description": "OpenAI's Chat Completions. A field the upstreams cannot honour (logit_bias, n > 1, parallel_tool_calls: false, ...) is a 400 naming it, and so is what the upstream serving the model cannot do: Ollama cannot force a tool call (tool_choice 'required' or a named function) or hold arguments to a strict schema. A named tool_choice names one of the tools.",
             "properties": {
                 "model": { "type": "string", "minLength": 1 },
                 "messages": { "type": "array", "minItems": 1, "items": { "$ref": "#/components/schemas/OpenAIMessage" } },
@@ -200,8 +293,23 @@ fn schemas() -> Value {
                 "frequency_penalty": { "type": nullable("number"), "minimum": -2, "maximum": 2 },
                 "response_format": { "anyOf": [{ "type": "null" }, { "$ref": "#/components/schemas/ResponseFormat" }] },
                 "user": { "type": nullable("string") },
-                "logprobs": { "enum": [false, null] }
-            }
+                "logprobs": { "enum": [false, null] },
+                "tools": { "anyOf": [
+                    { "type": "null" },
+                    { "type": "array", "minItems": 1, "maxItems": 128, "items": { "$ref": "#/components/schemas/OpenAITool" } }
+                ] },
+                "tool_choice": { "anyOf": [
+                    { "type": "null" },
+                    { "enum": ["none", "auto", "required"] },
+                    { "type": "object", "required": ["type", "function"], "properties": {
+                        "type": { "const": "function" },
+                        "function": { "type": "object", "required": ["name"], "properties": { "name": function_name } }
+                    } }
+                ] },
+                "parallel_tool_calls": { "enum": [true, null] }
+            },
+            "if": { "required": ["tool_choice"], "properties": { "tool_choice": { "anyOf": [{ "const": "required" }, { "type": "object" }] } } },
+            "then": { "required": ["tools"], "properties": { "tools": { "type": "array" } } }
         },
         "ChatCompletion": {
             "type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
@@ -215,8 +323,10 @@ fn schemas() -> Value {
                     "properties": {
                         "index": { "type": "integer" },
                         "message": { "type": "object", "required": ["role", "content"], "properties": {
-                            "role": { "const": "assistant" }, "content": { "type": "string" } } },
-                        "finish_reason": { "enum": ["stop", "length", "content_filter"] }
+                            "role": { "const": "assistant" },
+                            "content": { "type": nullable("string") },
+                            "tool_calls": { "type": "array", "items": { "$ref": "#/components/schemas/OpenAIToolCall" } } } },
+                        "finish_reason": { "enum": ["stop", "length", "content_filter", "tool_calls"] }
                     }
                 } },
                 "usage": usage
@@ -248,7 +358,7 @@ fn schemas() -> Value {
         },
         "MessagesRequest": {
             "type": "object", "required": ["model", "max_tokens", "messages"], "additionalProperties": false,
-            "description": "Anthropic's Messages. A field the upstreams cannot honour (tools, thinking, images, ...) is a 400 naming it.",
+            "description": "Anthropic's Messages. A field the upstreams cannot honour (thinking, images, server tools, disable_parallel_tool_use, ...) is a 400 naming it, and so is a forced tool call (tool_choice 'any' or 'tool') where the upstream serving the model cannot force one (Ollama). A tool_result answers a tool_use of an earlier assistant turn; a named tool_choice names one of the tools.",
             "properties": {
                 "model": { "type": "string", "minLength": 1 },
                 "max_tokens": { "type": "integer", "minimum": 1, "maximum": MAX_TOKENS },
@@ -256,23 +366,54 @@ fn schemas() -> Value {
                     { "type": "string" },
                     { "type": "array", "items": { "$ref": "#/components/schemas/TextPart" } }
                 ] },
-                "messages": { "type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["role", "content"],
-                    "properties": {
-                        "role": { "enum": ["user", "assistant"] },
+                "messages": { "type": "array", "minItems": 1, "items": { "anyOf": [
+                    { "type": "object", "required": ["role", "content"], "properties": {
+                        "role": { "const": "user" },
                         "content": { "anyOf": [
                             { "type": "string" },
-                            { "type": "array", "items": { "$ref": "#/components/schemas/TextPart" } }
+                            { "type": "array", "items": { "anyOf": [
+                                { "$ref": "#/components/schemas/TextPart" },
+                                { "$ref": "#/components/schemas/ToolResultBlock" }
+                            ] } }
                         ] }
-                    }
-                } },
+                    } },
+                    { "type": "object", "required": ["role", "content"], "properties": {
+                        "role": { "const": "assistant" },
+                        "content": { "anyOf": [
+                            { "type": "string" },
+                            { "type": "array", "items": { "anyOf": [
+                                { "$ref": "#/components/schemas/TextPart" },
+                                { "$ref": "#/components/schemas/ToolUseBlock" }
+                            ] } }
+                        ] }
+                    } }
+                ] } },
                 "temperature": { "type": nullable("number"), "minimum": 0, "maximum": 1 },
                 "top_p": { "type": nullable("number"), "minimum": 0, "maximum": 1 },
                 "top_k": { "type": nullable("integer"), "minimum": 0, "maximum": MAX_TOKENS },
                 "stop_sequences": { "type": nullable("array"), "items": { "type": "string" } },
                 "stream": { "type": nullable("boolean") },
-                "metadata": { "type": nullable("object") }
-            }
+                "metadata": { "type": nullable("object") },
+                "tools": { "anyOf": [
+                    { "type": "null" },
+                    { "type": "array", "maxItems": 128, "items": { "$ref": "#/components/schemas/AnthropicTool" } }
+                ] },
+                "tool_choice": { "anyOf": [
+                    { "type": "null" },
+                    { "type": "object", "required": ["type"], "properties": {
+                        "type": { "enum": ["auto", "any", "none"] },
+                        "disable_parallel_tool_use": { "enum": [false, null] }
+                    } },
+                    { "type": "object", "required": ["type", "name"], "properties": {
+                        "type": { "const": "tool" },
+                        "name": function_name,
+                        "disable_parallel_tool_use": { "enum": [false, null] }
+                    } }
+                ] }
+            },
+            "if": { "required": ["tool_choice"], "properties": { "tool_choice": {
+                "type": "object", "required": ["type"], "properties": { "type": { "enum": ["any", "tool"] } } } } },
+            "then": { "required": ["tools"], "properties": { "tools": { "type": "array", "minItems": 1 } } }
         },
         "AnthropicAnswer": {
             "type": "object", "required": ["id", "type", "role", "model", "content", "stop_reason", "usage"],
@@ -281,8 +422,11 @@ fn schemas() -> Value {
                 "type": { "const": "message" },
                 "role": { "const": "assistant" },
                 "model": { "type": "string" },
-                "content": { "type": "array", "items": { "$ref": "#/components/schemas/TextPart" } },
-                "stop_reason": { "enum": ["end_turn", "max_tokens", "refusal"] },
+                "content": { "type": "array", "items": { "anyOf": [
+                    { "$ref": "#/components/schemas/TextPart" },
+                    { "$ref": "#/components/schemas/ToolUseBlock" }
+                ] } },
+                "stop_reason": { "enum": ["end_turn", "max_tokens", "refusal", "tool_use"] },
                 "usage": { "type": "object", "required": ["input_tokens", "output_tokens"], "properties": {
                     "input_tokens": { "type": "integer" }, "output_tokens": { "type": "integer" } } }
             }
@@ -295,7 +439,12 @@ fn schemas() -> Value {
                     "type": { "type": "string" }, "message": { "type": "string" } } }
             }
         }
-    })
+    });
+    if let (Value::Object(all), Value::Object(tools)) = (&mut schemas, tool_schemas(&function_name))
+    {
+        all.extend(tools);
+    }
+    schemas
 }
 
 fn document() -> Value {

@@ -62,6 +62,41 @@ with client().messages.stream(
 ) as stream:
     check("".join(stream.text_stream) == "Echo: stream for claude", "a repeated stream is replayed")
 
+# Tool use: the model's tool_use block, then a tool_result sent back with the SDK's own
+# content blocks, whole and streamed through the SDK's helper (which parses the input JSON).
+TOOLS = [{"name": "get_weather", "description": "The weather in a city",
+          "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}}}]
+question = {"role": "user", "content": "weather in Rome?"}
+used = client().messages.create(model="llama3.1", max_tokens=64, tools=TOOLS, messages=[question])
+check(used.stop_reason == "tool_use", "stop_reason tool_use")
+block = used.content[-1]
+check(block.type == "tool_use" and block.name == "get_weather", "a tool_use block")
+check(block.input == {"query": "weather in Rome?"}, "its input")
+answered = client().messages.create(
+    model="llama3.1",
+    max_tokens=64,
+    tools=TOOLS,
+    messages=[
+        question,
+        {"role": "assistant", "content": used.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "25C"}]},
+    ],
+)
+check(answered.content[0].text == "Tool get_weather said: 25C", "the tool_result reached the model")
+with client().messages.stream(
+    model="llama3.1", max_tokens=64, tools=TOOLS, messages=[{"role": "user", "content": "streamed rome?"}]
+) as stream:
+    final = stream.get_final_message()
+check(final.stop_reason == "tool_use", "a streamed tool_use")
+check(final.content[-1].type == "tool_use" and final.content[-1].input == {"query": "streamed rome?"},
+      "its input, accumulated from input_json_delta")
+try:
+    client().messages.create(model="llama3.1", max_tokens=64, tools=TOOLS, messages=[question],
+                             tool_choice={"type": "any"})
+    check(False, "Ollama cannot force a call")
+except anthropic.BadRequestError as error:
+    check(error.status_code == 400 and "tool_choice" in error.message, "a forced call on Ollama names tool_choice")
+
 # Errors as the SDK's own classes.
 try:
     client(key="sk-wrong").messages.create(model="llama3.1", max_tokens=5, messages=[{"role": "user", "content": "x"}])

@@ -6,6 +6,7 @@ bucket of one token refilling at 2/s), GEMINI_MODEL_WITHOUT_KEY (a model whose u
 is not configured, so the gateway answers 502).
 """
 
+import json
 import time
 
 import openai
@@ -83,6 +84,38 @@ try:
     check(False, "an unknown model is refused")
 except openai.NotFoundError as error:
     check(error.code == "model_not_found", "an unknown model is NotFoundError model_not_found")
+
+# Tool calling: the model's call, then its result sent back (the SDK's own message object
+# appended as it is), whole and streamed through the SDK's accumulating stream helper.
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
+question = {"role": "user", "content": "weather in Lisbon?"}
+called = client().chat.completions.create(model="llama3.1", messages=[question], tools=TOOLS)
+choice = called.choices[0]
+check(choice.finish_reason == "tool_calls" and choice.message.content is None, "finish_reason tool_calls, no text")
+call = choice.message.tool_calls[0]
+check(call.type == "function" and call.function.name == "get_weather", "the tool call")
+check(json.loads(call.function.arguments) == {"query": "weather in Lisbon?"}, "its arguments")
+answered = client().chat.completions.create(
+    model="llama3.1",
+    tools=TOOLS,
+    messages=[question, choice.message, {"role": "tool", "tool_call_id": call.id, "content": "22C"}],
+)
+check(answered.choices[0].message.content == "Tool get_weather said: 22C", "the tool's result reached the model")
+with client().chat.completions.stream(
+    model="llama3.1", messages=[{"role": "user", "content": "streamed weather?"}], tools=TOOLS
+) as stream:
+    final = stream.get_final_completion()
+streamed_call = final.choices[0].message.tool_calls[0]
+check(streamed_call.function.name == "get_weather", "a streamed tool call, accumulated by the SDK")
+check(json.loads(streamed_call.function.arguments) == {"query": "streamed weather?"}, "with its arguments")
+check(final.choices[0].finish_reason == "tool_calls", "the streamed finish_reason")
+try:
+    client().chat.completions.create(model="llama3.1", messages=[question], tools=TOOLS, tool_choice="required")
+    check(False, "Ollama cannot force a call")
+except openai.BadRequestError as error:
+    check(error.param == "tool_choice" and error.code == "unsupported_parameter", "a forced call on Ollama names tool_choice")
 
 # Errors as the SDK's own classes.
 try:
