@@ -61,21 +61,40 @@ struct Instruction<'a> {
     parts: Vec<OutPart<'a>>,
 }
 
-/// One part of a turn: text, a call the model made, or a call's result.
+/// One part of a turn: text, a call the model made (with the thought signature Gemini
+/// gave it, which newer models require back), or a call's result.
 #[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(untagged)]
 enum OutPart<'a> {
-    FunctionCall {
-        name: &'a str,
-        args: serde_json::Value,
+    #[serde(rename_all = "camelCase")]
+    Call {
+        function_call: NamedValue<'a>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        thought_signature: Option<&'a str>,
     },
-    FunctionResponse {
-        name: &'a str,
-        response: serde_json::Value,
+    #[serde(rename_all = "camelCase")]
+    Response {
+        function_response: NamedValue<'a>,
     },
-    #[serde(untagged)]
-    Text { text: &'a str },
+    Text {
+        text: &'a str,
+    },
 }
+
+/// A function's name and a JSON value: a call's `args` or a result's `response`.
+#[derive(Serialize)]
+struct NamedValue<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    args: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<serde_json::Value>,
+}
+
+/// Joins a call's id and its thought signature: the doors carry the id back unchanged,
+/// so the signature comes back with it (Gemini 3 refuses a conversation whose calls lost
+/// theirs). Base64 signatures never hold it.
+const SIGNATURE_MARK: &str = "__sig__";
 
 /// Gemini groups function declarations in one tool.
 #[derive(Serialize)]
@@ -128,16 +147,19 @@ pub fn request_body(request: &ChatRequest) -> GeminiRequest<'_> {
                 } else {
                     serde_json::json!({ "output": output })
                 };
-                let part = OutPart::FunctionResponse {
-                    name: &result.name,
-                    response,
+                let part = OutPart::Response {
+                    function_response: NamedValue {
+                        name: &result.name,
+                        args: None,
+                        response: Some(response),
+                    },
                 };
                 match contents.last_mut() {
                     Some(turn)
                         if turn
                             .parts
                             .iter()
-                            .all(|p| matches!(p, OutPart::FunctionResponse { .. })) =>
+                            .all(|p| matches!(p, OutPart::Response { .. })) =>
                     {
                         turn.parts.push(part)
                     }
@@ -153,9 +175,18 @@ pub fn request_body(request: &ChatRequest) -> GeminiRequest<'_> {
                 if !message.content.is_empty() || message.tool_calls.is_empty() {
                     parts.push(text);
                 }
-                parts.extend(message.tool_calls.iter().map(|call| OutPart::FunctionCall {
-                    name: &call.name,
-                    args: call.arguments_value(),
+                parts.extend(message.tool_calls.iter().map(|call| {
+                    OutPart::Call {
+                        function_call: NamedValue {
+                            name: &call.name,
+                            args: Some(call.arguments_value()),
+                            response: None,
+                        },
+                        thought_signature: call
+                            .id
+                            .split_once(SIGNATURE_MARK)
+                            .map(|(_, signature)| signature),
+                    }
                 }));
                 contents.push(Turn {
                     role: if role == "assistant" || role == "model" {
@@ -293,6 +324,9 @@ struct Part {
     /// A thought summary, not part of the answer.
     #[serde(default)]
     thought: bool,
+    /// Gemini's signature of the reasoning behind a call.
+    #[serde(default)]
+    thought_signature: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -305,19 +339,24 @@ struct FunctionCall {
 }
 
 impl FunctionCall {
-    fn to_call(&self) -> ToolCall {
+    /// The call, its thought signature (if any) kept in its id.
+    fn to_call(&self, signature: Option<&str>) -> ToolCall {
         let arguments = match &self.args {
             serde_json::Value::Null => "{}".to_owned(),
             args => args.to_string(),
         };
-        match self.id.as_ref().filter(|id| !id.is_empty()) {
+        let mut call = match self.id.as_ref().filter(|id| !id.is_empty()) {
             Some(id) => ToolCall {
                 id: id.clone(),
                 name: self.name.clone(),
                 arguments,
             },
             None => ToolCall::named(self.name.clone(), arguments),
+        };
+        if let Some(signature) = signature.filter(|s| !s.is_empty()) {
+            call.id = format!("{}{SIGNATURE_MARK}{signature}", call.id);
         }
+        call
     }
 }
 
@@ -354,7 +393,10 @@ impl GeminiReply {
     fn tool_calls(&self) -> Vec<ToolCall> {
         self.parts()
             .iter()
-            .filter_map(|p| p.function_call.as_ref().map(FunctionCall::to_call))
+            .filter_map(|p| {
+                let call = p.function_call.as_ref()?;
+                Some(call.to_call(p.thought_signature.as_deref()))
+            })
             .collect()
     }
 
@@ -651,5 +693,38 @@ mod tests {
             Usage::default(),
         );
         assert_eq!(completion.finish_reason, FinishReason::ToolCalls);
+    }
+
+    #[test]
+    fn a_calls_thought_signature_goes_back_with_it() {
+        let reply: GeminiReply = serde_json::from_str(
+            r#"{"candidates":[{"content":{"parts":[{"functionCall":{"name":"f","args":{}},"thoughtSignature":"c2ln+/="}]}}]}"#,
+        )
+        .unwrap();
+        let call = reply.tool_calls().remove(0);
+        assert!(
+            call.id.starts_with("call_") && call.id.ends_with("__sig__c2ln+/="),
+            "{}",
+            call.id
+        );
+        let request = ChatRequest {
+            messages: vec![Message {
+                tool_calls: vec![call],
+                ..Message::text("assistant", "")
+            }],
+            model: None,
+            model_hint: None,
+            max_tokens: None,
+            temperature: 1.0,
+            stream: false,
+            sampling: Default::default(),
+            tools: Vec::new(),
+            tool_choice: Default::default(),
+        };
+        let body = serde_json::to_value(request_body(&request)).unwrap();
+        assert_eq!(
+            body["contents"][0]["parts"][0],
+            serde_json::json!({"functionCall": {"name": "f", "args": {}}, "thoughtSignature": "c2ln+/="})
+        );
     }
 }

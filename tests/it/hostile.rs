@@ -314,8 +314,32 @@ async fn hostile_bodies_on_the_sdk_doors_get_each_doors_clear_400s() {
         "[".repeat(5_000),
         "]".repeat(5_000)
     );
+    let many_tools = format!(
+        r#"{{"model":"m","max_tokens":5,"messages":[{{"role":"user","content":"x"}}],"tools":[{}]}}"#,
+        vec![r#"{"type":"function","function":{"name":"f"},"name":"f","input_schema":{}}"#; 129]
+            .join(",")
+    );
     let bodies: Vec<(&str, Vec<u8>, u16)> = vec![
         ("empty", Vec::new(), 400),
+        ("too many tools", many_tools.into_bytes(), 400),
+        (
+            "tools of the wrong type",
+            br#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}],"tools":5}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            "a tool name that no upstream takes",
+            br#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"a b"},"name":"a b","input_schema":{}}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            "a tool result answering no call",
+            br#"{"model":"m","max_tokens":5,"messages":[{"role":"tool","tool_call_id":"c","content":"x"},{"role":"user","content":[{"type":"tool_result","tool_use_id":"c"}]}]}"#
+                .to_vec(),
+            400,
+        ),
         (
             "random bytes",
             (0..400u32).map(|i| (i * 7919 % 251) as u8).collect(),
