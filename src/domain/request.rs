@@ -81,6 +81,22 @@ pub enum ResponseFormat {
 }
 
 impl ChatRequest {
+    /// A request of `messages` and nothing else set: no model, no limits, temperature 1,
+    /// no tools.
+    pub fn of(messages: Vec<Message>) -> ChatRequest {
+        ChatRequest {
+            messages,
+            model: None,
+            model_hint: None,
+            max_tokens: None,
+            temperature: 1.0,
+            stream: false,
+            sampling: Sampling::default(),
+            tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
+        }
+    }
+
     /// About how many bytes the messages take once written as JSON: enough to size a
     /// buffer up front, so a long message is not copied again each time it outgrows it.
     pub fn json_size_hint(&self) -> usize {

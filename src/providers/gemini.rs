@@ -616,12 +616,6 @@ mod tests {
                 result("call_1", "18C", false),
                 result("call_2", "no such city", true),
             ],
-            model: None,
-            model_hint: None,
-            max_tokens: None,
-            temperature: 1.0,
-            stream: false,
-            sampling: Default::default(),
             tools: vec![Tool {
                 name: "get_weather".into(),
                 description: Some("d".into()),
@@ -629,6 +623,7 @@ mod tests {
                 strict: false,
             }],
             tool_choice: ToolChoice::Function("get_weather".into()),
+            ..ChatRequest::of(Vec::new())
         };
         let body = serde_json::to_value(request_body(&request)).unwrap();
         assert_eq!(
@@ -707,20 +702,10 @@ mod tests {
             "{}",
             call.id
         );
-        let request = ChatRequest {
-            messages: vec![Message {
-                tool_calls: vec![call],
-                ..Message::text("assistant", "")
-            }],
-            model: None,
-            model_hint: None,
-            max_tokens: None,
-            temperature: 1.0,
-            stream: false,
-            sampling: Default::default(),
-            tools: Vec::new(),
-            tool_choice: Default::default(),
-        };
+        let request = ChatRequest::of(vec![Message {
+            tool_calls: vec![call],
+            ..Message::text("assistant", "")
+        }]);
         let body = serde_json::to_value(request_body(&request)).unwrap();
         assert_eq!(
             body["contents"][0]["parts"][0],
