@@ -101,7 +101,7 @@ pub fn reload_on_sighup(state: AppState) -> std::io::Result<impl Future<Output =
         while hangups.recv().await.is_some() {
             match Settings::load().and_then(|settings| state.reload(&settings)) {
                 Ok(()) => {
-                    tracing::info!("configuration reloaded (API_KEYS, tiers, anonymous access)")
+                    tracing::info!("configuration reloaded (API_KEYS, tiers, anonymous access, providers and routes)")
                 }
                 Err(error) => {
                     tracing::error!(%error, "configuration reload failed; keeping the running configuration")

@@ -11,8 +11,9 @@ use crate::api::auth::{AuthConfig, Keys};
 use crate::api::original::chat::MaxBodyBytes;
 use crate::api::sse::KeepAliveEvery;
 use crate::cache::{memory::MemoryCache, redis::RedisCache, Cache};
-use crate::chat::service::{ChatConfig, ChatService, Providers};
-use crate::providers::{gemini::Gemini, ollama::Ollama, RetryPolicy, UpstreamClient};
+use crate::chat::registry::Registry;
+use crate::chat::service::{ChatConfig, ChatService};
+use crate::providers::UpstreamClient;
 use crate::ratelimit::{
     memory::MemoryLimiter, redis::RedisLimiter, LimiterBackend, LimiterConfig, RateLimiter,
 };
@@ -32,6 +33,8 @@ struct Parts {
     chat_slots: ChatSlots,
     metrics: Metrics,
     workers: usize,
+    /// The upstream connection pools, shared by the providers of every registry.
+    client: UpstreamClient,
 }
 
 /// Permits for chat requests in flight (`MAX_CONCURRENT_REQUESTS`).
@@ -136,30 +139,15 @@ impl AppState {
 
         let connect_timeout = Duration::from_secs(10).min(settings.provider_timeout());
         let client = UpstreamClient::new(connect_timeout, workers).map_err(StartupError::Http)?;
-        let providers = Providers {
-            gemini: Arc::new(Gemini::new(
-                client.clone(),
-                &settings.gemini_base_url,
-                settings.gemini_api_key.clone(),
-            )),
-            ollama: Arc::new(
-                Ollama::new(client, &settings.ollama_base_url).map_err(StartupError::Http)?,
-            ),
-        };
+        let registry = Registry::from_settings(&settings, &client).map_err(StartupError::Http)?;
+        let upstreams = client.clone();
         let chat = ChatService::new(
             Arc::new(limiter),
             cache,
-            providers,
+            registry,
             ChatConfig {
                 cache_ttl: Duration::from_secs(settings.cache_ttl_seconds),
-                retry: RetryPolicy {
-                    attempt_timeout: settings.provider_timeout(),
-                    max_retries: settings.provider_max_retries,
-                    base_delay: Duration::from_millis(settings.provider_retry_base_ms),
-                    max_delay: Duration::from_millis(settings.provider_retry_max_ms),
-                },
-                gemini_model: settings.gemini_model.clone(),
-                ollama_model: settings.ollama_model.clone(),
+                deadline: settings.provider_deadline(),
             },
             metrics.clone(),
         );
@@ -172,13 +160,18 @@ impl AppState {
             metrics,
             settings: Arc::new(settings),
             workers,
+            client: upstreams,
         })))
     }
 
-    /// Applies the reloadable part of `settings` (API_KEYS, tiers, anonymous access) to
-    /// the running gateway. Requests in flight keep the configuration they started with.
+    /// Applies the reloadable part of `settings` (API_KEYS, tiers, anonymous access, the
+    /// provider registry with its keys) to the running gateway: all of it or, when any
+    /// part is refused, none. Requests in flight keep the configuration they started with.
     pub fn reload(&self, settings: &Settings) -> Result<(), SettingsError> {
         let auth = AuthConfig::from_settings(settings)?;
+        let registry =
+            Registry::from_settings(settings, &self.0.client).map_err(SettingsError::registry)?;
+        self.0.chat.replace_registry(registry);
         self.0.keys.replace(auth);
         self.0.chat.limiter().policies_changed();
         Ok(())

@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use crate::api::auth::ClientIdentity;
 use crate::api::observe::ChatMeta;
 use crate::api::sse::{self, KeepAliveEvery};
-use crate::chat::routing::ProviderKind;
 use crate::chat::service::{Admission, ChatService, Encode, Streamed};
 use crate::chat::stream::LiveStream;
 use crate::domain::{CacheStatus, ChatError, ChatRequest};
@@ -47,6 +46,29 @@ pub fn error_response(status: StatusCode, json: String, retry: bool) -> Response
     );
     if !retry {
         headers.insert(SHOULD_RETRY.clone(), HeaderValue::from_static("false"));
+    }
+    response
+}
+
+/// The answer to a request the core could not answer, in the door's dialect: an
+/// upstream's own 429 passed on keeps its `Retry-After` (and `retry-after-ms`, which the
+/// SDKs read first), so clients wait as long as the upstream asked.
+pub fn chat_error<E: DoorError>(error: ChatError) -> Response {
+    let wait = match &error {
+        ChatError::UpstreamRateLimited { retry_after, .. } => *retry_after,
+        _ => None,
+    };
+    let mut response = E::from(error).into_response();
+    if let Some(wait) = wait {
+        let headers = response.headers_mut();
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(wait.as_secs_f64().ceil() as u64),
+        );
+        headers.insert(
+            HeaderName::from_static("retry-after-ms"),
+            HeaderValue::from(wait.as_millis() as u64),
+        );
     }
     response
 }
@@ -143,7 +165,7 @@ where
             mark(&mut response, CacheStatus::Miss, provider);
             response
         }
-        Err(error) => E::from(error).into_response(),
+        Err(error) => chat_error::<E>(error),
     }
 }
 
@@ -163,7 +185,7 @@ fn body_error<E: DoorError>(rejection: &BytesRejection, max_body_bytes: usize) -
 }
 
 /// Marks an answer for the client (`X-Cache`) and for the request log.
-pub fn mark(response: &mut Response, cache: CacheStatus, provider: ProviderKind) {
+pub fn mark(response: &mut Response, cache: CacheStatus, provider: &'static str) {
     response
         .headers_mut()
         .insert("x-cache", HeaderValue::from_static(cache.as_str()));
@@ -173,7 +195,7 @@ pub fn mark(response: &mut Response, cache: CacheStatus, provider: ProviderKind)
 }
 
 /// A 200 JSON answer of `body`, marked.
-pub fn json_answer(body: Bytes, cache: CacheStatus, provider: ProviderKind) -> Response {
+pub fn json_answer(body: Bytes, cache: CacheStatus, provider: &'static str) -> Response {
     let mut response = (StatusCode::OK, body).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -12,7 +12,6 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::chat::routing::ProviderKind;
 use crate::domain::CacheStatus;
 use crate::telemetry::metrics::{status_class, Metrics};
 
@@ -21,8 +20,8 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Left on chat responses by the doors for the request log: which provider, hit or miss.
 #[derive(Debug, Clone, Copy)]
 pub struct ChatMeta {
-    /// The routed provider.
-    pub provider: ProviderKind,
+    /// The provider that answered (for a hit, the route's first choice).
+    pub provider: &'static str,
     /// Hit or miss.
     pub cache: CacheStatus,
 }
@@ -83,7 +82,7 @@ pub async fn observe(State(metrics): State<Metrics>, request: Request, next: Nex
     let latency = started.elapsed();
     let status = response.status().as_u16();
     let meta = response.extensions().get::<ChatMeta>().copied();
-    let provider = meta.map(|m| m.provider.as_str()).unwrap_or("none");
+    let provider = meta.map(|m| m.provider).unwrap_or("none");
     let cache = meta.map(|m| m.cache.as_str()).unwrap_or("-");
     if is_chat_route(route) {
         metrics.chat_requests.get(status_class(status)).inc();

@@ -192,6 +192,7 @@ mod tests {
             sampling: Default::default(),
             tools: Vec::new(),
             tool_choice: Default::default(),
+            strict_model: false,
         }
     }
 

@@ -21,12 +21,21 @@ impl ProviderKind {
     }
 }
 
-/// Where a request goes: the provider and the model to ask for.
+/// Where the original's routing sends a request: the provider and the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
+pub struct LegacyRoute {
     /// The provider.
     pub provider: ProviderKind,
     /// The model to ask the provider for.
+    pub model: String,
+}
+
+/// Where a request went: the provider (by its registry name) and the model asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The provider's name.
+    pub provider: &'static str,
+    /// The model the provider was asked for.
     pub model: String,
 }
 
@@ -61,30 +70,36 @@ fn non_empty(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
+/// The model name a request routes by: `model`, else `model_hint` (the original door's),
+/// trimmed; `None` when both are empty.
+pub fn named_model(request: &ChatRequest) -> Option<&str> {
+    non_empty(&request.model).or_else(|| non_empty(&request.model_hint))
+}
+
 /// Routes as the original did: `target = model or model_hint`; `online`/`gemini`/`fast`
 /// go to Gemini, everything else to Ollama. Beyond it, a target starting with `gemini-`
 /// goes to Gemini as that model, and a non-routing `model` is passed to Ollama.
 /// Routing words are matched case-insensitively.
-pub fn route(request: &ChatRequest, gemini_model: &str, ollama_model: &str) -> Route {
+pub fn route(request: &ChatRequest, gemini_model: &str, ollama_model: &str) -> LegacyRoute {
     let model = non_empty(&request.model);
     let target = model
         .or_else(|| non_empty(&request.model_hint))
         .unwrap_or_default();
     let lower = target.to_ascii_lowercase();
     if GEMINI_WORDS.contains(&lower.as_str()) {
-        return Route {
+        return LegacyRoute {
             provider: ProviderKind::Gemini,
             model: gemini_model.to_owned(),
         };
     }
     if lower.starts_with("gemini-") {
-        return Route {
+        return LegacyRoute {
             provider: ProviderKind::Gemini,
             model: target.to_owned(),
         };
     }
     let explicit = model.filter(|m| !OLLAMA_WORDS.contains(&m.to_ascii_lowercase().as_str()));
-    Route {
+    LegacyRoute {
         provider: ProviderKind::Ollama,
         model: explicit.unwrap_or(ollama_model).to_owned(),
     }
@@ -106,6 +121,7 @@ mod tests {
             sampling: Default::default(),
             tools: Vec::new(),
             tool_choice: Default::default(),
+            strict_model: false,
         }
     }
 

@@ -15,11 +15,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
-use super::routing::{route, ProviderKind, Route};
+use arc_swap::ArcSwap;
+
+use super::registry::{Plan, Registry, Turn, Upstream};
+use super::routing::Route;
 use super::stream::{LiveStream, StoreWhenDone};
 use crate::cache::{Cache, CacheError};
-use crate::domain::{CacheStatus, ChatError, ChatRequest, Reply};
-use crate::providers::{complete_with_retries, stream_with_retries, Provider, RetryPolicy};
+use crate::domain::{CacheStatus, ChatError, ChatRequest, Completion, Reply};
+use crate::providers::{complete_with_retries, stream_with_retries, EventStream, Failed};
 use crate::ratelimit::{BucketPolicy, Decision, Prefetch, RateLimiter, Unreachable};
 use crate::telemetry::metrics::Metrics;
 
@@ -33,29 +36,11 @@ pub struct ChatOutcome {
     pub body: Bytes,
     /// Hit or miss.
     pub cache: CacheStatus,
-    /// The provider the request was routed to.
-    pub provider: ProviderKind,
+    /// The provider that answered (for a hit: the route's first choice).
+    pub provider: &'static str,
 }
 
-/// The providers, one per kind.
-pub struct Providers {
-    /// Gemini.
-    pub gemini: Arc<dyn Provider>,
-    /// Ollama.
-    pub ollama: Arc<dyn Provider>,
-}
-
-impl Providers {
-    /// The provider of `kind`.
-    pub fn get(&self, kind: ProviderKind) -> &dyn Provider {
-        match kind {
-            ProviderKind::Gemini => self.gemini.as_ref(),
-            ProviderKind::Ollama => self.ollama.as_ref(),
-        }
-    }
-}
-
-type Shared = Arc<OnceCell<Result<Bytes, ChatError>>>;
+type Shared = Arc<OnceCell<Result<(Bytes, &'static str), ChatError>>>;
 
 /// Provider calls under way, by cache key.
 type InFlight = Mutex<HashMap<String, Shared, BuildHasherDefault<CacheKeyHasher>>>;
@@ -99,10 +84,11 @@ pub struct ChatService {
     limiter: Arc<RateLimiter>,
     cache: Option<Arc<dyn Cache>>,
     cache_ttl: Duration,
-    providers: Providers,
-    retry: RetryPolicy,
-    gemini_model: String,
-    ollama_model: String,
+    /// The providers and routes in force; a reload swaps them, and a request keeps the
+    /// ones it started with.
+    registry: ArcSwap<Registry>,
+    /// Bound on one request's time on upstreams, retries and failover included.
+    deadline: Duration,
     metrics: Metrics,
     /// Provider calls under way, by cache key, so identical misses share one call.
     in_flight: Arc<InFlight>,
@@ -112,20 +98,16 @@ pub struct ChatService {
 pub struct ChatConfig {
     /// Cache TTL; zero disables the cache.
     pub cache_ttl: Duration,
-    /// Retry policy for provider calls.
-    pub retry: RetryPolicy,
-    /// Gemini model for routing words.
-    pub gemini_model: String,
-    /// Ollama model when the request names none.
-    pub ollama_model: String,
+    /// Bound on one request's time on upstreams, retries and failover included.
+    pub deadline: Duration,
 }
 
 impl ChatService {
-    /// A service over `limiter`, `cache` (ignored when the TTL is zero) and `providers`.
+    /// A service over `limiter`, `cache` (ignored when the TTL is zero) and `registry`.
     pub fn new(
         limiter: Arc<RateLimiter>,
         cache: Arc<dyn Cache>,
-        providers: Providers,
+        registry: Registry,
         config: ChatConfig,
         metrics: Metrics,
     ) -> ChatService {
@@ -133,10 +115,8 @@ impl ChatService {
             limiter,
             cache: (!config.cache_ttl.is_zero()).then_some(cache),
             cache_ttl: config.cache_ttl,
-            providers,
-            retry: config.retry,
-            gemini_model: config.gemini_model,
-            ollama_model: config.ollama_model,
+            registry: ArcSwap::from_pointee(registry),
+            deadline: config.deadline,
             metrics,
             in_flight: Arc::default(),
         }
@@ -188,14 +168,22 @@ impl ChatService {
         self.limiter.ready(prefetch).await
     }
 
-    /// The model names clients can pick from, with the provider each goes to.
-    pub fn models(&self) -> Vec<(String, ProviderKind)> {
-        super::routing::listed_models(&self.gemini_model, &self.ollama_model)
+    /// The model names clients can pick from, with the provider each goes to first.
+    pub fn models(&self) -> Vec<(String, &'static str)> {
+        self.registry.load().models()
     }
 
-    /// Where `request` goes: the provider and the model to ask for.
-    pub fn route(&self, request: &ChatRequest) -> Route {
-        route(request, &self.gemini_model, &self.ollama_model)
+    /// Puts `registry` in force for the requests that start from now on.
+    pub fn replace_registry(&self, registry: Registry) {
+        self.registry.store(Arc::new(registry));
+    }
+
+    /// The targets to try for `request`, or the 404 of a model no route has.
+    fn plan(&self, request: &ChatRequest) -> Result<Plan, ChatError> {
+        self.registry.load().plan(request).ok_or_else(|| {
+            let name = super::routing::named_model(request).unwrap_or_default();
+            ChatError::UnknownModel(name.to_owned())
+        })
     }
 
     /// The cached body under the admission's key, if any (counting the hit or miss).
@@ -236,17 +224,17 @@ impl ChatService {
             prefetched,
             ..
         } = admission;
-        let routed = self.route(&request);
-        let provider = routed.provider;
+        let plan = self.plan(&request)?;
+        let first_choice = plan.targets[0].0.name();
         if let Some(body) = self.cached(key.as_deref(), prefetched).await {
             return Ok(ChatOutcome {
                 body,
                 cache: CacheStatus::Hit,
-                provider,
+                provider: first_choice,
             });
         }
         let (Some(cache), Some(key)) = (&self.cache, key) else {
-            let body = self.ask_provider(&request, &routed, encode).await?;
+            let (body, provider) = self.ask_provider(&request, &plan, encode).await?;
             return Ok(ChatOutcome {
                 body,
                 cache: CacheStatus::Miss,
@@ -262,13 +250,13 @@ impl ChatService {
         // the call to the next waiter, so followers never hang on an abandoned call.
         let result = shared
             .get_or_init(|| async {
-                let result = self.ask_provider(&request, &routed, encode).await;
+                let result = self.ask_provider(&request, &plan, encode).await;
                 self.finish_call(cache.clone(), &key, &shared, &result);
                 result
             })
             .await
             .clone();
-        result.map(|body| ChatOutcome {
+        result.map(|(body, provider)| ChatOutcome {
             body,
             cache: CacheStatus::Miss,
             provider,
@@ -282,7 +270,7 @@ impl ChatService {
         cache: Arc<dyn Cache>,
         key: &str,
         shared: &Shared,
-        result: &Result<Bytes, ChatError>,
+        result: &Result<(Bytes, &'static str), ChatError>,
     ) {
         let in_flight = self.in_flight.clone();
         let shared = shared.clone();
@@ -294,7 +282,7 @@ impl ChatService {
             }
         };
         match result {
-            Ok(body) => {
+            Ok((body, _)) => {
                 let body = body.clone();
                 let ttl = self.cache_ttl;
                 let metrics = self.metrics.clone();
@@ -310,17 +298,102 @@ impl ChatService {
         }
     }
 
+    /// The answer of the first target of `plan` that gives one, rendered by `encode`,
+    /// and the provider that gave it.
     async fn ask_provider(
         &self,
         request: &ChatRequest,
-        routed: &Route,
+        plan: &Plan,
         encode: Encode,
-    ) -> Result<Bytes, ChatError> {
-        let provider = self.providers.get(routed.provider);
-        let completion =
-            complete_with_retries(provider, request, &routed.model, &self.retry, &self.metrics)
+    ) -> Result<(Bytes, &'static str), ChatError> {
+        let ((completion, _guard), routed) = self
+            .failover(request, plan, |upstream, model, deadline| async move {
+                let completion = complete_with_retries(
+                    upstream.provider.as_ref(),
+                    request,
+                    model,
+                    &upstream.retry,
+                    deadline,
+                    &self.metrics,
+                )
                 .await?;
-        encode(&fresh_reply(routed, completion))
+                Ok::<Completion, Failed>(completion)
+            })
+            .await?;
+        let body = encode(&fresh_reply(&routed, completion))?;
+        Ok((body, routed.provider))
+    }
+
+    /// Tries the targets of `plan` in order with `call` until one answers, within the
+    /// deadline: a target whose breaker is open is skipped, one that cannot honour the
+    /// request is skipped (it is the client's error only when no target can), a failure
+    /// another target may not have (connect error, timeout, 429, 5xx) moves on to the
+    /// next, and any other failure is the answer. Returns the call's value with the
+    /// target's in-flight count (held while the caller uses it), and the route taken.
+    async fn failover<'a, T, F, Fut>(
+        &'a self,
+        request: &ChatRequest,
+        plan: &'a Plan,
+        call: F,
+    ) -> Result<((T, super::registry::InFlight), Route), ChatError>
+    where
+        F: Fn(&'a Upstream, &'a str, std::time::Instant) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Failed>>,
+    {
+        let deadline = std::time::Instant::now() + self.deadline;
+        let mut last: Option<ChatError> = None;
+        let mut refused: Option<ChatError> = None;
+        let mut failed_over_from: Option<&'static str> = None;
+        for (upstream, model) in &plan.targets {
+            if let Some(what) = upstream.provider.refusal(request) {
+                refused.get_or_insert(ChatError::Unsupported {
+                    provider: upstream.name(),
+                    what,
+                });
+                continue;
+            }
+            let Turn::Call { guard, probe } = upstream.turn() else {
+                continue;
+            };
+            if let Some(from) = failed_over_from.take() {
+                self.metrics.provider_fallbacks.get(from).inc();
+                tracing::info!(
+                    from,
+                    to = upstream.name(),
+                    "failing over to the next target"
+                );
+            }
+            match call(upstream, model, deadline).await {
+                Ok(value) => {
+                    upstream.succeeded(&self.metrics);
+                    let routed = Route {
+                        provider: upstream.name(),
+                        model: model.clone(),
+                    };
+                    return Ok(((value, guard), routed));
+                }
+                Err(failure) if failure.fails_over() => {
+                    upstream.failed(probe, failure.error.retry_after(), &self.metrics);
+                    failed_over_from = Some(upstream.name());
+                    last = Some(failure.into_chat_error());
+                    if std::time::Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                Err(failure) => {
+                    // The upstream answered (a 400, a body it could not use): the
+                    // target works, another would refuse the same request.
+                    upstream.succeeded(&self.metrics);
+                    return Err(failure.into_chat_error());
+                }
+            }
+        }
+        Err(last.or(refused).unwrap_or_else(|| {
+            ChatError::UpstreamFailed(
+                "No provider of this route can be called now: every one's circuit breaker is open"
+                    .into(),
+            )
+        }))
     }
 
     /// Answers an admitted `request` as a stream: a cache hit as the stored body, for the
@@ -339,22 +412,30 @@ impl ChatService {
             prefetched,
             ..
         } = admission;
-        let routed = self.route(&request);
+        let plan = self.plan(&request)?;
         if let Some(body) = self.cached(key.as_deref(), prefetched).await {
             return Ok(Streamed::Cached {
                 body,
-                provider: routed.provider,
+                provider: plan.targets[0].0.name(),
             });
         }
-        let provider = self.providers.get(routed.provider);
-        let (first, rest) = stream_with_retries(
-            provider,
-            &request,
-            &routed.model,
-            &self.retry,
-            &self.metrics,
-        )
-        .await?;
+        let (((first, rest, idle), in_flight), routed) = self
+            .failover(&request, &plan, |upstream, model, deadline| {
+                let request = &request;
+                async move {
+                    let (first, rest): (_, EventStream) = stream_with_retries(
+                        upstream.provider.as_ref(),
+                        request,
+                        model,
+                        &upstream.retry,
+                        deadline,
+                        &self.metrics,
+                    )
+                    .await?;
+                    Ok::<_, Failed>((first, rest, upstream.retry.attempt_timeout))
+                }
+            })
+            .await?;
         let store = match (&self.cache, key) {
             (Some(cache), Some(key)) => Some(StoreWhenDone {
                 cache: cache.clone(),
@@ -367,10 +448,10 @@ impl ChatService {
         Ok(Streamed::Live(Box::new(LiveStream::new(
             &routed,
             &request,
-            first,
-            rest,
-            self.retry.attempt_timeout,
+            (first, rest),
+            idle,
             store,
+            in_flight,
             self.metrics.clone(),
         ))))
     }
@@ -382,8 +463,8 @@ pub enum Streamed {
     Cached {
         /// The body the door stored.
         body: Bytes,
-        /// The provider the request is routed to.
-        provider: ProviderKind,
+        /// The provider the request is routed to first.
+        provider: &'static str,
     },
     /// The provider's events as they come.
     Live(Box<LiveStream>),
@@ -394,7 +475,7 @@ pub fn fresh_reply(routed: &Route, completion: crate::domain::Completion) -> Rep
     Reply {
         id: uuid::Uuid::new_v4(),
         created: crate::chat::stream::unix_now(),
-        provider: routed.provider.as_str(),
+        provider: routed.provider,
         model: routed.model.clone(),
         completion,
     }

@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
 
-use super::routing::{ProviderKind, Route};
+use super::registry::InFlight;
+use super::routing::Route;
 use super::service::Encode;
 use crate::cache::Cache;
 use crate::domain::{
@@ -44,7 +45,7 @@ pub struct StoreWhenDone {
 pub struct LiveStream {
     id: uuid::Uuid,
     created: u64,
-    kind: ProviderKind,
+    kind: &'static str,
     model: String,
     first: Option<StreamEvent>,
     rest: EventStream,
@@ -57,6 +58,8 @@ pub struct LiveStream {
     tool_calls: Vec<ToolCall>,
     prompt_bytes: usize,
     store: Option<StoreWhenDone>,
+    /// Counts the stream in its provider's requests in flight until it is dropped.
+    _in_flight: InFlight,
     metrics: Metrics,
     ended: bool,
     counted: bool,
@@ -67,10 +70,10 @@ impl LiveStream {
     pub fn new(
         routed: &Route,
         request: &ChatRequest,
-        first: StreamEvent,
-        rest: EventStream,
+        (first, rest): (StreamEvent, EventStream),
         idle: Duration,
         store: Option<StoreWhenDone>,
+        in_flight: InFlight,
         metrics: Metrics,
     ) -> LiveStream {
         LiveStream {
@@ -86,6 +89,7 @@ impl LiveStream {
             tool_calls: Vec::new(),
             prompt_bytes: request.messages.iter().map(|m| m.content.len()).sum(),
             store,
+            _in_flight: in_flight,
             metrics,
             ended: false,
             counted: false,
@@ -103,7 +107,7 @@ impl LiveStream {
     }
 
     /// The provider answering.
-    pub fn provider(&self) -> ProviderKind {
+    pub fn provider(&self) -> &'static str {
         self.kind
     }
 
@@ -131,7 +135,7 @@ impl LiveStream {
     fn count(&mut self, usage: &Usage) {
         if !self.counted {
             self.counted = true;
-            count_tokens(&self.metrics, self.kind.as_str(), usage);
+            count_tokens(&self.metrics, self.kind, usage);
         }
     }
 
@@ -142,7 +146,7 @@ impl LiveStream {
         let reply = Reply {
             id: self.id,
             created: self.created,
-            provider: self.kind.as_str(),
+            provider: self.kind,
             model: self.model.clone(),
             completion: Completion {
                 content: std::mem::take(&mut self.text),
@@ -166,7 +170,7 @@ impl LiveStream {
 
     fn fail(&mut self, message: String, timed_out: bool) -> ChatError {
         self.ended = true;
-        tracing::warn!(provider = self.kind.as_str(), %message, "stream failed after its first event");
+        tracing::warn!(provider = self.kind, %message, "stream failed after its first event");
         if timed_out {
             ChatError::UpstreamTimedOut(message)
         } else {
@@ -197,12 +201,12 @@ impl Stream for LiveStream {
                 Poll::Ready(Some(Ok(event)))
             }
             Poll::Ready(Some(Err(error))) => {
-                let name = this.kind.as_str();
+                let name = this.kind;
                 let message = format!("Provider '{name}' failed mid-stream: {error}");
                 Poll::Ready(Some(Err(this.fail(message, false))))
             }
             Poll::Ready(None) => {
-                let name = this.kind.as_str();
+                let name = this.kind;
                 let message = format!("Provider '{name}' ended the stream before its end");
                 Poll::Ready(Some(Err(this.fail(message, false))))
             }
@@ -210,7 +214,7 @@ impl Stream for LiveStream {
                 Poll::Ready(()) => {
                     let message = format!(
                         "Provider '{}' sent nothing for {}s mid-stream",
-                        this.kind.as_str(),
+                        this.kind,
                         this.idle.as_secs_f64()
                     );
                     Poll::Ready(Some(Err(this.fail(message, true))))

@@ -16,6 +16,18 @@ pub enum ChatError {
     /// The provider's last attempt timed out.
     #[error("{0}")]
     UpstreamTimedOut(String),
+    /// Every target of the route is rate limited upstream (HTTP 429), which the client
+    /// may wait out.
+    #[error("{message}")]
+    UpstreamRateLimited {
+        /// Names the provider.
+        message: String,
+        /// The upstream's `Retry-After`, when it gave one.
+        retry_after: Option<std::time::Duration>,
+    },
+    /// No route has the model the client named.
+    #[error("The model '{0}' does not exist")]
+    UnknownModel(String),
     /// The upstream serving the request cannot honour part of it (the client's error:
     /// each door names the field).
     #[error("the upstream '{provider}' cannot honour {what:?}")]

@@ -47,6 +47,9 @@ pub struct ChatRequest {
     pub tools: Vec<Tool>,
     /// Whether it may, must or must not call one.
     pub tool_choice: ToolChoice,
+    /// The model must name a route (the SDK doors); the original door's requests fall
+    /// back to the route `default`.
+    pub strict_model: bool,
 }
 
 /// Sampling controls the newer doors accept and every upstream translates.
@@ -94,6 +97,7 @@ impl ChatRequest {
             sampling: Sampling::default(),
             tools: Vec::new(),
             tool_choice: ToolChoice::Auto,
+            strict_model: false,
         }
     }
 

@@ -91,4 +91,7 @@ pub enum Unsupported {
     ForcedToolChoice,
     /// Tools whose arguments must match their schema exactly (`strict`).
     StrictTools,
+    /// A request field the upstream has no equivalent of, by its OpenAI name
+    /// (`temperature` above 1, `seed`, `presence_penalty`, ...).
+    Field(&'static str),
 }

@@ -5,12 +5,14 @@ use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use hyper::header::HeaderName;
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::Uri;
 
 use super::framing::SseDecoder;
 use super::http::MAX_ANSWER_BYTES;
-use super::{events_from, json_body, EventStream, Provider, ProviderError, UpstreamClient};
+use super::{
+    events_from, json_body, Endpoint, EventStream, Provider, ProviderError, UpstreamClient,
+};
 use crate::domain::{
     ChatRequest, Completion, FinishReason, ResponseFormat, StreamEvent, ToolCall, ToolChoice, Usage,
 };
@@ -22,17 +24,33 @@ const API_KEY_HEADER: HeaderName = HeaderName::from_static("x-goog-api-key");
 pub struct Gemini {
     client: UpstreamClient,
     base_url: String,
-    api_key: SecretString,
+    /// The endpoint's headers with the key (`x-goog-api-key`) among them.
+    endpoint: Endpoint,
+    has_key: bool,
 }
 
 impl Gemini {
-    /// Gemini at `base_url` with `api_key`.
-    pub fn new(client: UpstreamClient, base_url: &str, api_key: SecretString) -> Gemini {
-        Gemini {
+    /// Gemini at `base_url` with `api_key`, named and with the headers of `endpoint`.
+    pub fn new(
+        client: UpstreamClient,
+        base_url: &str,
+        api_key: &SecretString,
+        mut endpoint: Endpoint,
+    ) -> Result<Gemini, String> {
+        let key = api_key.expose_secret();
+        if !key.is_empty() {
+            let mut value = HeaderValue::from_str(key).map_err(|_| {
+                format!("{}: the API key is not a valid header value", endpoint.name)
+            })?;
+            value.set_sensitive(true);
+            endpoint.headers.push((API_KEY_HEADER, value));
+        }
+        Ok(Gemini {
             client,
             base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key,
-        }
+            endpoint,
+            has_key: !key.is_empty(),
+        })
     }
 }
 
@@ -429,10 +447,9 @@ impl UsageMetadata {
 }
 
 impl Gemini {
-    /// The URL of `action` on `model`, and the key; refuses what cannot be sent.
-    fn call(&self, model: &str, action: &str) -> Result<(Uri, &str), ProviderError> {
-        let key = self.api_key.expose_secret();
-        if key.is_empty() {
+    /// The URL of `action` on `model`; refuses what cannot be sent.
+    fn call(&self, model: &str, action: &str) -> Result<Uri, ProviderError> {
+        if !self.has_key {
             return Err(ProviderError::NotConfigured("GEMINI_API_KEY is empty"));
         }
         // Model names are path segments; reject anything that could change the path.
@@ -448,7 +465,7 @@ impl Gemini {
         let url = format!("{}/v1beta/models/{model}:{action}", self.base_url)
             .parse::<Uri>()
             .map_err(|_| ProviderError::NotConfigured("GEMINI_BASE_URL is not a valid URL"))?;
-        Ok((url, key))
+        Ok(url)
     }
 }
 
@@ -503,7 +520,7 @@ impl StreamState {
 #[async_trait]
 impl Provider for Gemini {
     fn name(&self) -> &'static str {
-        "gemini"
+        self.endpoint.name
     }
 
     async fn complete(
@@ -511,11 +528,11 @@ impl Provider for Gemini {
         request: &ChatRequest,
         model: &str,
     ) -> Result<Completion, ProviderError> {
-        let (url, key) = self.call(model, "generateContent")?;
+        let url = self.call(model, "generateContent")?;
         let body = json_body(&request_body(request), request.json_size_hint())?;
         let reply: GeminiReply = self
             .client
-            .post_json(&url, Some((API_KEY_HEADER, key)), body)
+            .post_json(&url, &self.endpoint.headers, body)
             .await?;
         Ok(Completion::new(
             reply.text(),
@@ -534,11 +551,11 @@ impl Provider for Gemini {
         request: &ChatRequest,
         model: &str,
     ) -> Result<EventStream, ProviderError> {
-        let (url, key) = self.call(model, "streamGenerateContent?alt=sse")?;
+        let url = self.call(model, "streamGenerateContent?alt=sse")?;
         let body = json_body(&request_body(request), request.json_size_hint())?;
         let bytes = self
             .client
-            .post_stream(&url, Some((API_KEY_HEADER, key)), body)
+            .post_stream(&url, &self.endpoint.headers, body)
             .await?;
         let mut state = StreamState {
             sse: SseDecoder::new(MAX_ANSWER_BYTES),
@@ -570,6 +587,7 @@ mod tests {
             sampling: Default::default(),
             tools: Vec::new(),
             tool_choice: Default::default(),
+            strict_model: false,
         };
         assert_eq!(
             serde_json::to_value(request_body(&request)).unwrap(),

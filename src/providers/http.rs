@@ -77,16 +77,16 @@ impl UpstreamClient {
         reqwest_client(connect_timeout, Some(proxy))
     }
 
-    /// POSTs `body` as JSON to `uri` with one optional extra header (an API key; it is
-    /// marked sensitive so it never shows in debug output) and decodes a 2xx JSON answer.
-    /// Every failure is classified as a [`ProviderError`].
+    /// POSTs `body` as JSON to `uri` with extra `headers` (keys among them are marked
+    /// sensitive by their makers, so they never show in debug output) and decodes a 2xx
+    /// JSON answer. Every failure is classified as a [`ProviderError`].
     pub async fn post_json<T: DeserializeOwned>(
         &self,
         uri: &Uri,
-        extra_header: Option<(HeaderName, &str)>,
+        headers: &[(HeaderName, HeaderValue)],
         body: Vec<u8>,
     ) -> Result<T, ProviderError> {
-        let answer = match self.send(uri, extra_header, body).await? {
+        let answer = match self.send(uri, headers, body).await? {
             Answer::Direct(response) => {
                 if response.body().size_hint().lower() > MAX_ANSWER_BYTES as u64 {
                     return Err(too_large());
@@ -132,10 +132,10 @@ impl UpstreamClient {
     pub async fn post_stream(
         &self,
         uri: &Uri,
-        extra_header: Option<(HeaderName, &str)>,
+        headers: &[(HeaderName, HeaderValue)],
         body: Vec<u8>,
     ) -> Result<ByteStream, ProviderError> {
-        Ok(match self.send(uri, extra_header, body).await? {
+        Ok(match self.send(uri, headers, body).await? {
             Answer::Direct(response) => Box::pin(
                 response
                     .into_body()
@@ -152,18 +152,9 @@ impl UpstreamClient {
     async fn send(
         &self,
         uri: &Uri,
-        extra_header: Option<(HeaderName, &str)>,
+        extra_headers: &[(HeaderName, HeaderValue)],
         body: Vec<u8>,
     ) -> Result<Answer, ProviderError> {
-        let extra_header = match extra_header {
-            Some((name, value)) => {
-                let mut value = HeaderValue::from_str(value)
-                    .map_err(|_| ProviderError::NotConfigured("a header value is not valid"))?;
-                value.set_sensitive(true);
-                Some((name, value))
-            }
-            None => None,
-        };
         match &self.0 {
             Transport::Direct(client) => {
                 let mut request = Request::new(Full::new(Bytes::from(body)));
@@ -172,8 +163,8 @@ impl UpstreamClient {
                 let headers = request.headers_mut();
                 headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
-                if let Some((name, value)) = extra_header {
-                    headers.insert(name, value);
+                for (name, value) in extra_headers {
+                    headers.insert(name.clone(), value.clone());
                 }
                 let response = client
                     .get()
@@ -182,7 +173,7 @@ impl UpstreamClient {
                     .map_err(|_| ProviderError::Connect)?;
                 let status = response.status();
                 if !status.is_success() {
-                    return Err(ProviderError::Status(status.as_u16()));
+                    return Err(ProviderError::refused(status.as_u16(), response.headers()));
                 }
                 Ok(Answer::Direct(response))
             }
@@ -191,13 +182,13 @@ impl UpstreamClient {
                     .post(uri.to_string())
                     .header(CONTENT_TYPE, "application/json")
                     .body(body);
-                if let Some((name, value)) = extra_header {
-                    request = request.header(name, value);
+                for (name, value) in extra_headers {
+                    request = request.header(name.clone(), value.clone());
                 }
                 let response = request.send().await.map_err(|e| from_reqwest(&e))?;
                 let status = response.status();
                 if !status.is_success() {
-                    return Err(ProviderError::Status(status.as_u16()));
+                    return Err(ProviderError::refused(status.as_u16(), response.headers()));
                 }
                 Ok(Answer::Proxied(response))
             }
@@ -309,7 +300,10 @@ mod tests {
         let answer: serde_json::Value = client
             .post_json(
                 &uri,
-                Some((HeaderName::from_static("x-goog-api-key"), "k-123")),
+                &[(
+                    HeaderName::from_static("x-goog-api-key"),
+                    HeaderValue::from_static("k-123"),
+                )],
                 b"{\"q\":1}".to_vec(),
             )
             .await
@@ -329,7 +323,7 @@ mod tests {
         // Not resolvable: only the proxy can have answered.
         let uri: Uri = "http://upstream.invalid:9/api/chat".parse().unwrap();
         let answer: serde_json::Value = client
-            .post_json(&uri, None, b"{\"q\":1}".to_vec())
+            .post_json(&uri, &[], b"{\"q\":1}".to_vec())
             .await
             .unwrap();
         assert_eq!(answer, serde_json::json!({"a": "yes"}));
@@ -363,7 +357,7 @@ mod tests {
         let client = UpstreamClient::through_proxy(Duration::from_secs(1), &proxy).unwrap();
         let uri: Uri = "http://upstream.invalid:9/api/chat".parse().unwrap();
         let result = client
-            .post_json::<serde_json::Value>(&uri, None, b"{\"q\":1}".to_vec())
+            .post_json::<serde_json::Value>(&uri, &[], b"{\"q\":1}".to_vec())
             .await;
         assert!(
             matches!(result, Err(ProviderError::Invalid(ref m)) if m.contains("larger")),
@@ -384,7 +378,7 @@ mod tests {
             async move {
                 let uri: Uri = format!("{base}/x").parse().unwrap();
                 client
-                    .post_json::<serde_json::Value>(&uri, None, b"{\"q\":1}".to_vec())
+                    .post_json::<serde_json::Value>(&uri, &[], b"{\"q\":1}".to_vec())
                     .await
             }
         };

@@ -2,10 +2,12 @@
 //! wraps every call (per-attempt timeout, exponential backoff with full jitter,
 //! transient errors only).
 
+pub mod anthropic;
 pub mod framing;
 pub mod gemini;
 pub mod http;
 pub mod ollama;
+pub mod openai;
 
 pub use http::UpstreamClient;
 
@@ -32,6 +34,9 @@ pub enum ProviderError {
     /// The upstream answered with a non-success status.
     #[error("upstream answered HTTP {0}")]
     Status(u16),
+    /// The upstream answered 429 or 503 and said when to come back (`Retry-After`).
+    #[error("upstream answered HTTP {0}, retry after {1:?}")]
+    Throttled(u16, Duration),
     /// The upstream's body was not what its API documents.
     #[error("invalid upstream response: {0}")]
     Invalid(String),
@@ -46,7 +51,124 @@ impl ProviderError {
         match self {
             ProviderError::Timeout | ProviderError::Connect => true,
             ProviderError::Status(status) => *status == 429 || *status >= 500,
+            ProviderError::Throttled(..) => true,
             ProviderError::Invalid(_) | ProviderError::NotConfigured(_) => false,
+        }
+    }
+}
+
+/// What every provider instance has beside its API: its name (the metrics label, the
+/// `provider` of answers) and the headers it sends on every call (its key among them).
+#[derive(Clone)]
+pub struct Endpoint {
+    /// The provider's name.
+    pub name: &'static str,
+    /// Headers on every call.
+    pub headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+}
+
+impl Endpoint {
+    /// An endpoint named `name` sending `headers` and, when `key` has a value, the key
+    /// header (marked sensitive, so it never shows in debug output).
+    pub fn new(
+        name: &str,
+        headers: &[(String, String)],
+        key: Option<(hyper::header::HeaderName, String)>,
+    ) -> Result<Endpoint, String> {
+        let mut built = Vec::with_capacity(headers.len() + 1);
+        for (header, value) in headers {
+            let header = hyper::header::HeaderName::from_bytes(header.as_bytes())
+                .map_err(|_| format!("provider '{name}': header '{header}' is not valid"))?;
+            let value = hyper::header::HeaderValue::from_str(value)
+                .map_err(|_| format!("provider '{name}': a header value is not valid"))?;
+            built.push((header, value));
+        }
+        if let Some((header, key)) = key.filter(|(_, key)| !key.is_empty()) {
+            let mut value = hyper::header::HeaderValue::from_str(&key)
+                .map_err(|_| format!("provider '{name}': its key is not a valid header value"))?;
+            value.set_sensitive(true);
+            built.push((header, value));
+        }
+        Ok(Endpoint {
+            name: intern(name),
+            headers: built,
+        })
+    }
+}
+
+/// The provider a registry entry describes, on `client`.
+pub fn from_config(
+    config: &crate::settings::registry::ProviderConfig,
+    client: UpstreamClient,
+) -> Result<std::sync::Arc<dyn Provider>, String> {
+    use crate::settings::registry::ProviderKindConfig;
+    use secrecy::ExposeSecret;
+    let endpoint = Endpoint::new(&config.name, &config.headers, None)?;
+    let key = config.api_key.expose_secret();
+    Ok(match config.kind {
+        ProviderKindConfig::Ollama => {
+            std::sync::Arc::new(ollama::Ollama::new(client, &config.base_url, endpoint)?)
+        }
+        ProviderKindConfig::Gemini => std::sync::Arc::new(gemini::Gemini::new(
+            client,
+            &config.base_url,
+            &config.api_key,
+            endpoint,
+        )?),
+        ProviderKindConfig::Openai => std::sync::Arc::new(openai::OpenAi::new(
+            client,
+            &config.base_url,
+            key,
+            &endpoint,
+        )?),
+        ProviderKindConfig::Anthropic => std::sync::Arc::new(anthropic::Anthropic::new(
+            client,
+            &config.base_url,
+            key,
+            &endpoint,
+        )?),
+    })
+}
+
+/// `name` as a `&'static str`, each distinct name leaked once: provider names are a
+/// closed set from the configuration (a reload adds at most its few new names), and
+/// answers, metrics and logs carry them without reference counts.
+pub fn intern(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = names.iter().find(|known| **known == name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.push(leaked);
+    leaked
+}
+
+/// The longest `Retry-After` the gateway honours: an upstream asking for more is still
+/// retried (or its target's breaker probed) after this long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+impl ProviderError {
+    /// A non-2xx answer: a 429 or 503 with `Retry-After: <seconds>` says when to come
+    /// back (capped at [`MAX_RETRY_AFTER`]).
+    pub fn refused(status: u16, headers: &hyper::HeaderMap) -> ProviderError {
+        let wait = headers
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s).min(MAX_RETRY_AFTER));
+        match wait {
+            Some(wait) if status == 429 || status == 503 => ProviderError::Throttled(status, wait),
+            _ => ProviderError::Status(status),
+        }
+    }
+
+    /// How long the upstream asked to be left alone, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Throttled(_, wait) => Some(*wait),
+            _ => None,
         }
     }
 }
@@ -174,17 +296,66 @@ impl RetryPolicy {
     }
 }
 
-/// Calls `provider` with retries and records the provider metrics. The final failure is
-/// `UpstreamTimedOut` when the last attempt timed out, else `UpstreamFailed`.
+/// How a provider's attempts ended without an answer: the last attempt's error, and how
+/// many attempts were made.
+#[derive(Debug)]
+pub struct Failed {
+    /// The provider.
+    pub provider: &'static str,
+    /// The last attempt's error.
+    pub error: ProviderError,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The attempt timeout the provider was given.
+    pub attempt_timeout: Duration,
+}
+
+impl Failed {
+    /// Whether another target may succeed where this one failed: connection errors,
+    /// timeouts, 429 and 5xx (never a 400 or an answer that cannot be used).
+    pub fn fails_over(&self) -> bool {
+        self.error.is_transient()
+    }
+
+    /// The failure as the doors report it: `UpstreamTimedOut` when the last attempt
+    /// timed out, `UpstreamRateLimited` for a 429 (with its `Retry-After`), else
+    /// `UpstreamFailed`, naming the provider and the attempts.
+    pub fn into_chat_error(self) -> ChatError {
+        let (name, attempts) = (self.provider, self.attempts);
+        match self.error {
+            ProviderError::Timeout => ChatError::UpstreamTimedOut(format!(
+                "Provider '{name}' timed out after {attempts} attempt(s) of {}s",
+                self.attempt_timeout.as_secs_f64()
+            )),
+            ProviderError::Throttled(429, wait) => ChatError::UpstreamRateLimited {
+                message: format!(
+                    "Provider '{name}' is rate limited (HTTP 429) after {attempts} attempt(s)"
+                ),
+                retry_after: Some(wait),
+            },
+            ProviderError::Status(429) => ChatError::UpstreamRateLimited {
+                message: format!(
+                    "Provider '{name}' is rate limited (HTTP 429) after {attempts} attempt(s)"
+                ),
+                retry_after: None,
+            },
+            other => ChatError::UpstreamFailed(format!(
+                "Provider '{name}' failed after {attempts} attempt(s): {other}"
+            )),
+        }
+    }
+}
+
+/// Calls `provider` with retries until `deadline`, recording the provider metrics.
 pub async fn complete_with_retries(
     provider: &dyn Provider,
     request: &ChatRequest,
     model: &str,
     policy: &RetryPolicy,
+    deadline: Instant,
     metrics: &Metrics,
-) -> Result<Completion, ChatError> {
-    refuse(provider, request)?;
-    with_retries(provider.name(), policy, metrics, || async {
+) -> Result<Completion, Failed> {
+    with_retries(provider.name(), policy, deadline, metrics, || async {
         let result = provider.complete(request, model).await;
         if let Ok(completion) = &result {
             count_tokens(metrics, provider.name(), &completion.usage);
@@ -194,19 +365,20 @@ pub async fn complete_with_retries(
     .await
 }
 
-/// Starts a streamed call with retries: each attempt must produce its first event within
-/// the attempt timeout, and only then is the stream handed over, so retries happen before
-/// the client has seen a byte and never after. Returns the first event and the rest.
+/// Starts a streamed call with retries until `deadline`: each attempt must produce its
+/// first event within the attempt timeout, and only then is the stream handed over, so
+/// retries happen before the client has seen a byte and never after. Returns the first
+/// event and the rest.
 pub async fn stream_with_retries(
     provider: &dyn Provider,
     request: &ChatRequest,
     model: &str,
     policy: &RetryPolicy,
+    deadline: Instant,
     metrics: &Metrics,
-) -> Result<(StreamEvent, EventStream), ChatError> {
-    refuse(provider, request)?;
+) -> Result<(StreamEvent, EventStream), Failed> {
     let started = Instant::now();
-    let first = with_retries(provider.name(), policy, metrics, || async {
+    let first = with_retries(provider.name(), policy, deadline, metrics, || async {
         let mut events = provider.stream(request, model).await?;
         match events.next().await {
             Some(Ok(event)) => Ok((event, events)),
@@ -224,17 +396,6 @@ pub async fn stream_with_retries(
     Ok(first)
 }
 
-/// `ChatError::Unsupported` when `provider` cannot honour `request`.
-fn refuse(provider: &dyn Provider, request: &ChatRequest) -> Result<(), ChatError> {
-    match provider.refusal(request) {
-        Some(what) => Err(ChatError::Unsupported {
-            provider: provider.name(),
-            what,
-        }),
-        None => Ok(()),
-    }
-}
-
 /// Adds a completion's usage to `tokens_total`.
 pub fn count_tokens(metrics: &Metrics, provider: &str, usage: &crate::domain::Usage) {
     metrics
@@ -247,14 +408,17 @@ pub fn count_tokens(metrics: &Metrics, provider: &str, usage: &crate::domain::Us
         .inc_by(usage.completion_tokens);
 }
 
-/// Runs `attempt` until it succeeds, fails for good, or the retries are spent; each
-/// attempt bounded by the attempt timeout and counted in the provider metrics.
+/// Runs `attempt` until it succeeds, fails for good, the retries are spent or the
+/// deadline comes; each attempt bounded by the attempt timeout (and the deadline) and
+/// counted in the provider metrics. A `Retry-After` longer than the time left ends the
+/// retries: waiting it out would pass the deadline.
 async fn with_retries<T, F>(
     name: &'static str,
     policy: &RetryPolicy,
+    deadline: Instant,
     metrics: &Metrics,
     attempt: impl Fn() -> F,
-) -> Result<T, ChatError>
+) -> Result<T, Failed>
 where
     F: std::future::Future<Output = Result<T, ProviderError>>,
 {
@@ -264,7 +428,10 @@ where
         metrics.provider_calls.get(name).inc();
         // One timer bounds the whole attempt (connect, send, response body). A second
         // per-request timer inside reqwest only added timer-wheel work to every call.
-        let result = tokio::time::timeout(policy.attempt_timeout, attempt())
+        let bound = policy
+            .attempt_timeout
+            .min(deadline.saturating_duration_since(started));
+        let result = tokio::time::timeout(bound, attempt())
             .await
             .unwrap_or(Err(ProviderError::Timeout));
         metrics
@@ -277,19 +444,17 @@ where
         };
         metrics.provider_failures.get(name).inc();
         let attempts = tries + 1;
-        if !error.is_transient() || tries >= policy.max_retries {
+        let delay = error.retry_after().unwrap_or_else(|| policy.backoff(tries));
+        let out_of_time = Instant::now() + delay >= deadline;
+        if !error.is_transient() || tries >= policy.max_retries || out_of_time {
             tracing::warn!(provider = name, attempts, %error, "provider call failed");
-            return Err(match error {
-                ProviderError::Timeout => ChatError::UpstreamTimedOut(format!(
-                    "Provider '{name}' timed out after {attempts} attempt(s) of {}s",
-                    policy.attempt_timeout.as_secs_f64()
-                )),
-                other => ChatError::UpstreamFailed(format!(
-                    "Provider '{name}' failed after {attempts} attempt(s): {other}"
-                )),
+            return Err(Failed {
+                provider: name,
+                error,
+                attempts,
+                attempt_timeout: policy.attempt_timeout,
             });
         }
-        let delay = policy.backoff(tries);
         tracing::info!(provider = name, attempt = attempts, %error, delay_ms = delay.as_millis() as u64,
             "provider call failed; retrying");
         tokio::time::sleep(delay).await;

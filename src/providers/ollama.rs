@@ -7,7 +7,9 @@ use hyper::Uri;
 
 use super::framing::Lines;
 use super::http::MAX_ANSWER_BYTES;
-use super::{events_from, json_body, EventStream, Provider, ProviderError, UpstreamClient};
+use super::{
+    events_from, json_body, Endpoint, EventStream, Provider, ProviderError, UpstreamClient,
+};
 use crate::domain::{
     ChatRequest, Completion, FinishReason, Message, ResponseFormat, StreamEvent, ToolCall,
     ToolChoice, Unsupported, Usage,
@@ -16,18 +18,27 @@ use crate::domain::{
 /// An Ollama server.
 pub struct Ollama {
     client: UpstreamClient,
+    endpoint: Endpoint,
     /// Parsed once: parsing the URL on every call showed up in profiles.
     url: Uri,
 }
 
 impl Ollama {
     /// Ollama at `base_url`, e.g. `http://localhost:11434` (validated by settings).
-    pub fn new(client: UpstreamClient, base_url: &str) -> Result<Ollama, String> {
+    pub fn new(
+        client: UpstreamClient,
+        base_url: &str,
+        endpoint: Endpoint,
+    ) -> Result<Ollama, String> {
         let url = format!("{}/api/chat", base_url.trim_end_matches('/'));
         let url = url
             .parse::<Uri>()
-            .map_err(|e| format!("OLLAMA_BASE_URL: {e}"))?;
-        Ok(Ollama { client, url })
+            .map_err(|e| format!("{}: base URL: {e}", endpoint.name))?;
+        Ok(Ollama {
+            client,
+            endpoint,
+            url,
+        })
     }
 
     fn body(
@@ -303,7 +314,7 @@ fn line_events(line: &[u8]) -> Result<Vec<StreamEvent>, ProviderError> {
 #[async_trait]
 impl Provider for Ollama {
     fn name(&self) -> &'static str {
-        "ollama"
+        self.endpoint.name
     }
 
     fn refusal(&self, request: &ChatRequest) -> Option<Unsupported> {
@@ -316,7 +327,10 @@ impl Provider for Ollama {
         model: &str,
     ) -> Result<Completion, ProviderError> {
         let body = self.body(request, model, false)?;
-        let reply: OllamaReply = self.client.post_json(&self.url, None, body).await?;
+        let reply: OllamaReply = self
+            .client
+            .post_json(&self.url, &self.endpoint.headers, body)
+            .await?;
         let (reason, usage) = (reply.finish_reason(), reply.usage());
         let (content, calls) = reply
             .message
@@ -336,7 +350,10 @@ impl Provider for Ollama {
         model: &str,
     ) -> Result<EventStream, ProviderError> {
         let body = self.body(request, model, true)?;
-        let bytes = self.client.post_stream(&self.url, None, body).await?;
+        let bytes = self
+            .client
+            .post_stream(&self.url, &self.endpoint.headers, body)
+            .await?;
         let mut lines = Lines::new(MAX_ANSWER_BYTES);
         Ok(events_from(bytes, move |chunk| {
             let mut events = Vec::new();
@@ -378,6 +395,7 @@ mod tests {
             sampling,
             tools: Vec::new(),
             tool_choice: Default::default(),
+            strict_model: false,
         }
     }
 

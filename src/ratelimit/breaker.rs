@@ -101,6 +101,17 @@ impl Breaker {
         false
     }
 
+    /// Keeps the breaker open for at least `wait` from now (an upstream's
+    /// `Retry-After`): it opens if closed, and of its cool-down's end and now + `wait`,
+    /// the later wins.
+    pub fn hold_for(&self, wait: Duration) {
+        let until = self.now_ms() + wait.as_millis() as u64;
+        let opened = until
+            .saturating_sub(self.cooldown.as_millis() as u64)
+            .max(1);
+        self.opened_at.fetch_max(opened, Ordering::AcqRel);
+    }
+
     /// The current state.
     pub fn state(&self) -> BreakerState {
         if self.opened_at.load(Ordering::Acquire) == 0 {
@@ -148,5 +159,26 @@ mod tests {
         breaker.on_success();
         breaker.on_failure(false);
         assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_keeps_it_open_until_the_later_deadline() {
+        let breaker = Breaker::new(5, Duration::from_millis(100));
+        breaker.hold_for(Duration::from_millis(300));
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Open,
+            "a hold opens a closed breaker"
+        );
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert_eq!(breaker.admit(), Admission::Skip, "held past the cool-down");
+        breaker.hold_for(Duration::from_millis(10));
+        assert_eq!(
+            breaker.admit(),
+            Admission::Skip,
+            "a shorter hold does not shorten it"
+        );
+        tokio::time::advance(Duration::from_millis(60)).await;
+        assert_eq!(breaker.admit(), Admission::Probe);
     }
 }

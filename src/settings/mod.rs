@@ -9,6 +9,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod registry;
+
 use config::{Config, Environment, File, FileFormat};
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -122,6 +124,12 @@ pub struct Settings {
     pub provider_retry_base_ms: u64,
     /// Largest backoff delay, in milliseconds.
     pub provider_retry_max_ms: u64,
+    /// Bound on one request's time on upstreams, in seconds; 0 derives it.
+    pub provider_deadline_seconds: f64,
+    /// Consecutive failures that open a registry provider's breaker.
+    pub provider_breaker_threshold: u32,
+    /// How long an open provider breaker skips its provider, in seconds.
+    pub provider_breaker_cooldown_seconds: f64,
     /// Gemini API key.
     pub gemini_api_key: SecretString,
     /// Gemini API base URL.
@@ -136,6 +144,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// The provider registry of the `GATEWAY_CONFIG` file, if it has one; without, the
+    /// settings above build the default one.
+    #[serde(skip)]
+    pub registry: Option<registry::RegistryConfig>,
 }
 
 /// A setting that could not be loaded or is out of range. Its `Display` is one line.
@@ -149,6 +161,13 @@ impl fmt::Display for SettingsError {
 }
 
 impl std::error::Error for SettingsError {}
+
+impl SettingsError {
+    /// A registry that could not be built (a provider refused its configuration).
+    pub fn registry(problem: String) -> SettingsError {
+        SettingsError(format!("GATEWAY_CONFIG: {problem}"))
+    }
+}
 
 fn invalid(name: &str, problem: impl fmt::Display) -> SettingsError {
     SettingsError(format!("{}: {problem}", name.to_uppercase()))
@@ -183,6 +202,12 @@ impl Settings {
         for (key, value) in env {
             merged.insert(key.to_lowercase(), value);
         }
+        // Provider keys come from variables the registry names: read before the
+        // environment is narrowed to our own settings.
+        let registry = match config_file.filter(|p| p.exists()) {
+            Some(path) => registry::load(path, &merged)?,
+            None => None,
+        };
         // Only our own names are taken from the environment, so unrelated variables
         // (PATH, HOME, ...) can never be misread as settings.
         let known = known_keys()?;
@@ -207,9 +232,10 @@ impl Settings {
             )
             .build()
             .map_err(|e| SettingsError(e.to_string()))?;
-        let settings: Settings = built
+        let mut settings: Settings = built
             .try_deserialize()
             .map_err(|e| SettingsError(e.to_string()))?;
+        settings.registry = registry;
         settings.validate()?;
         Ok(settings)
     }
@@ -253,6 +279,23 @@ impl Settings {
             return Err(invalid(
                 "worker_threads",
                 "must be at most 1024 (0 means one per CPU core)",
+            ));
+        }
+        if !(self.provider_deadline_seconds.is_finite() && self.provider_deadline_seconds >= 0.0) {
+            return Err(invalid(
+                "provider_deadline_seconds",
+                "must be a number of seconds, 0 or more",
+            ));
+        }
+        if self.provider_breaker_threshold == 0 {
+            return Err(invalid("provider_breaker_threshold", "must be at least 1"));
+        }
+        if !(self.provider_breaker_cooldown_seconds.is_finite()
+            && self.provider_breaker_cooldown_seconds > 0.0)
+        {
+            return Err(invalid(
+                "provider_breaker_cooldown_seconds",
+                "must be a number of seconds greater than 0",
             ));
         }
         if self.provider_max_retries > 20 {
@@ -425,6 +468,17 @@ impl Settings {
     /// Timeout of one provider attempt.
     pub fn provider_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.provider_timeout_seconds)
+    }
+
+    /// The bound on one request's time on upstreams: `PROVIDER_DEADLINE_SECONDS`, or
+    /// when 0, the longest one provider's attempts and backoffs can take.
+    pub fn provider_deadline(&self) -> Duration {
+        if self.provider_deadline_seconds > 0.0 {
+            return Duration::from_secs_f64(self.provider_deadline_seconds);
+        }
+        let retries = self.provider_max_retries;
+        self.provider_timeout() * (retries + 1)
+            + Duration::from_millis(self.provider_retry_max_ms) * retries
     }
 
     /// Bound on every Redis call (limiter and cache).

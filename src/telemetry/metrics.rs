@@ -101,6 +101,11 @@ pub struct MetricSet {
     pub limiter_breaker_state: IntGauge,
     /// Denials answered by the local deny cache without a Redis call.
     pub limiter_local_denials: IntCounter,
+    /// Requests moved on from a provider to the route's next target, by the provider
+    /// that failed them.
+    pub provider_fallbacks: Labelled<IntCounter>,
+    /// Each provider's circuit breaker: 0 closed, 1 open, 2 half-open.
+    pub provider_breaker_state: IntGaugeVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -291,6 +296,25 @@ impl Metrics {
                 )
                 .unwrap_or_else(|e| panic_metric("rate_limiter_backend_up", e));
                 register(r, "rate_limiter_backend_up", Box::new(g.clone()));
+                g
+            },
+            provider_fallbacks: counter_vec(
+                r,
+                "provider_fallbacks_total",
+                "Requests moved on from a provider to the next target of their route, by provider",
+                "provider",
+                &PROVIDERS,
+            ),
+            provider_breaker_state: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "provider_breaker_state",
+                        "Provider circuit breaker: 0 closed, 1 open, 2 half-open",
+                    ),
+                    &["provider"],
+                )
+                .unwrap_or_else(|e| panic_metric("provider_breaker_state", e));
+                register(r, "provider_breaker_state", Box::new(g.clone()));
                 g
             },
             limiter_breaker_state: {

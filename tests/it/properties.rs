@@ -83,6 +83,7 @@ fn any_request() -> impl Strategy<Value = ChatRequest> {
                 sampling: Default::default(),
                 tools: Vec::new(),
                 tool_choice: Default::default(),
+                strict_model: false,
             },
         )
 }

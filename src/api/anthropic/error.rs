@@ -128,6 +128,7 @@ impl From<ChatError> for AnthropicError {
                 let field = match what {
                     Unsupported::ForcedToolChoice => "tool_choice (forcing a tool call)",
                     Unsupported::StrictTools => "tools.strict",
+                    Unsupported::Field(field) => field,
                 };
                 return AnthropicError::invalid(format!(
                     "{field}: not supported by the upstream serving this model ('{provider}')"
@@ -135,6 +136,17 @@ impl From<ChatError> for AnthropicError {
             }
             ChatError::LimiterUnavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", true)
+            }
+            ChatError::UnknownModel(model) => {
+                return AnthropicError {
+                    status: StatusCode::NOT_FOUND,
+                    kind: "not_found_error",
+                    message: format!("model: {model}"),
+                    retry: false,
+                }
+            }
+            ChatError::UpstreamRateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", true)
             }
             ChatError::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "api_error", false),
             ChatError::UpstreamTimedOut(_) => (StatusCode::GATEWAY_TIMEOUT, "api_error", false),

@@ -63,7 +63,7 @@ pub async fn messages(
     } else {
         match chat.answer(request.chat, admission, encode).await {
             Ok(outcome) => door::json_answer(outcome.body, outcome.cache, outcome.provider),
-            Err(error) => AnthropicError::from(error).into_response(),
+            Err(error) => door::chat_error::<AnthropicError>(error),
         }
     };
     limit_headers::apply_anthropic(response.headers_mut(), &identity.policy, &decision);

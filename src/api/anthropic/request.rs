@@ -182,6 +182,7 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, AnthropicError> {
     let chat = ChatRequest {
         tools,
         tool_choice,
+        strict_model: true,
         messages,
         model: Some(model),
         model_hint: None,

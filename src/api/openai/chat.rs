@@ -64,7 +64,7 @@ pub async fn chat_completions(
     } else {
         match chat.answer(request.chat, admission, encode).await {
             Ok(outcome) => door::json_answer(outcome.body, outcome.cache, outcome.provider),
-            Err(error) => OpenAiError::from(error).into_response(),
+            Err(error) => door::chat_error::<OpenAiError>(error),
         }
     };
     limit_headers::apply_openai(response.headers_mut(), &identity.policy, &decision);

@@ -144,6 +144,7 @@ impl From<ChatError> for OpenAiError {
                         ("tool_choice", "a 'tool_choice' that forces a tool call")
                     }
                     Unsupported::StrictTools => ("tools", "'strict' function tools"),
+                    Unsupported::Field(field) => (*field, "this value"),
                 };
                 return OpenAiError {
                     code: Some("unsupported_parameter"),
@@ -152,6 +153,17 @@ impl From<ChatError> for OpenAiError {
                         format!("Unsupported parameter: {what} is not supported by the upstream serving this model ('{provider}')."),
                     )
                 };
+            }
+            ChatError::UnknownModel(model) => return OpenAiError::model_not_found(model),
+            ChatError::UpstreamRateLimited { .. } => {
+                return OpenAiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    message: error.to_string(),
+                    kind: "rate_limit_error",
+                    param: None,
+                    code: Some("rate_limit_exceeded"),
+                    retry: true,
+                }
             }
             ChatError::LimiterUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, true),
             ChatError::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, false),

@@ -20,7 +20,7 @@ pub async fn list(State(chat): State<Arc<ChatService>>) -> Json<Value> {
     let data: Vec<Value> = chat
         .models()
         .iter()
-        .map(|(id, provider)| model(id, provider.as_str()))
+        .map(|(id, provider)| model(id, provider))
         .collect();
     Json(json!({ "object": "list", "data": data }))
 }
@@ -28,7 +28,7 @@ pub async fn list(State(chat): State<Arc<ChatService>>) -> Json<Value> {
 /// One model, or 404 `model_not_found` for a name not listed.
 pub async fn get(State(chat): State<Arc<ChatService>>, Path(id): Path<String>) -> Response {
     match chat.models().iter().find(|(name, _)| *name == id) {
-        Some((name, provider)) => Json(model(name, provider.as_str())).into_response(),
+        Some((name, provider)) => Json(model(name, provider)).into_response(),
         None => OpenAiError::model_not_found(&id).into_response(),
     }
 }

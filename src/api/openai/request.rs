@@ -134,6 +134,7 @@ fn parse_plain(body: &[u8]) -> Option<OpenAiRequest> {
             },
             tools: Vec::new(),
             tool_choice: ToolChoice::Auto,
+            strict_model: true,
         },
         model: plain.model,
         include_usage: plain
@@ -230,6 +231,7 @@ fn parse_full(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
         sampling,
         tools,
         tool_choice,
+        strict_model: true,
     };
     Ok(OpenAiRequest {
         chat,

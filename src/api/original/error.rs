@@ -65,6 +65,11 @@ impl From<ChatError> for ApiError {
             ChatError::LimiterUnavailable(message) => ApiError::Unavailable(message),
             ChatError::UpstreamFailed(message) => ApiError::BadGateway(message),
             ChatError::UpstreamTimedOut(message) => ApiError::GatewayTimeout(message),
+            // As the original: whatever the upstream said, a provider failure is a 502.
+            error @ ChatError::UpstreamRateLimited { .. } => {
+                ApiError::BadGateway(error.to_string())
+            }
+            ChatError::UnknownModel(_) => ApiError::NotFound,
             // This door offers no tools, so nothing it sends can be refused; were it to
             // happen, the upstream could not be used for the request.
             error @ ChatError::Unsupported { .. } => ApiError::BadGateway(error.to_string()),

@@ -108,6 +108,7 @@ fn parse_plain(body: &[u8]) -> Option<ChatRequest> {
         sampling: Default::default(),
         tools: Vec::new(),
         tool_choice: Default::default(),
+        strict_model: false,
     })
 }
 
@@ -243,6 +244,7 @@ fn validate(value: Value) -> Result<ChatRequest, Vec<FieldError>> {
             sampling: Default::default(),
             tools: Vec::new(),
             tool_choice: Default::default(),
+            strict_model: false,
         }),
         _ => Err(errors),
     }
