@@ -19,6 +19,7 @@ mod openapi;
 mod ops;
 mod properties;
 mod providers;
+mod registry;
 mod router;
 mod sdk;
 mod soak;

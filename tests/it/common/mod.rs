@@ -117,6 +117,8 @@ pub struct TestApp {
     pub url: String,
     stop: Option<oneshot::Sender<()>>,
     pub client: reqwest::Client,
+    /// The running gateway's state (tests reload it as SIGHUP does).
+    pub state: llm_gateway::state::AppState,
 }
 
 /// How a test wants its gateway: settings on top of the test defaults (port 0 on
@@ -125,6 +127,8 @@ pub struct TestApp {
 #[derive(Debug, Clone, Default)]
 pub struct TestAppBuilder {
     settings: Vec<(String, String)>,
+    /// The `GATEWAY_CONFIG` file, when the test has one.
+    config: Option<std::path::PathBuf>,
 }
 
 impl TestAppBuilder {
@@ -162,15 +166,23 @@ impl TestAppBuilder {
             .set("GEMINI_API_KEY", key)
     }
 
+    /// `GATEWAY_CONFIG`: the TOML file at `path`.
+    pub fn config_file(mut self, path: &Path) -> Self {
+        self.config = Some(path.to_owned());
+        self
+    }
+
+    /// The settings this builder describes.
+    pub fn build_settings(&self) -> Result<Settings, llm_gateway::settings::SettingsError> {
+        let env = self.settings.iter().cloned().collect();
+        Settings::from_sources(self.config.as_deref(), None, env)
+    }
+
     /// Starts the gateway in this process on a free port.
     pub async fn spawn(self) -> TestApp {
-        let pairs: Vec<(&str, &str)> = self
-            .settings
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.as_str()))
-            .collect();
-        let settings = Settings::from_pairs(&pairs).expect("test settings");
+        let settings = self.build_settings().expect("test settings");
         let app = App::build(settings).await.expect("build app");
+        let state = app.state().clone();
         let url = format!("http://{}", app.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(app.run_until(async move {
@@ -180,6 +192,7 @@ impl TestAppBuilder {
             url,
             stop: Some(stop),
             client: reqwest::Client::new(),
+            state,
         }
     }
 }
