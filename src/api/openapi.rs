@@ -202,7 +202,7 @@ fn schemas() -> Value {
             "type": "object", "required": ["id", "provider", "content", "usage"],
             "properties": {
                 "id": { "type": "string", "format": "uuid" },
-                "provider": { "type": "string", "enum": ["ollama", "gemini"] },
+                "provider": { "type": "string", "description": "The provider that answered: `ollama` or `gemini` by default, else a name of the registry" },
                 "content": { "type": "string" },
                 "usage": { "$ref": "#/components/schemas/Usage" }
             }

@@ -1,4 +1,5 @@
-//! `mock-llm`: an upstream simulator speaking the Ollama, Gemini and OpenAI wire formats.
+//! `mock-llm`: an upstream simulator speaking the Ollama, Gemini, OpenAI and Anthropic
+//! wire formats.
 //!
 //! Answers echo the last user message. Offered tools, the mock calls: the one a request
 //! forces, else the first, with arguments `{"query": <the last user message>}`; after a
@@ -19,7 +20,7 @@
 //!
 //! Streams, in each API's own framing: Ollama NDJSON (`"stream": true`), Gemini
 //! `:streamGenerateContent?alt=sse`, OpenAI SSE (`"stream": true`, with
-//! `stream_options.include_usage`). The answer is split into one chunk per word, or into
+//! `stream_options.include_usage`), Anthropic's named events (`/v1/messages`). The answer is split into one chunk per word, or into
 //! `x-mock-chunks` chunks, sent `x-mock-chunk-delay-ms` apart; `x-mock-fail-after: N`
 //! breaks the connection after N chunks, `x-mock-hang-after: N` stops sending after N
 //! chunks and never ends. `GET /_mock/streams` counts streams started, completed and
@@ -314,6 +315,33 @@ fn openai_tools(body: &Value) -> ToolTurn {
         result: last
             .filter(|m| m.get("role").and_then(Value::as_str) == Some("tool"))
             .map(|m| (text_of(m.get("tool_call_id")), text_of(m.get("content")))),
+    }
+}
+
+fn anthropic_tools(body: &Value) -> ToolTurn {
+    let choice = body.get("tool_choice");
+    let last_blocks = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last())
+        .and_then(|m| m.get("content"))
+        .and_then(Value::as_array);
+    let result = last_blocks.and_then(|blocks| {
+        blocks
+            .iter()
+            .find(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+    });
+    ToolTurn {
+        offered: match choice.and_then(|c| c.get("type")).and_then(Value::as_str) {
+            Some("none") => Vec::new(),
+            _ => names(body.get("tools"), "/name"),
+        },
+        forced: choice
+            .filter(|c| c.get("type").and_then(Value::as_str) == Some("tool"))
+            .and_then(|c| c.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        result: result.map(|r| (text_of(r.get("tool_use_id")), text_of(r.get("content")))),
     }
 }
 
@@ -660,6 +688,120 @@ async fn openai_chat(
     .into_response()
 }
 
+async fn anthropic_messages(
+    State(mock): State<Arc<Mock>>,
+    headers: HeaderMap,
+    body: Json<Value>,
+) -> Response {
+    if let Some(r) = inject_faults(&mock.faults, &headers).await {
+        return r;
+    }
+    if !headers.contains_key("anthropic-version") {
+        return bad_request("anthropic-version is required");
+    }
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("claude-mock")
+        .to_owned();
+    let messages = pairs(body.get("messages"), "role", |m| match m.get("content") {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(blocks)) => blocks
+            .iter()
+            .filter_map(|b| b.get("text").and_then(Value::as_str))
+            .collect(),
+        _ => String::new(),
+    });
+    let (answer, prompt_tokens) = anthropic_tools(&body).answer(&messages);
+    let (content, call) = match answer {
+        Answer::Text(text) => (text, None),
+        Answer::Call { name, arguments } => (
+            String::new(),
+            Some(
+                json!({"type": "tool_use", "id": format!("toolu_{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+                "name": name, "input": arguments}),
+            ),
+        ),
+    };
+    let stop_reason = if call.is_some() {
+        "tool_use"
+    } else {
+        "end_turn"
+    };
+    let completion_tokens = words(&content);
+    let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        let event =
+            |name: &str, data: Value| Bytes::from(format!("event: {name}\ndata: {data}\n\n"));
+        let start = event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": id, "type": "message",
+            "role": "assistant", "content": [], "model": model, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}}),
+        );
+        let open = event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        );
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let chunk = |piece: &str| {
+            let delta = event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": piece}}),
+            );
+            if first.swap(false, Ordering::Relaxed) {
+                Bytes::from([start.clone(), open.clone(), delta].concat())
+            } else {
+                delta
+            }
+        };
+        let mut end = Vec::new();
+        if content.is_empty() {
+            end.push(Bytes::from([start.clone(), open.clone()].concat()));
+        }
+        end.push(event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ));
+        if let Some(call) = &call {
+            let mut opened = call.clone();
+            opened["input"] = json!({});
+            end.push(event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 1, "content_block": opened}),
+            ));
+            end.push(event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 1,
+                "delta": {"type": "input_json_delta", "partial_json": call["input"].to_string()}}),
+            ));
+            end.push(event(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 1}),
+            ));
+        }
+        end.push(event(
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": stop_reason},
+            "usage": {"output_tokens": completion_tokens}}),
+        ));
+        end.push(event("message_stop", json!({"type": "message_stop"})));
+        let plan = StreamPlan::new(&mock.faults, &headers, &content);
+        return streamed(&mock, plan, chunk, end, "text/event-stream");
+    }
+    let mut blocks = Vec::new();
+    if !content.is_empty() || call.is_none() {
+        blocks.push(json!({"type": "text", "text": content}));
+    }
+    blocks.extend(call);
+    Json(json!({
+        "id": id, "type": "message", "role": "assistant", "model": model, "content": blocks,
+        "stop_reason": stop_reason, "stop_sequence": null,
+        "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
+    }))
+    .into_response()
+}
+
 /// `data: <json><end>`: one server-sent event.
 fn sse(value: &Value, end: &str) -> Bytes {
     Bytes::from(format!("data: {value}{end}"))
@@ -799,6 +941,7 @@ fn router(faults: Faults) -> Router {
         .route("/api/chat", post(ollama_chat))
         .route("/v1beta/models/{model_action}", post(gemini_generate))
         .route("/v1/chat/completions", post(openai_chat))
+        .route("/v1/messages", post(anthropic_messages))
         .route("/_mock/streams", get(stream_counts))
         .with_state(Arc::new(Mock {
             faults,

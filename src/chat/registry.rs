@@ -328,6 +328,14 @@ impl Registry {
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
         &self.upstreams
     }
+
+    /// Shows every provider's breaker state in the metrics (so a dashboard has a series
+    /// for each from the start, and a reload's new breakers replace the old states).
+    pub fn export(&self, metrics: &Metrics) {
+        for upstream in &self.upstreams {
+            upstream.export(metrics);
+        }
+    }
 }
 
 /// A group's targets in the order to try them (see the module's comment).

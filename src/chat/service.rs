@@ -111,6 +111,7 @@ impl ChatService {
         config: ChatConfig,
         metrics: Metrics,
     ) -> ChatService {
+        registry.export(&metrics);
         ChatService {
             limiter,
             cache: (!config.cache_ttl.is_zero()).then_some(cache),
@@ -175,6 +176,7 @@ impl ChatService {
 
     /// Puts `registry` in force for the requests that start from now on.
     pub fn replace_registry(&self, registry: Registry) {
+        registry.export(&self.metrics);
         self.registry.store(Arc::new(registry));
     }
 

@@ -482,7 +482,13 @@ async fn mock_llm_speaks_all_three_wire_formats_and_injects_faults() {
 
 #[test]
 fn the_dashboard_queries_only_metrics_the_gateway_exports() {
-    let exported = llm_gateway::telemetry::metrics::Metrics::new().render();
+    let metrics = llm_gateway::telemetry::metrics::Metrics::new();
+    // A vector of gauges shows once it has a series: the registry sets one per provider.
+    metrics
+        .provider_breaker_state
+        .with_label_values(&["local"])
+        .set(0);
+    let exported = metrics.render();
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/config/grafana/dashboards/llm-gateway.json"
@@ -500,6 +506,8 @@ fn the_dashboard_queries_only_metrics_the_gateway_exports() {
         "p50 / p99",
         "failures",
         "Active requests",
+        "fallbacks",
+        "breakers",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(wanted)),
@@ -513,6 +521,7 @@ fn the_dashboard_queries_only_metrics_the_gateway_exports() {
                 if token.ends_with("_total")
                     || token.ends_with("_bucket")
                     || token == "active_requests"
+                    || token == "provider_breaker_state"
                 {
                     assert!(
                         exported.contains(token),

@@ -514,3 +514,102 @@ fn start_up_refuses_a_bad_registry_with_one_line_naming_it() {
         assert!(lines[0].contains(expected), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn every_kind_answers_whole_streamed_and_with_tools() {
+    let mock = MockLlm::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = String::new();
+    for kind in ["ollama", "openai", "anthropic", "gemini"] {
+        config.push_str(&provider(kind, kind, &mock.url));
+        config.push_str(&format!(
+            "[routes.via-{kind}]\ntargets = [{{ provider = \"{kind}\", model = \"m-{kind}\" }}]\n"
+        ));
+    }
+    config = config.replace(
+        "[providers.gemini]\n",
+        "[providers.gemini]\napi_key_env = \"TEST_GEMINI_KEY\"\n",
+    );
+    let app = gateway(dir.path(), &config, &[("TEST_GEMINI_KEY", "gm-key")]).await;
+    let tools = json!([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]);
+    for kind in ["ollama", "openai", "anthropic", "gemini"] {
+        let model = format!("via-{kind}");
+        let whole: Value = ask(&app, &model, "hello there").await.json().await.unwrap();
+        assert_eq!(
+            whole["choices"][0]["message"]["content"], "Echo: hello there",
+            "{kind}"
+        );
+        assert!(
+            whole["usage"]["completion_tokens"].as_u64().unwrap() > 0,
+            "{kind}: {whole}"
+        );
+
+        let streamed = app
+            .client
+            .post(format!("{}/v1/chat/completions", app.url))
+            .bearer_auth(KEY)
+            .json(
+                &json!({"model": model, "stream": true, "stream_options": {"include_usage": true},
+                "messages": [{"role": "user", "content": "streamed words"}]}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let text: String = streamed
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert_eq!(text, "Echo: streamed words", "{kind}: {streamed}");
+        assert!(streamed.ends_with("data: [DONE]\n\n"), "{kind}");
+
+        let question = json!({"role": "user", "content": "find it"});
+        let called: Value = app
+            .client
+            .post(format!("{}/v1/chat/completions", app.url))
+            .bearer_auth(KEY)
+            .json(&json!({"model": model, "tools": tools, "messages": [question]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let message = &called["choices"][0]["message"];
+        assert_eq!(
+            called["choices"][0]["finish_reason"], "tool_calls",
+            "{kind}: {called}"
+        );
+        assert_eq!(
+            message["tool_calls"][0]["function"]["name"], "lookup",
+            "{kind}"
+        );
+        let answered: Value = app
+            .client
+            .post(format!("{}/v1/chat/completions", app.url))
+            .bearer_auth(KEY)
+            .json(&json!({"model": model, "tools": tools, "messages": [question, message,
+                {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "found"}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let text = answered["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap();
+        assert!(
+            text.starts_with("Tool ") && text.ends_with(" said: found"),
+            "{kind}: {answered}"
+        );
+    }
+}
