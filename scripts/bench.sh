@@ -66,6 +66,22 @@ GATEWAY_CONFIG="$WORK/gateway.toml" HOST=127.0.0.1 PORT=$GW_PORT \
 PIDS+=("$GW_PID")
 wait_port "$GW_PORT"
 
+# A second gateway, the same settings with a registry of four providers (every kind, all
+# on the mock): its 'registry' row is the 'miss' row's requests, routed by the registry.
+REG_PORT=$(free_port)
+cp "$WORK/gateway.toml" "$WORK/registry.toml"
+for kind in ollama openai anthropic gemini; do
+  printf '[providers.%s]\nkind = "%s"\nbase_url = "http://127.0.0.1:%s"\n' "$kind" "$kind" "$MOCK_PORT"
+  [ "$kind" = gemini ] && printf 'api_key_env = "BENCH_GEMINI_KEY"\n'
+  printf '[routes."%s-model"]\ntargets = [{ provider = "%s", model = "m" }]\n' "$kind" "$kind"
+done >>"$WORK/registry.toml"
+printf '[routes.default]\ntargets = [{ provider = "ollama", model = "llama3.1" }]\n' >>"$WORK/registry.toml"
+BENCH_GEMINI_KEY=gm-bench GATEWAY_CONFIG="$WORK/registry.toml" HOST=127.0.0.1 PORT=$REG_PORT \
+  REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" CACHE_TTL_SECONDS=600 LOG_LEVEL=${LOG_LEVEL:-info} \
+  ./target/release/llm-gateway >"$WORK/registry.log" 2>&1 & REG_PID=$!
+PIDS+=("$REG_PID")
+wait_port "$REG_PORT"
+
 # The bound for one connection: a relay that only makes the round trips a miss needs
 # (examples/bound_relay.rs), against the same Redis script and mock.
 SCRIPT_SHA=$(redis-cli -p "$REDIS_PORT" script load "$(cat src/ratelimit/token_bucket.lua)")
@@ -128,6 +144,7 @@ scenario_lua limited sk-bench-limited vary  429 /api/v1/chat
 scenario_lua keys10k RANDOM           vary  200 /api/v1/chat
 scenario_lua body64k sk-bench-00003   big   200 /api/v1/chat
 scenario_lua openai  sk-bench-00004   vary  200 /v1/chat/completions openai
+scenario_lua registry sk-bench-00005  vary  200 /api/v1/chat
 # The floor speaks Ollama directly: give its body a model.
 sed -i 's/"max_tokens":64}/"max_tokens":64,"model":"m","stream":false}/' "$WORK/floor.lua"
 
@@ -172,6 +189,7 @@ for conns in 1 64; do
   for name in miss openai hit limited keys10k body64k; do
     run "$name" "$conns" "http://127.0.0.1:$GW_PORT"
   done
+  run registry "$conns" "http://127.0.0.1:$REG_PORT" "$REG_PID"
 done
 FINAL_KB=$(rss_kb)
 
@@ -199,6 +217,8 @@ for row in "${ROWS[@]}"; do
   [ "$name" = openai ] && [ "$conns" = 1 ] && OPENAI_P50=$p50
   [ "$name" = miss ] && [ "$conns" = 64 ] && MISS_RPS=$rps
   [ "$name" = openai ] && [ "$conns" = 64 ] && OPENAI_RPS=$rps
+  [ "$name" = registry ] && [ "$conns" = 1 ] && REGISTRY_P50=$p50
+  [ "$name" = registry ] && [ "$conns" = 64 ] && REGISTRY_RPS=$rps
   ratio=$(awk -v a="$rps" -v b="${FLOOR_RPS[$conns]}" 'BEGIN { printf "%.2f", a / b }')
   delta=$((p50 - ${FLOOR_P50[$conns]}))
   per=$(awk -v c="$calls" -v r="$requests" 'BEGIN { printf "%.2f", (r > 0 ? c / r : 0) }')
@@ -214,6 +234,8 @@ echo "bound, 1 connection: a relay doing only a miss's round trips (Redis pipeli
   "so its own work adds $((MISS_P50 - BOUND_P50)) us"
 echo "OpenAI door vs original door, a miss: req/s at 64 connections $(awk -v a="$OPENAI_RPS" -v b="$MISS_RPS" 'BEGIN { printf "%.3f", a / b }')" \
   "of the original's; p50 at 1 connection $OPENAI_P50 us against $MISS_P50 us"
+echo "a 4-provider registry vs the default one, a miss: req/s at 64 connections $(awk -v a="$REGISTRY_RPS" -v b="$MISS_RPS" 'BEGIN { printf "%.3f", a / b }')" \
+  "of the default's; p50 at 1 connection $REGISTRY_P50 us against $MISS_P50 us"
 echo "reference, 1 connection: a bare Redis round trip p50 ${PING_P50} us (PING), the limiter script alone ${EVALSHA_P50} us (EVALSHA)"
 echo "cpu us/r: CPU time each process spent per request in that row (the cores also run wrk);"
 echo "  $(nproc) cores give $(nproc) million CPU-us per second, so req/s <= $(nproc)e6 / (the four processes' sum)"

@@ -343,13 +343,12 @@ fn order(group: &[Target]) -> Vec<(Arc<Upstream>, String)> {
     let mut rest: Vec<&Target> = group.iter().collect();
     let mut ordered = Vec::with_capacity(rest.len());
     while !rest.is_empty() {
-        let least = rest
-            .iter()
-            .map(|t| t.upstream.load(t.weight))
-            .fold(f64::INFINITY, f64::min);
-        let tied: Vec<usize> = (0..rest.len())
-            .filter(|&i| rest[i].upstream.load(rest[i].weight) <= least)
-            .collect();
+        // One reading of the loads: other requests change them meanwhile, and a second
+        // reading could find no target as light as the first found (a panic, seen under
+        // 64 connections before this snapshot).
+        let loads: Vec<f64> = rest.iter().map(|t| t.upstream.load(t.weight)).collect();
+        let least = loads.iter().copied().fold(f64::INFINITY, f64::min);
+        let tied: Vec<usize> = (0..rest.len()).filter(|&i| loads[i] <= least).collect();
         let total: u64 = tied.iter().map(|&i| u64::from(rest[i].weight)).sum();
         let mut draw = rand::random_range(0..total.max(1));
         let mut chosen = tied[0];
@@ -365,4 +364,83 @@ fn order(group: &[Target]) -> Vec<(Arc<Upstream>, String)> {
         ordered.push((target.upstream.clone(), target.model.clone()));
     }
     ordered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ChatRequest, Completion};
+    use crate::providers::{EventStream, ProviderError};
+
+    struct Named(&'static str);
+
+    #[async_trait::async_trait]
+    impl Provider for Named {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        async fn complete(&self, _: &ChatRequest, _: &str) -> Result<Completion, ProviderError> {
+            Err(ProviderError::Connect)
+        }
+        async fn stream(&self, _: &ChatRequest, _: &str) -> Result<EventStream, ProviderError> {
+            Err(ProviderError::Connect)
+        }
+    }
+
+    fn target(name: &'static str, weight: u32) -> Target {
+        Target {
+            upstream: Arc::new(Upstream {
+                provider: Arc::new(Named(name)),
+                retry: RetryPolicy {
+                    attempt_timeout: Duration::from_secs(1),
+                    max_retries: 0,
+                    base_delay: Duration::from_millis(1),
+                    max_delay: Duration::from_millis(1),
+                },
+                in_flight: AtomicUsize::new(0),
+                breaker: None,
+            }),
+            model: name.into(),
+            weight,
+        }
+    }
+
+    #[test]
+    fn the_least_loaded_per_weight_goes_first_and_every_target_is_tried() {
+        let group = vec![target("a", 1), target("b", 2), target("c", 1)];
+        group[0].upstream.in_flight.store(1, Ordering::Relaxed);
+        group[1].upstream.in_flight.store(1, Ordering::Relaxed);
+        for _ in 0..50 {
+            let order: Vec<&str> = order(&group).iter().map(|(u, _)| u.name()).collect();
+            assert_eq!(order[0], "c", "no request in flight");
+            assert_eq!(
+                order[1], "b",
+                "one in flight over weight 2 is lighter than one over 1"
+            );
+            assert_eq!(order.len(), 3);
+        }
+    }
+
+    #[test]
+    fn loads_changing_while_a_plan_is_made_never_break_it() {
+        let group = Arc::new(vec![target("a", 1), target("b", 3), target("c", 2)]);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let (group, stop) = (group.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let upstream = &group[i % 3].upstream;
+                    upstream.in_flight.fetch_add(1, Ordering::AcqRel);
+                    upstream.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    i += 1;
+                }
+            })
+        };
+        for _ in 0..20_000 {
+            assert_eq!(order(&group).len(), 3);
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
+    }
 }
