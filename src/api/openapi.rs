@@ -272,7 +272,7 @@ fn schemas() -> Value {
         ] },
         "ChatCompletionRequest": {
             "type": "object", "required": ["model", "messages"], "additionalProperties": false,
-            "description": "OpenAI's Chat Completions. A field the upstreams cannot honour (logit_bias, n > 1, parallel_tool_calls: false, ...) is a 400 naming it, and so is what the upstream serving the model cannot do: Ollama cannot force a tool call (tool_choice 'required' or a named function) or hold arguments to a strict schema. A named tool_choice names one of the tools.",
+            "description": "OpenAI's Chat Completions. Fields not listed here pass through to OpenAI-compatible upstreams of the registry; the upstreams of the default registry refuse them. A field the upstream cannot honour (logit_bias on Ollama, n > 1, parallel_tool_calls: false, ...) is a 400 naming it, and so is what the upstream serving the model cannot do: Ollama cannot force a tool call (tool_choice 'required' or a named function) or hold arguments to a strict schema. A named tool_choice names one of the tools.",
             "properties": {
                 "model": { "type": "string", "minLength": 1 },
                 "messages": { "type": "array", "minItems": 1, "items": { "$ref": "#/components/schemas/OpenAIMessage" } },

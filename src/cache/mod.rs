@@ -115,6 +115,11 @@ pub fn request_key(namespace: &str, request: &ChatRequest) -> String {
         );
         hasher.update([u8::from(tool.strict)]);
     }
+    // serde_json's maps keep their keys sorted: one body, one rendering.
+    hash_text(
+        hasher,
+        Some(&serde_json::Value::Object(request.passthrough.clone()).to_string()),
+    );
     match &request.tool_choice {
         ToolChoice::Auto => hasher.update([0u8]),
         ToolChoice::None => hasher.update([1u8]),
@@ -193,6 +198,7 @@ mod tests {
             tools: Vec::new(),
             tool_choice: Default::default(),
             strict_model: false,
+            passthrough: Default::default(),
         }
     }
 

@@ -122,6 +122,7 @@ mod tests {
             tools: Vec::new(),
             tool_choice: Default::default(),
             strict_model: false,
+            passthrough: Default::default(),
         }
     }
 

@@ -50,6 +50,9 @@ pub struct ChatRequest {
     /// The model must name a route (the SDK doors); the original door's requests fall
     /// back to the route `default`.
     pub strict_model: bool,
+    /// Fields of an OpenAI body the gateway does not read, by name: an OpenAI-compatible
+    /// upstream gets them as they are, any other refuses the request naming the first.
+    pub passthrough: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Sampling controls the newer doors accept and every upstream translates.
@@ -98,6 +101,7 @@ impl ChatRequest {
             tools: Vec::new(),
             tool_choice: ToolChoice::Auto,
             strict_model: false,
+            passthrough: serde_json::Map::new(),
         }
     }
 

@@ -85,7 +85,7 @@ pub struct ToolResult {
 }
 
 /// A part of a request an upstream cannot honour; each door names its own field for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unsupported {
     /// A `tool_choice` that forces a call (`required`, a named function).
     ForcedToolChoice,
@@ -94,4 +94,6 @@ pub enum Unsupported {
     /// A request field the upstream has no equivalent of, by its OpenAI name
     /// (`temperature` above 1, `seed`, `presence_penalty`, ...).
     Field(&'static str),
+    /// A field the gateway does not read, for OpenAI-compatible upstreams only.
+    PassedThrough(String),
 }

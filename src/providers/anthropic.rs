@@ -64,6 +64,9 @@ impl Anthropic {
 
 /// What Anthropic cannot honour: a temperature above 1, a seed, penalties, JSON mode.
 fn refusal(request: &ChatRequest) -> Option<Unsupported> {
+    if let Some(refused) = super::passthrough_refusal(request) {
+        return Some(refused);
+    }
     let sampling = &request.sampling;
     if request.temperature > 1.0 {
         return Some(Unsupported::Field("temperature"));

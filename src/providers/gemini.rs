@@ -588,6 +588,7 @@ mod tests {
             tools: Vec::new(),
             tool_choice: Default::default(),
             strict_model: false,
+            passthrough: Default::default(),
         };
         assert_eq!(
             serde_json::to_value(request_body(&request)).unwrap(),

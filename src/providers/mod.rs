@@ -184,8 +184,7 @@ pub trait Provider: Send + Sync {
     /// What in `request` this upstream cannot honour, if anything: checked before any
     /// attempt, so it is the client's error and never a provider failure.
     fn refusal(&self, request: &ChatRequest) -> Option<Unsupported> {
-        let _ = request;
-        None
+        passthrough_refusal(request)
     }
     /// One attempt at completing `request` with `model`. The caller bounds its time.
     async fn complete(
@@ -201,6 +200,16 @@ pub trait Provider: Send + Sync {
         request: &ChatRequest,
         model: &str,
     ) -> Result<EventStream, ProviderError>;
+}
+
+/// The refusal of an upstream that takes no field it does not know: the first field
+/// passed through, if any.
+pub fn passthrough_refusal(request: &ChatRequest) -> Option<Unsupported> {
+    request
+        .passthrough
+        .keys()
+        .next()
+        .map(|name| Unsupported::PassedThrough(name.clone()))
 }
 
 /// What a decoder makes of one chunk of a streamed body (or of its end, `None`).

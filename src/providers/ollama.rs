@@ -128,6 +128,9 @@ struct OllamaOptions<'a> {
 /// What Ollama cannot honour: it has no way to force a tool call or to hold arguments
 /// to their schema.
 fn refusal(request: &ChatRequest) -> Option<Unsupported> {
+    if let Some(refused) = super::passthrough_refusal(request) {
+        return Some(refused);
+    }
     if request.tools.is_empty() {
         return None;
     }
@@ -396,6 +399,7 @@ mod tests {
             tools: Vec::new(),
             tool_choice: Default::default(),
             strict_model: false,
+            passthrough: Default::default(),
         }
     }
 

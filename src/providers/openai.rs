@@ -15,7 +15,7 @@ use super::{
 };
 use crate::domain::{
     ChatRequest, Completion, FinishReason, Message, ResponseFormat, StreamEvent, ToolCall,
-    ToolChoice, Usage,
+    ToolChoice, Unsupported, Usage,
 };
 
 /// An OpenAI-compatible server.
@@ -127,6 +127,13 @@ fn request_body(request: &ChatRequest, model: &str, stream: bool) -> Value {
     }
     if stream {
         set("stream_options", json!({"include_usage": true}));
+    }
+    // What the client sent that the gateway does not read, as it came (never over a
+    // field set above).
+    for (name, value) in &request.passthrough {
+        if body.get(name).is_none() {
+            body[name.as_str()] = value.clone();
+        }
     }
     body
 }
@@ -328,6 +335,11 @@ impl StreamState {
 impl Provider for OpenAi {
     fn name(&self) -> &'static str {
         self.endpoint.name
+    }
+
+    /// Takes everything, fields passed through included.
+    fn refusal(&self, _request: &ChatRequest) -> Option<Unsupported> {
+        None
     }
 
     async fn complete(

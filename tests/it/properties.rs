@@ -84,6 +84,7 @@ fn any_request() -> impl Strategy<Value = ChatRequest> {
                 tools: Vec::new(),
                 tool_choice: Default::default(),
                 strict_model: false,
+                passthrough: Default::default(),
             },
         )
 }

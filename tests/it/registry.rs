@@ -613,3 +613,50 @@ async fn every_kind_answers_whole_streamed_and_with_tools() {
         );
     }
 }
+
+#[tokio::test]
+async fn fields_the_gateway_does_not_read_reach_an_openai_upstream_and_others_refuse_them() {
+    let openai = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path("/v1/chat/completions"))
+        .and(wiremock::matchers::header("authorization", "Bearer sk-upstream"))
+        .and(wiremock::matchers::body_partial_json(
+            json!({"model": "gpt-up", "logit_bias": {"50256": -100}, "service_tier": "flex"}),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "gpt-up",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "passed"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+        })))
+        .mount(&openai)
+        .await;
+    let local = MockLlm::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}api_key_env = \"UPSTREAM_KEY\"\n{}[routes.remote]\ntargets = [{{ provider = \"remote\", model = \"gpt-up\" }}]\n[routes.local]\ntargets = [{{ provider = \"local\", model = \"llama\" }}]\n",
+        provider("remote", "openai", &openai.uri()),
+        provider("local", "ollama", &local.url),
+    );
+    let app = gateway(dir.path(), &config, &[("UPSTREAM_KEY", "sk-upstream")]).await;
+    let body = |model: &str| {
+        json!({"model": model, "messages": [{"role": "user", "content": "x"}],
+            "logit_bias": {"50256": -100}, "service_tier": "flex"})
+    };
+    let send = |body: Value| {
+        app.client
+            .post(format!("{}/v1/chat/completions", app.url))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+    };
+    let answer: Value = send(body("remote")).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["content"], "passed",
+        "{answer}"
+    );
+    let refused = send(body("local")).await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "logit_bias", "{error}");
+    assert_eq!(error["error"]["code"], "unsupported_parameter");
+}

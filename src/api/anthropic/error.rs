@@ -129,6 +129,7 @@ impl From<ChatError> for AnthropicError {
                     Unsupported::ForcedToolChoice => "tool_choice (forcing a tool call)",
                     Unsupported::StrictTools => "tools.strict",
                     Unsupported::Field(field) => field,
+                    Unsupported::PassedThrough(field) => field.as_str(),
                 };
                 return AnthropicError::invalid(format!(
                     "{field}: not supported by the upstream serving this model ('{provider}')"

@@ -183,6 +183,7 @@ pub fn parse(body: &[u8]) -> Result<MessagesRequest, AnthropicError> {
         tools,
         tool_choice,
         strict_model: true,
+        passthrough: Default::default(),
         messages,
         model: Some(model),
         model_hint: None,

@@ -145,6 +145,10 @@ impl From<ChatError> for OpenAiError {
                     }
                     Unsupported::StrictTools => ("tools", "'strict' function tools"),
                     Unsupported::Field(field) => (*field, "this value"),
+                    Unsupported::PassedThrough(field) => (
+                        field.as_str(),
+                        "a field only OpenAI-compatible upstreams take",
+                    ),
                 };
                 return OpenAiError {
                     code: Some("unsupported_parameter"),

@@ -135,6 +135,7 @@ fn parse_plain(body: &[u8]) -> Option<OpenAiRequest> {
             tools: Vec::new(),
             tool_choice: ToolChoice::Auto,
             strict_model: true,
+            passthrough: Default::default(),
         },
         model: plain.model,
         include_usage: plain
@@ -150,9 +151,16 @@ fn parse_full(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
         return Err(OpenAiError::unparsable());
     };
     let fields = Fields(&object);
-    for name in object.keys() {
-        if !KNOWN.contains(&name.as_str()) {
+    // What the door does not read goes on to an OpenAI-compatible upstream as it is
+    // (any other upstream refuses it by name); what would change the answer's shape
+    // beyond what the door renders is refused here.
+    let mut passthrough = Map::new();
+    for (name, value) in &object {
+        if SHAPE_CHANGING.contains(&name.as_str()) {
             return Err(OpenAiError::unsupported(name));
+        }
+        if !KNOWN.contains(&name.as_str()) {
+            passthrough.insert(name.clone(), value.clone());
         }
     }
     if fields.boolean("logprobs")? == Some(true) {
@@ -232,6 +240,7 @@ fn parse_full(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
         tools,
         tool_choice,
         strict_model: true,
+        passthrough,
     };
     Ok(OpenAiRequest {
         chat,
@@ -240,9 +249,18 @@ fn parse_full(body: &[u8]) -> Result<OpenAiRequest, OpenAiError> {
     })
 }
 
-/// Every field the door reads; anything else (`logit_bias`, `audio`, `functions`, ...:
-/// what the current upstreams, Ollama and Gemini, cannot honour through this door) is
-/// refused by name.
+/// Fields whose answer the door could not relay (audio, log probabilities, the legacy
+/// `functions`): refused by name whatever the upstream.
+const SHAPE_CHANGING: [&str; 5] = [
+    "audio",
+    "modalities",
+    "top_logprobs",
+    "functions",
+    "function_call",
+];
+
+/// Every field the door reads; anything else (`logit_bias`, `service_tier`, ...) passes
+/// through to OpenAI-compatible upstreams and is refused by name by the others.
 const KNOWN: [&str; 19] = [
     "model",
     "messages",
@@ -602,8 +620,8 @@ mod tests {
                 Some("messages[0].tool_calls[0].function.arguments"),
             ),
             (
-                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{}}"#,
-                Some("logit_bias"),
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"audio":{}}"#,
+                Some("audio"),
             ),
             (
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":5}"#,
@@ -703,6 +721,25 @@ mod tests {
     }
 
     #[test]
+    fn fields_the_door_does_not_read_are_kept_to_pass_through() {
+        let chat = parse(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"50256":-100},"service_tier":"auto","user":"u"}"#,
+        )
+        .unwrap()
+        .chat;
+        let names: Vec<&str> = chat.passthrough.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            ["logit_bias", "service_tier"],
+            "user is read, so not among them"
+        );
+        assert_eq!(
+            chat.passthrough["logit_bias"],
+            serde_json::json!({"50256": -100})
+        );
+    }
+
+    #[test]
     fn the_cache_key_ignores_stream_options_and_user_but_nothing_else() {
         let key = |body: &str| parse(body.as_bytes()).unwrap().cache_key();
         let base =
@@ -720,6 +757,7 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user","content":"y"}],"temperature":0.5}"#,
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.6}"#,
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.5,"seed":1}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.5,"service_tier":"flex"}"#,
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.5,"tools":[{"type":"function","function":{"name":"f"}}]}"#,
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":0.5,"tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"none"}"#,
         ] {

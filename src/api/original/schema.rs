@@ -109,6 +109,7 @@ fn parse_plain(body: &[u8]) -> Option<ChatRequest> {
         tools: Vec::new(),
         tool_choice: Default::default(),
         strict_model: false,
+        passthrough: Default::default(),
     })
 }
 
@@ -245,6 +246,7 @@ fn validate(value: Value) -> Result<ChatRequest, Vec<FieldError>> {
             tools: Vec::new(),
             tool_choice: Default::default(),
             strict_model: false,
+            passthrough: Default::default(),
         }),
         _ => Err(errors),
     }
