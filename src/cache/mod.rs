@@ -115,11 +115,13 @@ pub fn request_key(namespace: &str, request: &ChatRequest) -> String {
         );
         hasher.update([u8::from(tool.strict)]);
     }
-    // serde_json's maps keep their keys sorted: one body, one rendering.
-    hash_text(
-        hasher,
-        Some(&serde_json::Value::Object(request.passthrough.clone()).to_string()),
-    );
+    // serde_json's maps keep their keys sorted: one body, one rendering. Nearly every
+    // request has none, and rendering an empty map cost two allocations per request.
+    hasher.update((request.passthrough.len() as u64).to_le_bytes());
+    for (name, value) in &request.passthrough {
+        hash_text(hasher, Some(name));
+        hash_text(hasher, Some(&value.to_string()));
+    }
     match &request.tool_choice {
         ToolChoice::Auto => hasher.update([0u8]),
         ToolChoice::None => hasher.update([1u8]),
