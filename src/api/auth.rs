@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 use arc_swap::ArcSwap;
 
 use crate::api::original::ApiError;
-use crate::ratelimit::{bucket_key, BucketPolicy};
+use crate::ratelimit::{bucket_key, BucketPolicy, TokenLimits};
 use crate::settings::{Settings, SettingsError};
 
 /// Longer presented keys are refused before hashing; no real key comes near this.
@@ -57,11 +57,19 @@ pub struct AuthConfig {
 impl AuthConfig {
     /// Builds the configuration from validated settings.
     pub fn from_settings(settings: &Settings) -> Result<AuthConfig, SettingsError> {
+        let defaults = TokenLimits {
+            per_minute: settings.rate_limiter_tokens_per_minute,
+            budget: settings.rate_limiter_token_budget,
+            period: settings.rate_limiter_token_budget_period,
+            default_max_tokens: settings.rate_limiter_default_max_tokens,
+        };
         let default = Arc::new(BucketPolicy {
             tier: "default".into(),
             capacity: settings.rate_limiter_capacity,
             refill_rate: settings.rate_limiter_refill_rate,
+            tokens: defaults,
         });
+        // A tier's token limits it does not set are the defaults.
         let tiers: Vec<Arc<BucketPolicy>> = settings
             .tiers()?
             .into_iter()
@@ -70,6 +78,12 @@ impl AuthConfig {
                     tier: t.name.into(),
                     capacity: t.capacity,
                     refill_rate: t.refill_rate,
+                    tokens: TokenLimits {
+                        per_minute: t.tokens_per_minute.unwrap_or(defaults.per_minute),
+                        budget: t.token_budget.unwrap_or(defaults.budget),
+                        period: t.budget_period.unwrap_or(defaults.period),
+                        default_max_tokens: defaults.default_max_tokens,
+                    },
                 })
             })
             .collect();

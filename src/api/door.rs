@@ -16,7 +16,7 @@ use crate::api::sse::{self, KeepAliveEvery};
 use crate::chat::service::{Admission, ChatService, Encode, Streamed};
 use crate::chat::stream::LiveStream;
 use crate::domain::{CacheStatus, ChatError, ChatRequest};
-use crate::ratelimit::{BucketPolicy, Decision};
+use crate::ratelimit::{BucketPolicy, Decision, Limit};
 use crate::serve::body::BodyReadTimeout;
 
 static SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
@@ -29,8 +29,8 @@ pub trait DoorError: IntoResponse + From<ChatError> {
     fn body_timeout() -> Self;
     /// 400: the body could not be read.
     fn unreadable() -> Self;
-    /// 429 from the request limiter.
-    fn rate_limited() -> Self;
+    /// 429 from the limiter, naming the limit that refused the request.
+    fn rate_limited(limit: Limit) -> Self;
     /// Adds the door's limit headers.
     fn limit_headers(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision);
 }
@@ -91,7 +91,7 @@ pub enum Gate<R> {
 /// The order of checks of CONTRACT §2 on a door: a cached denial (429, no body read),
 /// then the body is read and parsed (its errors kept), the limiter decides (reading the
 /// cache under `key` in the same round trip), and only then do body errors answer.
-pub async fn gate<E: DoorError, R>(
+pub async fn gate<E: DoorError, R: AsRef<ChatRequest>>(
     chat: &Arc<ChatService>,
     identity: &ClientIdentity,
     body: Result<Bytes, BytesRejection>,
@@ -105,7 +105,7 @@ pub async fn gate<E: DoorError, R>(
         Gate::Answered(response)
     };
     if let Some(denied) = chat.cached_denial(&identity.bucket_key) {
-        return with_limits(E::rate_limited().into_response(), &denied);
+        return with_limits(rate_limited::<E>(&denied), &denied);
     }
     let parsed = body
         .map_err(|rejection| body_error::<E>(&rejection, max_body_bytes))
@@ -114,10 +114,13 @@ pub async fn gate<E: DoorError, R>(
         Ok(request) if chat.caching() => Some(key(request)),
         _ => None,
     };
-    let admission = chat.admit(&identity.bucket_key, policy, cache_key).await;
+    let request = parsed.as_ref().ok().map(AsRef::as_ref);
+    let admission = chat
+        .admit(&identity.bucket_key, policy, request, cache_key)
+        .await;
     let decision = match &admission.decision {
         Ok(decision) if !decision.allowed => {
-            return with_limits(E::rate_limited().into_response(), decision)
+            return with_limits(rate_limited::<E>(decision), decision)
         }
         Ok(decision) => decision.clone(),
         Err(error) => return Gate::Answered(E::from(error.clone()).into_response()),
@@ -130,6 +133,11 @@ pub async fn gate<E: DoorError, R>(
         },
         Err(error) => with_limits(error.into_response(), &decision),
     }
+}
+
+/// The door's 429 for a denial, naming the limit that refused it.
+fn rate_limited<E: DoorError>(decision: &Decision) -> Response {
+    E::rate_limited(decision.denied_by.unwrap_or(Limit::Requests)).into_response()
 }
 
 /// A streamed answer in the door's framing: a cache hit replayed from the door's stored

@@ -1,9 +1,12 @@
 //! Rate-limit response headers, from the decision the script call returned (no second
-//! round trip): the X-RateLimit-* trio, the IETF RateLimit pair and, on 429, Retry-After.
+//! round trip): the X-RateLimit-* trio, the IETF RateLimit pair naming every policy that
+//! applies (requests, and the token bucket and budget when the tier has them), each SDK
+//! door's own request and token headers and, on 429, Retry-After.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::ratelimit::{BucketPolicy, Decision};
+use crate::ratelimit::period::Span;
+use crate::ratelimit::{BucketPolicy, Decision, Left};
 use crate::telemetry::log_format::rfc3339;
 
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -55,7 +58,22 @@ pub fn apply_openai(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &D
     if let Ok(reset) = HeaderValue::from_str(&go_duration(decision.reset_ms)) {
         headers.insert(OPENAI_RESET.clone(), reset);
     }
+    if let Some(tokens) = &decision.tokens {
+        headers.insert(
+            OPENAI_LIMIT_TOKENS.clone(),
+            number(policy.tokens.per_minute),
+        );
+        headers.insert(OPENAI_REMAINING_TOKENS.clone(), number(tokens.remaining));
+        if let Ok(reset) = HeaderValue::from_str(&go_duration(tokens.reset_ms)) {
+            headers.insert(OPENAI_RESET_TOKENS.clone(), reset);
+        }
+    }
 }
+
+static OPENAI_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+static OPENAI_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("x-ratelimit-remaining-tokens");
+static OPENAI_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 static ANTHROPIC_LIMIT: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-limit");
 static ANTHROPIC_REMAINING: HeaderName =
@@ -64,16 +82,37 @@ static ANTHROPIC_RESET: HeaderName = HeaderName::from_static("anthropic-ratelimi
 
 /// Adds, beside [`apply`]'s, Anthropic's request-limit headers:
 /// `anthropic-ratelimit-requests-limit`, `-remaining` and `-reset` (when the bucket is
-/// full again, as an RFC 3339 time).
+/// full again, as an RFC 3339 time), and with a token bucket the same three of
+/// `anthropic-ratelimit-tokens-*`.
 pub fn apply_anthropic(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision) {
     apply(headers, policy, decision);
     headers.insert(ANTHROPIC_LIMIT.clone(), number(policy.capacity));
     headers.insert(ANTHROPIC_REMAINING.clone(), number(decision.remaining));
-    let reset = std::time::SystemTime::now() + std::time::Duration::from_millis(decision.reset_ms);
-    if let Ok(reset) = HeaderValue::from_str(&rfc3339(reset)) {
+    let at = |ms: u64| {
+        let time = std::time::SystemTime::now() + std::time::Duration::from_millis(ms);
+        HeaderValue::from_str(&rfc3339(time)).ok()
+    };
+    if let Some(reset) = at(decision.reset_ms) {
         headers.insert(ANTHROPIC_RESET.clone(), reset);
     }
+    if let Some(tokens) = &decision.tokens {
+        headers.insert(
+            ANTHROPIC_LIMIT_TOKENS.clone(),
+            number(policy.tokens.per_minute),
+        );
+        headers.insert(ANTHROPIC_REMAINING_TOKENS.clone(), number(tokens.remaining));
+        if let Some(reset) = at(tokens.reset_ms) {
+            headers.insert(ANTHROPIC_RESET_TOKENS.clone(), reset);
+        }
+    }
 }
+
+static ANTHROPIC_LIMIT_TOKENS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-limit");
+static ANTHROPIC_REMAINING_TOKENS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining");
+static ANTHROPIC_RESET_TOKENS: HeaderName =
+    HeaderName::from_static("anthropic-ratelimit-tokens-reset");
 
 /// A duration as Go's `time.Duration` prints it, to the millisecond: `0s`, `12ms`,
 /// `1.5s`, `6m0s`, `1h2m3s`.
@@ -107,11 +146,15 @@ pub fn apply(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision
     headers.insert(X_RESET.clone(), number(reset));
     // Tier names are validated at load time to be header-safe tokens.
     let tier = &policy.tier;
-    if let Some(v) = tier_value(tier, "q", policy.capacity, "w", policy.seconds_to_fill()) {
-        headers.insert(POLICY.clone(), v);
-    }
-    if let Some(v) = tier_value(tier, "r", decision.remaining, "t", reset) {
-        headers.insert(RATELIMIT.clone(), v);
+    if decision.tokens.is_none() && decision.budget.is_none() {
+        if let Some(v) = tier_value(tier, "q", policy.capacity, "w", policy.seconds_to_fill()) {
+            headers.insert(POLICY.clone(), v);
+        }
+        if let Some(v) = tier_value(tier, "r", decision.remaining, "t", reset) {
+            headers.insert(RATELIMIT.clone(), v);
+        }
+    } else {
+        with_token_policies(headers, policy, decision, reset);
     }
     if !decision.allowed {
         headers.insert(
@@ -122,6 +165,44 @@ pub fn apply(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision
             RETRY_AFTER_MS.clone(),
             number(decision.retry_after_ms.max(1)),
         );
+    }
+}
+
+/// The IETF pair when token limits apply: one list member per policy, the requests'
+/// under the tier's name, then `<tier>-tokens` (the bucket, over a minute) and
+/// `<tier>-budget` (over its period).
+fn with_token_policies(
+    headers: &mut HeaderMap,
+    policy: &BucketPolicy,
+    decision: &Decision,
+    reset: u64,
+) {
+    let tier = &policy.tier;
+    let mut policies = vec![format!(
+        "\"{tier}\";q={};w={}",
+        policy.capacity,
+        policy.seconds_to_fill()
+    )];
+    let mut states = vec![format!("\"{tier}\";r={};t={reset}", decision.remaining)];
+    let mut add = |name: &str, quota: u64, window: u64, left: &Left| {
+        policies.push(format!("\"{tier}-{name}\";q={quota};w={window}"));
+        states.push(format!(
+            "\"{tier}-{name}\";r={};t={}",
+            left.remaining,
+            ceil_seconds(left.reset_ms)
+        ));
+    };
+    if let Some(tokens) = &decision.tokens {
+        add("tokens", policy.tokens.per_minute, 60, tokens);
+    }
+    if let Some(budget) = &decision.budget {
+        let window = Span::now(policy.tokens.period).seconds();
+        add("budget", policy.tokens.budget, window, budget);
+    }
+    for (name, list) in [(&POLICY, policies), (&RATELIMIT, states)] {
+        if let Ok(value) = HeaderValue::from_str(&list.join(", ")) {
+            headers.insert(name.clone(), value);
+        }
     }
 }
 
@@ -150,6 +231,7 @@ mod tests {
             tier: tier.into(),
             capacity,
             refill_rate,
+            tokens: crate::ratelimit::TokenLimits::default(),
         }
     }
 

@@ -23,6 +23,7 @@ use super::stream::{LiveStream, StoreWhenDone};
 use crate::cache::{Cache, CacheError};
 use crate::domain::{CacheStatus, ChatError, ChatRequest, Completion, Reply};
 use crate::providers::{complete_with_retries, stream_with_retries, EventStream, Failed};
+use crate::ratelimit::reservation::Reservation;
 use crate::ratelimit::{BucketPolicy, Decision, Prefetch, RateLimiter, Unreachable};
 use crate::telemetry::metrics::Metrics;
 
@@ -40,7 +41,10 @@ pub struct ChatOutcome {
     pub provider: &'static str,
 }
 
-type Shared = Arc<OnceCell<Result<(Bytes, &'static str), ChatError>>>;
+/// A provider call's outcome: the door's body, the provider, and the tokens it used.
+type Called = Result<(Bytes, &'static str, u64), ChatError>;
+
+type Shared = Arc<OnceCell<Called>>;
 
 /// Provider calls under way, by cache key.
 type InFlight = Mutex<HashMap<String, Shared, BuildHasherDefault<CacheKeyHasher>>>;
@@ -77,6 +81,15 @@ pub struct Admission {
     cache_key: Option<String>,
     /// What the limiter's round trip read under `cache_key`.
     prefetched: Prefetch,
+    /// The LLM tokens reserved, settled once the answer's usage is known.
+    reservation: Option<Reservation>,
+}
+
+/// Settles a reservation, if the request holds one, to `used` tokens.
+fn settle(reservation: Option<Reservation>, used: u64) {
+    if let Some(reservation) = reservation {
+        reservation.settle(used);
+    }
 }
 
 /// Answers chat requests.
@@ -140,25 +153,37 @@ impl ChatService {
         self.cache.is_some()
     }
 
-    /// Decides one request of the client whose bucket is `bucket`. `cache_key` is the
-    /// request's key when its body was valid (and [`ChatService::caching`]): the entry is
-    /// then read in the limiter's round trip, so a request costs one round trip before the
-    /// provider. A body that failed to parse is still limited (429 comes first).
+    /// Decides one request of the client whose bucket is `bucket`. `request` and
+    /// `cache_key` are the request and its key when its body was valid (the key when
+    /// [`ChatService::caching`]): the entry is then read in the limiter's round trip, so
+    /// a request costs one round trip before the provider, and the request's LLM tokens
+    /// are reserved in the same script call when the policy limits them. A body that
+    /// failed to parse is still limited (429 comes first) and reserves no tokens.
     pub async fn admit(
         &self,
-        bucket: &str,
+        bucket: &Arc<str>,
         policy: &BucketPolicy,
+        request: Option<&ChatRequest>,
         cache_key: Option<String>,
     ) -> Admission {
         let cache_key = cache_key.filter(|_| self.cache.is_some());
-        let (decision, prefetched) = self
+        let tokens = match request {
+            Some(request) if policy.tokens.any() => policy
+                .tokens
+                .reservation(request.prompt_bytes(), request.max_tokens),
+            _ => 0,
+        };
+        let checked = self
             .limiter
-            .check(bucket, policy, cache_key.as_deref())
+            .check(bucket, policy, tokens, cache_key.as_deref())
             .await;
         Admission {
-            decision,
+            decision: checked.decision,
             cache_key,
-            prefetched,
+            prefetched: checked.prefetched,
+            reservation: checked
+                .ticket
+                .map(|ticket| Reservation::new(self.limiter.clone(), bucket.clone(), ticket)),
         }
     }
 
@@ -224,11 +249,20 @@ impl ChatService {
         let Admission {
             cache_key: key,
             prefetched,
+            reservation,
             ..
         } = admission;
-        let plan = self.plan(&request)?;
+        let plan = match self.plan(&request) {
+            Ok(plan) => plan,
+            Err(error) => {
+                settle(reservation, 0);
+                return Err(error);
+            }
+        };
         let first_choice = plan.targets[0].0.name();
         if let Some(body) = self.cached(key.as_deref(), prefetched).await {
+            // A hit costs no upstream tokens.
+            settle(reservation, 0);
             return Ok(ChatOutcome {
                 body,
                 cache: CacheStatus::Hit,
@@ -236,7 +270,12 @@ impl ChatService {
             });
         }
         let (Some(cache), Some(key)) = (&self.cache, key) else {
-            let (body, provider) = self.ask_provider(&request, &plan, encode).await?;
+            let called = self.ask_provider(&request, &plan, encode).await;
+            settle(
+                reservation,
+                *called.as_ref().map_or(&0, |(_, _, used)| used),
+            );
+            let (body, provider, _) = called?;
             return Ok(ChatOutcome {
                 body,
                 cache: CacheStatus::Miss,
@@ -250,15 +289,24 @@ impl ChatService {
         };
         // If the caller running the call goes away (client disconnect), OnceCell hands
         // the call to the next waiter, so followers never hang on an abandoned call.
+        // Only the caller that ran the call is charged its tokens: the others' answers
+        // cost the upstream nothing more, like hits.
+        let ran = std::sync::atomic::AtomicBool::new(false);
         let result = shared
             .get_or_init(|| async {
+                ran.store(true, std::sync::atomic::Ordering::Relaxed);
                 let result = self.ask_provider(&request, &plan, encode).await;
                 self.finish_call(cache.clone(), &key, &shared, &result);
                 result
             })
             .await
             .clone();
-        result.map(|(body, provider)| ChatOutcome {
+        let used = match &result {
+            Ok((_, _, used)) if ran.load(std::sync::atomic::Ordering::Relaxed) => *used,
+            _ => 0,
+        };
+        settle(reservation, used);
+        result.map(|(body, provider, _)| ChatOutcome {
             body,
             cache: CacheStatus::Miss,
             provider,
@@ -267,13 +315,7 @@ impl ChatService {
 
     /// Stores a success in the background (the response never waits for Redis) and ends
     /// the shared call once the entry is readable, so later requests hit the cache.
-    fn finish_call(
-        &self,
-        cache: Arc<dyn Cache>,
-        key: &str,
-        shared: &Shared,
-        result: &Result<(Bytes, &'static str), ChatError>,
-    ) {
+    fn finish_call(&self, cache: Arc<dyn Cache>, key: &str, shared: &Shared, result: &Called) {
         let in_flight = self.in_flight.clone();
         let shared = shared.clone();
         let key = key.to_owned();
@@ -284,7 +326,7 @@ impl ChatService {
             }
         };
         match result {
-            Ok((body, _)) => {
+            Ok((body, _, _)) => {
                 let body = body.clone();
                 let ttl = self.cache_ttl;
                 let metrics = self.metrics.clone();
@@ -301,13 +343,8 @@ impl ChatService {
     }
 
     /// The answer of the first target of `plan` that gives one, rendered by `encode`,
-    /// and the provider that gave it.
-    async fn ask_provider(
-        &self,
-        request: &ChatRequest,
-        plan: &Plan,
-        encode: Encode,
-    ) -> Result<(Bytes, &'static str), ChatError> {
+    /// the provider that gave it, and the tokens it used (prompt + completion).
+    async fn ask_provider(&self, request: &ChatRequest, plan: &Plan, encode: Encode) -> Called {
         let ((completion, _guard), routed) = self
             .failover(request, plan, |upstream, model, deadline| async move {
                 let completion = complete_with_retries(
@@ -322,8 +359,13 @@ impl ChatService {
                 Ok::<Completion, Failed>(completion)
             })
             .await?;
+        let usage = completion.usage;
         let body = encode(&fresh_reply(&routed, completion))?;
-        Ok((body, routed.provider))
+        Ok((
+            body,
+            routed.provider,
+            usage.prompt_tokens + usage.completion_tokens,
+        ))
     }
 
     /// Tries the targets of `plan` in order with `call` until one answers, within the
@@ -412,16 +454,24 @@ impl ChatService {
         let Admission {
             cache_key: key,
             prefetched,
+            reservation,
             ..
         } = admission;
-        let plan = self.plan(&request)?;
+        let plan = match self.plan(&request) {
+            Ok(plan) => plan,
+            Err(error) => {
+                settle(reservation, 0);
+                return Err(error);
+            }
+        };
         if let Some(body) = self.cached(key.as_deref(), prefetched).await {
+            settle(reservation, 0);
             return Ok(Streamed::Cached {
                 body,
                 provider: plan.targets[0].0.name(),
             });
         }
-        let (((first, rest, idle), in_flight), routed) = self
+        let started = self
             .failover(&request, &plan, |upstream, model, deadline| {
                 let request = &request;
                 async move {
@@ -437,7 +487,14 @@ impl ChatService {
                     Ok::<_, Failed>((first, rest, upstream.retry.attempt_timeout))
                 }
             })
-            .await?;
+            .await;
+        let (((first, rest, idle), in_flight), routed) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                settle(reservation, 0);
+                return Err(error);
+            }
+        };
         let store = match (&self.cache, key) {
             (Some(cache), Some(key)) => Some(StoreWhenDone {
                 cache: cache.clone(),
@@ -453,7 +510,7 @@ impl ChatService {
             (first, rest),
             idle,
             store,
-            in_flight,
+            (in_flight, reservation),
             self.metrics.clone(),
         ))))
     }

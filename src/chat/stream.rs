@@ -19,6 +19,7 @@ use crate::domain::{
     ChatError, ChatRequest, Completion, FinishReason, Reply, StreamEvent, ToolCall, Usage,
 };
 use crate::providers::{count_tokens, EventStream};
+use crate::ratelimit::reservation::Reservation;
 use crate::telemetry::metrics::Metrics;
 
 /// Seconds since the Unix epoch, for `created` fields.
@@ -60,6 +61,8 @@ pub struct LiveStream {
     store: Option<StoreWhenDone>,
     /// Counts the stream in its provider's requests in flight until it is dropped.
     _in_flight: InFlight,
+    /// The request's LLM-token reservation, settled when the tokens are counted.
+    reservation: Option<Reservation>,
     metrics: Metrics,
     ended: bool,
     counted: bool,
@@ -73,7 +76,7 @@ impl LiveStream {
         (first, rest): (StreamEvent, EventStream),
         idle: Duration,
         store: Option<StoreWhenDone>,
-        in_flight: InFlight,
+        (in_flight, reservation): (InFlight, Option<Reservation>),
         metrics: Metrics,
     ) -> LiveStream {
         LiveStream {
@@ -87,9 +90,10 @@ impl LiveStream {
             silence: Box::pin(tokio::time::sleep(idle)),
             text: String::new(),
             tool_calls: Vec::new(),
-            prompt_bytes: request.messages.iter().map(|m| m.content.len()).sum(),
+            prompt_bytes: request.prompt_bytes(),
             store,
             _in_flight: in_flight,
+            reservation,
             metrics,
             ended: false,
             counted: false,
@@ -132,10 +136,15 @@ impl LiveStream {
         }
     }
 
+    /// Counts the answer's tokens, once: in the metrics, and against the client's
+    /// token limits (settling the reservation).
     fn count(&mut self, usage: &Usage) {
         if !self.counted {
             self.counted = true;
             count_tokens(&self.metrics, self.kind, usage);
+            if let Some(reservation) = self.reservation.take() {
+                reservation.settle(usage.prompt_tokens + usage.completion_tokens);
+            }
         }
     }
 

@@ -87,6 +87,33 @@ pub enum ResponseFormat {
 }
 
 impl ChatRequest {
+    /// The bytes of what the model reads: every turn's text and tool calls, and the
+    /// tools offered. A token limit reserves a quarter of them as prompt tokens (the
+    /// rule of thumb for English; the real count settles it afterwards).
+    pub fn prompt_bytes(&self) -> usize {
+        let turns: usize = self
+            .messages
+            .iter()
+            .map(|m| {
+                let calls: usize = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| c.name.len() + c.arguments.len())
+                    .sum();
+                m.content.len() + calls
+            })
+            .sum();
+        let tools: usize = self
+            .tools
+            .iter()
+            .map(|t| {
+                let schema = t.parameters.as_ref().map_or(0, |p| p.to_string().len());
+                t.name.len() + t.description.as_ref().map_or(0, String::len) + schema
+            })
+            .sum();
+        turns + tools
+    }
+
     /// A request of `messages` and nothing else set: no model, no limits, temperature 1,
     /// no tools.
     pub fn of(messages: Vec<Message>) -> ChatRequest {

@@ -45,6 +45,9 @@ impl DenyCache {
             remaining: 0,
             reset_ms: ms(denial.full_at.saturating_duration_since(now)),
             retry_after_ms: ms(denial.until.saturating_duration_since(now)).max(1),
+            denied_by: Some(super::Limit::Requests),
+            tokens: None,
+            budget: None,
         })
     }
 

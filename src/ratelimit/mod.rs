@@ -5,7 +5,9 @@
 pub mod breaker;
 pub mod deny_cache;
 pub mod memory;
+pub mod period;
 pub mod redis;
+pub mod reservation;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +16,7 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use crate::domain::ChatError;
-use crate::settings::FailureMode;
+use crate::settings::{BudgetPeriod, FailureMode};
 use crate::telemetry::metrics::Metrics;
 
 /// Capacity and refill rate of one client's bucket, with the tier's name for headers.
@@ -26,6 +28,35 @@ pub struct BucketPolicy {
     pub capacity: u64,
     /// Tokens per second.
     pub refill_rate: f64,
+    /// The client's LLM-token limits (CONTRACT §13), off by default.
+    pub tokens: TokenLimits,
+}
+
+/// A client's LLM-token limits: a bucket of tokens per minute and a budget per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenLimits {
+    /// Capacity of the token bucket, refilled over a minute; 0 = no bucket.
+    pub per_minute: u64,
+    /// Tokens per period; 0 = no budget.
+    pub budget: u64,
+    /// The budget's period.
+    pub period: BudgetPeriod,
+    /// The completion tokens reserved for a request that sets no `max_tokens`.
+    pub default_max_tokens: u64,
+}
+
+impl TokenLimits {
+    /// Whether any token limit applies.
+    pub fn any(&self) -> bool {
+        self.per_minute > 0 || self.budget > 0
+    }
+
+    /// What a request reserves: `ceil(prompt bytes / 4)` and its completion budget
+    /// (`max_tokens`, or the configured default).
+    pub fn reservation(&self, prompt_bytes: usize, max_tokens: Option<u64>) -> u64 {
+        (prompt_bytes.div_ceil(4) as u64)
+            .saturating_add(max_tokens.unwrap_or(self.default_max_tokens))
+    }
 }
 
 impl BucketPolicy {
@@ -44,8 +75,54 @@ pub struct Decision {
     pub remaining: u64,
     /// Milliseconds until the bucket is full again.
     pub reset_ms: u64,
-    /// Milliseconds until one token is available (0 when allowed).
+    /// Milliseconds until the request could pass (0 when allowed).
     pub retry_after_ms: u64,
+    /// The limit that refused the request (`None` when allowed).
+    pub denied_by: Option<Limit>,
+    /// The LLM-token bucket after this request, when the policy has one.
+    pub tokens: Option<Left>,
+    /// The token budget after this request, when the policy has one.
+    pub budget: Option<Left>,
+}
+
+/// What is left of one limit, for the headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Left {
+    /// Whole tokens left.
+    pub remaining: u64,
+    /// Milliseconds until the limit is whole again (the bucket full, the period over).
+    pub reset_ms: u64,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// The request bucket is empty.
+    Requests,
+    /// The LLM-token bucket holds less than the request reserves.
+    Tokens,
+    /// The request reserves more LLM tokens than the bucket can ever hold.
+    TooLarge,
+    /// The token budget of the period is spent.
+    Budget,
+}
+
+impl Limit {
+    /// The `reason` label of `rate_limit_denials_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::Requests => "requests",
+            Limit::Tokens => "tokens",
+            Limit::TooLarge => "too_large",
+            Limit::Budget => "budget",
+        }
+    }
+
+    /// Whether waiting can help within a minute or so: not for a request larger than
+    /// the bucket, nor for a spent budget (the answers say `x-should-retry: false`).
+    pub fn retryable(self) -> bool {
+        matches!(self, Limit::Requests | Limit::Tokens)
+    }
 }
 
 impl Decision {
@@ -57,8 +134,89 @@ impl Decision {
             remaining: milli_tokens / 1000,
             reset_ms,
             retry_after_ms: if allowed { 0 } else { retry_ms.max(1) },
+            denied_by: (!allowed).then_some(Limit::Requests),
+            tokens: None,
+            budget: None,
         }
     }
+}
+
+/// The LLM-token part of a decision, as `token_bucket.lua` (or the in-process bucket)
+/// reports it beside the request bucket's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptReply {
+    /// The limit that refused the request, if one did.
+    pub why: Option<Limit>,
+    /// Whole tokens left in the token bucket (never below 0).
+    pub llm_left: u64,
+    /// Milliseconds until the token bucket is full.
+    pub llm_to_full_ms: u64,
+    /// Milliseconds until the reservation fits the token bucket (0 when it does).
+    pub llm_retry_ms: u64,
+    /// Tokens left in the budget.
+    pub budget_left: u64,
+    /// Milliseconds until the budget's period ends.
+    pub period_left_ms: u64,
+}
+
+impl ScriptReply {
+    /// Reads the script's `why` code.
+    pub fn limit(code: i64) -> Option<Limit> {
+        match code {
+            1 => Some(Limit::Requests),
+            2 => Some(Limit::Tokens),
+            3 => Some(Limit::TooLarge),
+            4 => Some(Limit::Budget),
+            _ => None,
+        }
+    }
+
+    /// Adds the token limits to `decision`, the request bucket's: whether all admitted
+    /// the request, which refused it, what each has left, and how long to wait (the
+    /// longest wait of the limits that refused; a budget's, until its period ends).
+    pub fn complete(&self, decision: &mut Decision, policy: &BucketPolicy) {
+        let limits = policy.tokens;
+        decision.allowed = self.why.is_none();
+        decision.denied_by = self.why;
+        if limits.per_minute > 0 {
+            decision.tokens = Some(Left {
+                remaining: self.llm_left,
+                reset_ms: self.llm_to_full_ms,
+            });
+        }
+        if limits.budget > 0 {
+            decision.budget = Some(Left {
+                remaining: self.budget_left,
+                reset_ms: self.period_left_ms,
+            });
+        }
+        decision.retry_after_ms = match self.why {
+            None => 0,
+            Some(Limit::Requests) => decision.retry_after_ms.max(1),
+            Some(Limit::Tokens) => self.llm_retry_ms.max(decision.retry_after_ms).max(1),
+            Some(Limit::TooLarge) => self.llm_to_full_ms.max(1000),
+            Some(Limit::Budget) => self.period_left_ms.max(1),
+        };
+    }
+}
+
+/// What one request asks of the limiter beside a request token: the LLM tokens it
+/// reserves, and the id its reconciliation will name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reserve {
+    /// LLM tokens reserved (0 when the policy has no token limit).
+    pub tokens: u64,
+    /// Unique per request.
+    pub id: u64,
+}
+
+/// A reservation to settle: the request's id, what it reserved, and what it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settle {
+    /// The request's id.
+    pub id: u64,
+    /// The LLM tokens it really used (prompt + completion).
+    pub used: u64,
 }
 
 /// What a limiter call learned about the prefetched (cache) key.
@@ -99,8 +257,14 @@ impl BackendError {
 /// A store that applies the token bucket atomically.
 #[async_trait]
 pub trait LimiterBackend: Send + Sync {
-    /// Takes one token from the bucket at `key` if there is one.
-    async fn check(&self, key: &str, policy: &BucketPolicy) -> Result<Decision, BackendError>;
+    /// Takes one token from the bucket at `key` if there is one and, when the policy
+    /// limits LLM tokens, reserves `reserve.tokens` of them, all or nothing.
+    async fn check(
+        &self,
+        key: &str,
+        policy: &BucketPolicy,
+        reserve: Reserve,
+    ) -> Result<Decision, BackendError>;
     /// Like [`LimiterBackend::check`], and also reads the string at `prefetch` in the same
     /// round trip where the store can (Redis: the cache entry of the request, so a
     /// request costs one round trip before the provider is called, not two).
@@ -108,13 +272,69 @@ pub trait LimiterBackend: Send + Sync {
         &self,
         key: &str,
         policy: &BucketPolicy,
+        reserve: Reserve,
         prefetch: &str,
     ) -> Result<(Decision, Prefetch), BackendError> {
         let _ = prefetch;
-        Ok((self.check(key, policy).await?, Prefetch::NotFetched))
+        Ok((
+            self.check(key, policy, reserve).await?,
+            Prefetch::NotFetched,
+        ))
     }
+    /// Settles the reservation of an admitted request at `key` to what it used; applied
+    /// once however often it is called. `timeout` bounds a store call.
+    async fn reconcile(
+        &self,
+        key: &str,
+        per_minute: u64,
+        settle: Settle,
+        timeout: Duration,
+    ) -> Result<(), BackendError>;
     /// Name used in readiness bodies and logs.
     fn name(&self) -> &'static str;
+}
+
+/// Waits before each retry of a failed reconciliation: the first retry soon (a blip),
+/// the last after seconds (a Redis restart), so a reservation outlives a short outage.
+pub const RECONCILE_RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
+
+/// What a limiter call decided, what its round trip read, and the reservation it made.
+#[derive(Debug)]
+pub struct Checked {
+    /// The decision, or why none could be made (failing closed).
+    pub decision: Result<Decision, ChatError>,
+    /// What the round trip read under the prefetched key.
+    pub prefetched: Prefetch,
+    /// The LLM tokens reserved for an admitted request, to settle after its answer.
+    pub ticket: Option<Ticket>,
+}
+
+/// Where a decision was made, and so where its reservation is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// The limiter's backend (Redis, or the `memory://` store).
+    Backend,
+    /// The in-process bucket of the `local` failure mode.
+    Fallback,
+    /// No bucket: the `open` failure mode, or no decision.
+    Nowhere,
+}
+
+/// An admitted request's LLM-token reservation, until it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// The request's id in the store's reservations.
+    pub id: u64,
+    /// The tokens reserved.
+    pub reserved: u64,
+    /// The token bucket's capacity when reserved (0: none).
+    pub per_minute: u64,
+    /// Where the reservation was made.
+    pub place: Place,
 }
 
 /// The bucket readiness checks use: not a digest, so no client's bucket is ever this one.
@@ -159,6 +379,14 @@ pub struct RateLimiter {
     mode: FailureMode,
     timeout: Duration,
     metrics: Metrics,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("backend", &self.backend.name())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What only a remote (fallible, slow-able) backend needs.
@@ -217,42 +445,77 @@ impl RateLimiter {
     pub fn cached_denial(&self, key: &str) -> Option<Decision> {
         let denied = self.remote.as_ref()?.deny_cache.check(key)?;
         self.metrics.limiter_local_denials.inc();
-        self.metrics.rate_limit_blocked.inc();
+        self.count(&denied);
         Some(denied)
     }
 
-    /// Decides one request for the bucket at `key`, reading `prefetch` (a cache key) in
-    /// the same round trip when given. Never waits on Redis longer than the limiter
-    /// timeout, and is never retried: a timed-out script may have run.
+    /// Counts a decision in the allowed/blocked metrics and a denial by its reason.
+    fn count(&self, decision: &Decision) {
+        match decision.denied_by {
+            None => self.metrics.rate_limit_allowed.inc(),
+            Some(limit) => {
+                self.metrics.rate_limit_blocked.inc();
+                self.metrics.rate_limit_denials.get(limit.as_str()).inc();
+            }
+        }
+    }
+
+    /// Decides one request for the bucket at `key`, reserving `tokens` LLM tokens when the
+    /// policy limits them, and reading `prefetch` (a cache key) in the same round trip
+    /// when given. Never waits on Redis longer than the limiter timeout, and is never
+    /// retried: a timed-out script may have run. An admitted request that reserved
+    /// tokens comes with the [`Ticket`] its reconciliation needs.
     pub async fn check(
         &self,
         key: &str,
         policy: &BucketPolicy,
+        tokens: u64,
         prefetch: Option<&str>,
-    ) -> (Result<Decision, ChatError>, Prefetch) {
+    ) -> Checked {
         let started = Instant::now();
-        let (decision, prefetched) = match &self.remote {
-            None => match self.backend.check(key, policy).await {
-                Ok(decision) => (Ok(decision), Prefetch::NotFetched),
+        let reserve = Reserve {
+            tokens: if policy.tokens.any() { tokens } else { 0 },
+            id: if policy.tokens.any() {
+                rand::random()
+            } else {
+                0
+            },
+        };
+        let (decision, prefetched, place) = match &self.remote {
+            None => match self.backend.check(key, policy, reserve).await {
+                Ok(decision) => (Ok(decision), Prefetch::NotFetched, Place::Backend),
                 Err(e) => (
                     Err(ChatError::LimiterUnavailable(format!(
                         "Rate limiter backend ({}) failed: {e}",
                         self.backend.name()
                     ))),
                     Prefetch::NotFetched,
+                    Place::Nowhere,
                 ),
             },
-            Some(guards) => self.check_remote(guards, key, policy, prefetch).await,
+            Some(guards) => {
+                self.check_remote(guards, key, policy, reserve, prefetch)
+                    .await
+            }
         };
         self.metrics
             .limiter_call_latency
             .observe(started.elapsed().as_secs_f64());
-        match &decision {
-            Ok(d) if d.allowed => self.metrics.rate_limit_allowed.inc(),
-            Ok(_) => self.metrics.rate_limit_blocked.inc(),
-            Err(_) => {}
+        if let Ok(decision) = &decision {
+            self.count(decision);
         }
-        (decision, prefetched)
+        let reserved = matches!(&decision, Ok(d) if d.allowed) && reserve.tokens > 0;
+        let ticket = (reserved && place != Place::Nowhere).then_some(Ticket {
+            id: reserve.id,
+            reserved: reserve.tokens,
+            per_minute: policy.tokens.per_minute,
+            place,
+        });
+        Checked {
+            decision,
+            prefetched,
+            ticket,
+        }
     }
 
     async fn check_remote(
@@ -260,19 +523,26 @@ impl RateLimiter {
         guards: &RemoteGuards,
         key: &str,
         policy: &BucketPolicy,
+        reserve: Reserve,
         prefetch: Option<&str>,
-    ) -> (Result<Decision, ChatError>, Prefetch) {
-        match self.guarded_call(guards, key, policy, prefetch).await {
+    ) -> (Result<Decision, ChatError>, Prefetch, Place) {
+        match self
+            .guarded_call(guards, key, policy, reserve, prefetch)
+            .await
+        {
             Ok((decision, prefetched)) => {
-                guards.deny_cache.record(key, &decision);
-                (Ok(decision), prefetched)
+                if decision.denied_by == Some(Limit::Requests) {
+                    guards.deny_cache.record(key, &decision);
+                }
+                (Ok(decision), prefetched, Place::Backend)
             }
             Err(_) => {
                 let prefetched = match prefetch {
                     Some(_) => Prefetch::Failed,
                     None => Prefetch::NotFetched,
                 };
-                (self.on_backend_failure(guards, key, policy), prefetched)
+                let (decision, place) = self.on_backend_failure(guards, key, policy, reserve);
+                (decision, prefetched, place)
             }
         }
     }
@@ -285,6 +555,7 @@ impl RateLimiter {
         guards: &RemoteGuards,
         key: &str,
         policy: &BucketPolicy,
+        reserve: Reserve,
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), Unreachable> {
         let admission = guards.breaker.admit();
@@ -295,10 +566,13 @@ impl RateLimiter {
             match prefetch {
                 Some(cache_key) => {
                     self.backend
-                        .check_and_prefetch(key, policy, cache_key)
+                        .check_and_prefetch(key, policy, reserve, cache_key)
                         .await
                 }
-                None => Ok((self.backend.check(key, policy).await?, Prefetch::NotFetched)),
+                None => Ok((
+                    self.backend.check(key, policy, reserve).await?,
+                    Prefetch::NotFetched,
+                )),
             }
         };
         let outcome = tokio::time::timeout(self.timeout, call)
@@ -340,23 +614,76 @@ impl RateLimiter {
         guards: &RemoteGuards,
         key: &str,
         policy: &BucketPolicy,
-    ) -> Result<Decision, ChatError> {
+        reserve: Reserve,
+    ) -> (Result<Decision, ChatError>, Place) {
         self.metrics
             .limiter_fallback_decisions
             .get(self.mode.as_str())
             .inc();
         match self.mode {
-            FailureMode::Local => Ok(guards.fallback.take(key, policy)),
-            FailureMode::Closed => Err(ChatError::LimiterUnavailable(format!(
-                "Rate limiter backend ({}) is unavailable",
-                self.backend.name()
-            ))),
-            FailureMode::Open => Ok(Decision {
-                allowed: true,
-                remaining: policy.capacity,
-                reset_ms: 0,
-                retry_after_ms: 0,
-            }),
+            FailureMode::Local => (
+                Ok(guards.fallback.take(key, policy, reserve)),
+                Place::Fallback,
+            ),
+            FailureMode::Closed => (
+                Err(ChatError::LimiterUnavailable(format!(
+                    "Rate limiter backend ({}) is unavailable",
+                    self.backend.name()
+                ))),
+                Place::Nowhere,
+            ),
+            FailureMode::Open => (
+                Ok(Decision {
+                    allowed: true,
+                    remaining: policy.capacity,
+                    reset_ms: 0,
+                    retry_after_ms: 0,
+                    denied_by: None,
+                    tokens: (policy.tokens.per_minute > 0).then_some(Left {
+                        remaining: policy.tokens.per_minute,
+                        reset_ms: 0,
+                    }),
+                    budget: None,
+                }),
+                Place::Nowhere,
+            ),
+        }
+    }
+
+    /// Settles `ticket`, a reservation made for the bucket at `key`, to `used` tokens:
+    /// where it was made (the store, or the in-process fallback while the store was
+    /// failing). A failed store call is tried again after [`RECONCILE_RETRY_DELAYS`]
+    /// (the script applies a reservation once, so a retry after a call that did run
+    /// changes nothing); one that never succeeds is logged and counted.
+    pub async fn reconcile(&self, key: &str, ticket: Ticket, used: u64) {
+        let settle = Settle {
+            id: ticket.id,
+            used,
+        };
+        if ticket.place == Place::Fallback {
+            if let Some(guards) = &self.remote {
+                guards.fallback.settle(key, ticket.per_minute, settle);
+            }
+            return;
+        }
+        let mut delays = RECONCILE_RETRY_DELAYS.iter();
+        loop {
+            let outcome = self
+                .backend
+                .reconcile(key, ticket.per_minute, settle, self.timeout)
+                .await;
+            let Err(error) = outcome else {
+                return;
+            };
+            match delays.next() {
+                Some(delay) => tokio::time::sleep(*delay).await,
+                None => {
+                    self.metrics.limiter_reconcile_failures.inc();
+                    tracing::warn!(%error, reserved = ticket.reserved, used,
+                        "token reservation could not be settled; it stays charged as reserved");
+                    return;
+                }
+            }
         }
     }
 
@@ -380,8 +707,10 @@ impl RateLimiter {
             tier: "readiness".into(),
             capacity: 1,
             refill_rate: 1000.0,
+            tokens: TokenLimits::default(),
         };
-        self.guarded_call(guards, READINESS_BUCKET, &policy, prefetch)
+        let reserve = Reserve::default();
+        self.guarded_call(guards, READINESS_BUCKET, &policy, reserve, prefetch)
             .await
             .map(drop)
     }
@@ -412,6 +741,7 @@ mod tests {
             tier: "default".into(),
             capacity: 5,
             refill_rate: 0.5,
+            tokens: TokenLimits::default(),
         };
         assert_eq!(p.seconds_to_fill(), 10);
         let p = BucketPolicy {

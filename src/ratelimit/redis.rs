@@ -3,18 +3,37 @@
 use async_trait::async_trait;
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 
-use super::{BackendError, BucketPolicy, Decision, LimiterBackend, Prefetch};
+use std::time::Duration;
+
+use super::{
+    BackendError, BucketPolicy, Decision, LimiterBackend, Prefetch, Reserve, ScriptReply, Settle,
+};
 use crate::serve::redis::RedisConn;
 use crate::telemetry::metrics::Metrics;
 
 /// The token-bucket script; see the file for its contract.
 pub const TOKEN_BUCKET_LUA: &str = include_str!("token_bucket.lua");
 
+/// The reconciliation script; see the file for its contract.
+pub const RECONCILE_LUA: &str = include_str!("reconcile.lua");
+
+/// The keys of a client's token limits beside its request bucket `key`: the token
+/// bucket, the budget and the reservations, all in the bucket's hash-tag slot.
+fn token_keys(key: &str) -> [String; 3] {
+    [
+        format!("{key}:tokens"),
+        format!("{key}:budget"),
+        format!("{key}:reserved"),
+    ]
+}
+
 /// Calls the token-bucket script on the shared connection.
 pub struct RedisLimiter {
     conn: RedisConn,
     /// SHA1 of the script, computed once.
     sha: String,
+    /// SHA1 of the reconciliation script.
+    reconcile_sha: String,
     metrics: Metrics,
 }
 
@@ -24,6 +43,7 @@ impl RedisLimiter {
         RedisLimiter {
             conn,
             sha: redis::Script::new(TOKEN_BUCKET_LUA).get_hash().to_owned(),
+            reconcile_sha: redis::Script::new(RECONCILE_LUA).get_hash().to_owned(),
             metrics,
         }
     }
@@ -34,14 +54,32 @@ impl RedisLimiter {
         script: &str,
         key: &str,
         policy: &BucketPolicy,
+        reserve: Reserve,
     ) -> redis::Cmd {
         let mut cmd = redis::cmd(command);
+        let limits = policy.tokens;
+        if !limits.any() {
+            // The request bucket alone: one key, three arguments.
+            cmd.arg(script)
+                .arg(1)
+                .arg(key)
+                .arg(policy.capacity)
+                .arg(policy.refill_rate)
+                .arg(1);
+            return cmd;
+        }
         cmd.arg(script)
-            .arg(1)
+            .arg(4)
             .arg(key)
+            .arg(&token_keys(key)[..])
             .arg(policy.capacity)
             .arg(policy.refill_rate)
-            .arg(1);
+            .arg(1)
+            .arg(reserve.tokens)
+            .arg(limits.per_minute)
+            .arg(limits.budget)
+            .arg(limits.period.as_str())
+            .arg(reserve.id);
         cmd
     }
 }
@@ -62,17 +100,26 @@ fn backend_error(error: RedisError) -> BackendError {
     }
 }
 
-/// The script's reply: allowed, milli-tokens left, ms until full, ms until a token.
-type ScriptReply = (i64, i64, i64, i64);
-
-fn decision(reply: ScriptReply) -> Decision {
-    let (allowed, milli_tokens, reset_ms, retry_ms) = reply;
-    Decision::from_millis(
-        allowed == 1,
-        milli_tokens.max(0) as u64,
-        reset_ms.max(0) as u64,
-        retry_ms.max(0) as u64,
-    )
+/// The script's reply: allowed, milli-tokens left, ms until full, ms until a token;
+/// with token limits, six numbers more (see the script).
+fn decision(reply: &[i64], policy: &BucketPolicy) -> Result<Decision, RedisError> {
+    let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+    if reply.len() < 4 || (policy.tokens.any() && reply.len() < 10) {
+        return Err(missing_reply());
+    }
+    let mut decision = Decision::from_millis(reply[0] == 1, at(1), at(2), at(3));
+    if policy.tokens.any() {
+        let tokens = ScriptReply {
+            why: ScriptReply::limit(reply[4]),
+            llm_left: at(5),
+            llm_to_full_ms: at(6),
+            llm_retry_ms: at(7),
+            budget_left: at(8),
+            period_left_ms: at(9),
+        };
+        tokens.complete(&mut decision, policy);
+    }
+    Ok(decision)
 }
 
 impl RedisLimiter {
@@ -84,16 +131,17 @@ impl RedisLimiter {
         &self,
         key: &str,
         policy: &BucketPolicy,
+        reserve: Reserve,
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), BackendError> {
         match self
-            .run_with("EVALSHA", &self.sha, key, policy, prefetch)
+            .run_with("EVALSHA", &self.sha, key, policy, reserve, prefetch)
             .await
         {
             Err(error) if is_noscript(&error) => {
                 self.metrics.limiter_script_reloads.inc();
                 tracing::info!("rate limiter script missing on Redis (NOSCRIPT); reloading");
-                self.run_with("EVAL", TOKEN_BUCKET_LUA, key, policy, prefetch)
+                self.run_with("EVAL", TOKEN_BUCKET_LUA, key, policy, reserve, prefetch)
                     .await
             }
             other => other,
@@ -107,13 +155,14 @@ impl RedisLimiter {
         script: &str,
         key: &str,
         policy: &BucketPolicy,
+        reserve: Reserve,
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), RedisError> {
-        let call = self.invocation(command, script, key, policy);
+        let call = self.invocation(command, script, key, policy, reserve);
         let Some(cache_key) = prefetch else {
             let mut conn = self.conn.connection();
-            let reply: ScriptReply = call.query_async(&mut conn).await?;
-            return Ok((decision(reply), Prefetch::NotFetched));
+            let reply: Vec<i64> = call.query_async(&mut conn).await?;
+            return Ok((decision(&reply, policy)?, Prefetch::NotFetched));
         };
         // Every reply on its own, so a failed read never fails the decision. On one node
         // the round trip also carries the writes waiting on this thread, ahead of the
@@ -122,7 +171,7 @@ impl RedisLimiter {
         get.arg(cache_key);
         let mut replies = self.conn.round_trip(vec![call, get]).await?.into_iter();
         let script_reply = replies.next().unwrap_or_else(|| Err(missing_reply()))?;
-        let reply: ScriptReply = redis::from_redis_value(script_reply)?;
+        let reply: Vec<i64> = redis::from_redis_value(script_reply)?;
         let prefetched = match replies.next() {
             Some(Ok(Value::Nil)) => Prefetch::Missing,
             Some(Ok(value)) => redis::from_redis_value::<Vec<u8>>(value)
@@ -130,23 +179,75 @@ impl RedisLimiter {
                 .unwrap_or(Prefetch::Failed),
             Some(Err(_)) | None => Prefetch::Failed,
         };
-        Ok((decision(reply), prefetched))
+        Ok((decision(&reply, policy)?, prefetched))
+    }
+
+    fn reconcile_call(
+        &self,
+        command: &str,
+        script: &str,
+        key: &str,
+        per_minute: u64,
+        settle: Settle,
+    ) -> redis::Cmd {
+        let mut cmd = redis::cmd(command);
+        cmd.arg(script)
+            .arg(3)
+            .arg(&token_keys(key)[..])
+            .arg(per_minute)
+            .arg(settle.id)
+            .arg(settle.used);
+        cmd
     }
 }
 
 #[async_trait]
 impl LimiterBackend for RedisLimiter {
-    async fn check(&self, key: &str, policy: &BucketPolicy) -> Result<Decision, BackendError> {
-        Ok(self.run(key, policy, None).await?.0)
+    async fn check(
+        &self,
+        key: &str,
+        policy: &BucketPolicy,
+        reserve: Reserve,
+    ) -> Result<Decision, BackendError> {
+        Ok(self.run(key, policy, reserve, None).await?.0)
     }
 
     async fn check_and_prefetch(
         &self,
         key: &str,
         policy: &BucketPolicy,
+        reserve: Reserve,
         prefetch: &str,
     ) -> Result<(Decision, Prefetch), BackendError> {
-        self.run(key, policy, Some(prefetch)).await
+        self.run(key, policy, reserve, Some(prefetch)).await
+    }
+
+    /// Sends the reconciliation after the answer, riding with the next round trip of
+    /// this thread where it can (as the cache's writes do); on NOSCRIPT once more with
+    /// EVAL, which loads the script again.
+    async fn reconcile(
+        &self,
+        key: &str,
+        per_minute: u64,
+        settle: Settle,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let call = self.reconcile_call("EVALSHA", &self.reconcile_sha, key, per_minute, settle);
+        match self.conn.write_soon(call, 64, timeout).await {
+            Err(error) if error.contains("NOSCRIPT") || error.contains("NoScript") => {
+                self.metrics.limiter_script_reloads.inc();
+                let call = self.reconcile_call("EVAL", RECONCILE_LUA, key, per_minute, settle);
+                self.conn.write_soon(call, 64, timeout).await
+            }
+            other => other,
+        }
+        .map_err(|error| {
+            if error.contains("timed out") {
+                BackendError::Timeout
+            } else {
+                BackendError::Redis(error)
+            }
+        })
     }
 
     fn name(&self) -> &'static str {

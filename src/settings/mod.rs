@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub mod registry;
+pub mod tiers;
 
 use config::{Config, Environment, File, FileFormat};
 use secrecy::SecretString;
@@ -40,6 +41,27 @@ impl FailureMode {
             FailureMode::Local => "local",
             FailureMode::Open => "open",
             FailureMode::Closed => "closed",
+        }
+    }
+}
+
+/// The period a token budget counts in (UTC), after which it starts again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    /// A UTC day.
+    #[default]
+    Day,
+    /// A calendar month (UTC).
+    Month,
+}
+
+impl BudgetPeriod {
+    /// The word used in settings and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Month => "month",
         }
     }
 }
@@ -104,6 +126,14 @@ pub struct Settings {
     pub rate_limiter_capacity: u64,
     /// Tokens per second per client.
     pub rate_limiter_refill_rate: f64,
+    /// LLM tokens per minute per client (a second bucket); 0 turns it off.
+    pub rate_limiter_tokens_per_minute: u64,
+    /// LLM tokens per client per budget period; 0 turns the budget off.
+    pub rate_limiter_token_budget: u64,
+    /// The budget's period.
+    pub rate_limiter_token_budget_period: BudgetPeriod,
+    /// The completion tokens a request without `max_tokens` reserves.
+    pub rate_limiter_default_max_tokens: u64,
     /// Policy when Redis fails.
     pub rate_limiter_failure_mode: FailureMode,
     /// Consecutive Redis failures that open the limiter's circuit breaker.
@@ -148,6 +178,9 @@ pub struct Settings {
     /// settings above build the default one.
     #[serde(skip)]
     pub registry: Option<registry::RegistryConfig>,
+    /// The `[tiers.NAME]` tables of the `GATEWAY_CONFIG` file.
+    #[serde(skip)]
+    pub file_tiers: Vec<Tier>,
 }
 
 /// A setting that could not be loaded or is out of range. Its `Display` is one line.
@@ -204,9 +237,14 @@ impl Settings {
         }
         // Provider keys come from variables the registry names: read before the
         // environment is narrowed to our own settings.
-        let registry = match config_file.filter(|p| p.exists()) {
-            Some(path) => registry::load(path, &merged)?,
-            None => None,
+        let (registry, file_tiers) = match config_file.filter(|p| p.exists()) {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    SettingsError::registry(format!("cannot read {}: {e}", path.display()))
+                })?;
+                (registry::parse(&text, &merged)?, tiers::parse(&text)?)
+            }
+            None => (None, Vec::new()),
         };
         // Only our own names are taken from the environment, so unrelated variables
         // (PATH, HOME, ...) can never be misread as settings.
@@ -236,6 +274,7 @@ impl Settings {
             .try_deserialize()
             .map_err(|e| SettingsError(e.to_string()))?;
         settings.registry = registry;
+        settings.file_tiers = file_tiers;
         settings.validate()?;
         Ok(settings)
     }
@@ -377,11 +416,7 @@ impl Settings {
             else {
                 return Err(bad("expected name:capacity:refill_rate"));
             };
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
+            if !is_tier_name(name) {
                 return Err(bad("the name may only hold letters, digits, '-' and '_'"));
             }
             let capacity: u64 = capacity
@@ -401,7 +436,19 @@ impl Settings {
                 name: name.to_owned(),
                 capacity,
                 refill_rate,
+                tokens_per_minute: None,
+                token_budget: None,
+                budget_period: None,
             });
+        }
+        for tier in &self.file_tiers {
+            if tiers.iter().any(|t| t.name == tier.name) || tier.name == "default" {
+                return Err(SettingsError::registry(format!(
+                    "tier '{}' is defined twice (or is the reserved 'default')",
+                    tier.name
+                )));
+            }
+            tiers.push(tier.clone());
         }
         Ok(tiers)
     }
@@ -501,6 +548,21 @@ pub struct Tier {
     pub capacity: u64,
     /// Tokens per second.
     pub refill_rate: f64,
+    /// LLM tokens per minute; `None`: `RATE_LIMITER_TOKENS_PER_MINUTE`.
+    pub tokens_per_minute: Option<u64>,
+    /// LLM tokens per period; `None`: `RATE_LIMITER_TOKEN_BUDGET`.
+    pub token_budget: Option<u64>,
+    /// The budget's period; `None`: `RATE_LIMITER_TOKEN_BUDGET_PERIOD`.
+    pub budget_period: Option<BudgetPeriod>,
+}
+
+/// Whether `name` can name a tier: letters, digits, `-` and `_` (so it is a safe token
+/// in the `RateLimit` headers).
+fn is_tier_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Comma-separated entries, trimmed, empties dropped.
@@ -672,7 +734,10 @@ mod tests {
             Tier {
                 name: "free".into(),
                 capacity: 5,
-                refill_rate: 0.5
+                refill_rate: 0.5,
+                tokens_per_minute: None,
+                token_budget: None,
+                budget_period: None,
             }
         );
         assert_eq!(

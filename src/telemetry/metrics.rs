@@ -101,6 +101,10 @@ pub struct MetricSet {
     pub limiter_breaker_state: IntGauge,
     /// Denials answered by the local deny cache without a Redis call.
     pub limiter_local_denials: IntCounter,
+    /// Requests refused by the limiter, by the limit that refused them.
+    pub rate_limit_denials: Labelled<IntCounter>,
+    /// Token reservations that could not be settled after every retry.
+    pub limiter_reconcile_failures: IntCounter,
     /// Requests moved on from a provider to the route's next target, by the provider
     /// that failed them.
     pub provider_fallbacks: Labelled<IntCounter>,
@@ -330,6 +334,18 @@ impl Metrics {
                 r,
                 "rate_limiter_local_denials_total",
                 "Denials answered by the local deny cache without a Redis call",
+            ),
+            rate_limit_denials: counter_vec(
+                r,
+                "rate_limit_denials_total",
+                "Requests blocked by the rate limiter, by reason (requests, tokens, too_large, budget)",
+                "reason",
+                &["requests", "tokens", "too_large", "budget"],
+            ),
+            limiter_reconcile_failures: counter(
+                r,
+                "rate_limiter_reconcile_failures_total",
+                "Token reservations that could not be settled to their real usage after every retry",
             ),
             registry,
         }))

@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use llm_gateway::ratelimit::memory::MemoryLimiter;
 use llm_gateway::ratelimit::redis::RedisLimiter;
-use llm_gateway::ratelimit::{BucketPolicy, LimiterBackend, Prefetch};
+use llm_gateway::ratelimit::{
+    BucketPolicy, Limit, LimiterBackend, Prefetch, Reserve, Settle, TokenLimits,
+};
 use llm_gateway::serve::redis::RedisConn;
+use llm_gateway::settings::BudgetPeriod;
 use llm_gateway::settings::StoreUrl;
 use llm_gateway::telemetry::metrics::Metrics;
 
@@ -17,18 +20,110 @@ fn policy(capacity: u64, refill_rate: f64) -> BucketPolicy {
         tier: "default".into(),
         capacity,
         refill_rate,
+        tokens: TokenLimits::default(),
     }
+}
+
+/// A request that reserves no LLM tokens.
+const NO_TOKENS: Reserve = Reserve { tokens: 0, id: 0 };
+
+/// A roomy request bucket with a token bucket of `per_minute` and a daily `budget`.
+fn token_policy(per_minute: u64, budget: u64) -> BucketPolicy {
+    BucketPolicy {
+        tokens: TokenLimits {
+            per_minute,
+            budget,
+            period: BudgetPeriod::Day,
+            default_max_tokens: 100,
+        },
+        ..policy(100, 100.0)
+    }
+}
+
+fn reserve(tokens: u64, id: u64) -> Reserve {
+    Reserve { tokens, id }
+}
+
+// Keys of the token scenarios carry a hash tag, as real bucket keys do: on a cluster a
+// client's buckets, budget and reservations must share a slot.
+
+async fn reservations_take_every_limit_or_none(b: &dyn LimiterBackend) {
+    let key = "{suite:tok}";
+    let p = token_policy(600, 1000);
+    let first = b.check(key, &p, reserve(500, 1)).await.unwrap();
+    assert!(first.allowed, "{}", b.name());
+    assert_eq!(first.tokens.unwrap().remaining, 100, "{}", b.name());
+    assert_eq!(first.budget.unwrap().remaining, 500, "{}", b.name());
+    let refused = b.check(key, &p, reserve(200, 2)).await.unwrap();
+    assert_eq!(refused.denied_by, Some(Limit::Tokens), "{}", b.name());
+    // 100 tokens short at 10/s: ten seconds (a few ms of refill since may shave it).
+    assert!(
+        (9_900..=10_000).contains(&refused.retry_after_ms),
+        "{}: {}",
+        b.name(),
+        refused.retry_after_ms
+    );
+    assert_eq!(refused.budget.unwrap().remaining, 500, "nothing charged");
+    assert_eq!(
+        refused.remaining,
+        99,
+        "{}: nor the request bucket",
+        b.name()
+    );
+    let huge = b.check("{suite:huge}", &p, reserve(601, 3)).await.unwrap();
+    assert_eq!(huge.denied_by, Some(Limit::TooLarge), "{}", b.name());
+}
+
+async fn settling_refunds_charges_debt_and_applies_once(b: &dyn LimiterBackend) {
+    let key = "{suite:settle}";
+    let p = token_policy(600, 1000);
+    let timeout = Duration::from_secs(1);
+    assert!(b.check(key, &p, reserve(500, 7)).await.unwrap().allowed);
+    let refund = Settle { id: 7, used: 50 };
+    b.reconcile(key, 600, refund, timeout).await.unwrap();
+    b.reconcile(key, 600, refund, timeout).await.unwrap();
+    let next = b.check(key, &p, reserve(10, 8)).await.unwrap();
+    let left = next.tokens.unwrap().remaining;
+    assert!((540..=541).contains(&left), "{}: {left}", b.name());
+    assert_eq!(next.budget.unwrap().remaining, 940, "{}", b.name());
+    let debt = Settle { id: 8, used: 310 };
+    b.reconcile(key, 600, debt, timeout).await.unwrap();
+    let after = b.check(key, &p, reserve(1, 9)).await.unwrap();
+    let left = after.tokens.unwrap().remaining;
+    assert!((239..=241).contains(&left), "{}: {left}", b.name());
+    assert_eq!(after.budget.unwrap().remaining, 639, "{}", b.name());
+}
+
+async fn a_spent_budget_refuses_until_the_period_ends(b: &dyn LimiterBackend) {
+    let key = "{suite:budget}";
+    let p = token_policy(0, 300);
+    assert!(b.check(key, &p, reserve(200, 1)).await.unwrap().allowed);
+    let spent = b.check(key, &p, reserve(200, 2)).await.unwrap();
+    assert_eq!(spent.denied_by, Some(Limit::Budget), "{}", b.name());
+    assert!(spent.tokens.is_none());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let left = (now / 86_400.0).floor() * 86_400.0 + 86_400.0 - now;
+    let retry = spent.retry_after_ms as f64 / 1000.0;
+    assert!(
+        (retry - left).abs() < 2.0,
+        "{}: {retry} vs {left}",
+        b.name()
+    );
+    assert!(b.check(key, &p, reserve(100, 3)).await.unwrap().allowed);
 }
 
 async fn a_new_bucket_is_full_and_drains_one_token_per_request(b: &dyn LimiterBackend) {
     let p = policy(3, 0.01);
     for remaining in [2, 1, 0] {
-        let d = b.check("suite:drain", &p).await.unwrap();
+        let d = b.check("suite:drain", &p, NO_TOKENS).await.unwrap();
         assert!(d.allowed, "{}", b.name());
         assert_eq!(d.remaining, remaining, "{}", b.name());
         assert_eq!(d.retry_after_ms, 0);
     }
-    let denied = b.check("suite:drain", &p).await.unwrap();
+    let denied = b.check("suite:drain", &p, NO_TOKENS).await.unwrap();
     assert!(!denied.allowed, "{}", b.name());
     // One token at 0.01/s takes 100 s; the bucket is full in 300 s.
     assert!(
@@ -47,21 +142,37 @@ async fn a_new_bucket_is_full_and_drains_one_token_per_request(b: &dyn LimiterBa
 
 async fn tokens_refill_at_the_rate_and_never_beyond_capacity(b: &dyn LimiterBackend) {
     let p = policy(2, 20.0);
-    assert!(b.check("suite:refill", &p).await.unwrap().allowed);
-    assert!(b.check("suite:refill", &p).await.unwrap().allowed);
     assert!(
-        !b.check("suite:refill", &p).await.unwrap().allowed,
+        b.check("suite:refill", &p, NO_TOKENS)
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        b.check("suite:refill", &p, NO_TOKENS)
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        !b.check("suite:refill", &p, NO_TOKENS)
+            .await
+            .unwrap()
+            .allowed,
         "{}",
         b.name()
     );
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert!(
-        b.check("suite:refill", &p).await.unwrap().allowed,
+        b.check("suite:refill", &p, NO_TOKENS)
+            .await
+            .unwrap()
+            .allowed,
         "{}: 2.4 tokens refilled",
         b.name()
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let d = b.check("suite:refill", &p).await.unwrap();
+    let d = b.check("suite:refill", &p, NO_TOKENS).await.unwrap();
     assert_eq!(
         d.remaining,
         1,
@@ -72,8 +183,13 @@ async fn tokens_refill_at_the_rate_and_never_beyond_capacity(b: &dyn LimiterBack
 
 async fn fractional_rates_work(b: &dyn LimiterBackend) {
     let p = policy(1, 0.5);
-    assert!(b.check("suite:fraction", &p).await.unwrap().allowed);
-    let denied = b.check("suite:fraction", &p).await.unwrap();
+    assert!(
+        b.check("suite:fraction", &p, NO_TOKENS)
+            .await
+            .unwrap()
+            .allowed
+    );
+    let denied = b.check("suite:fraction", &p, NO_TOKENS).await.unwrap();
     assert!(!denied.allowed);
     assert!(
         (1_900..=2_000).contains(&denied.retry_after_ms),
@@ -85,10 +201,10 @@ async fn fractional_rates_work(b: &dyn LimiterBackend) {
 
 async fn buckets_are_independent_per_key(b: &dyn LimiterBackend) {
     let p = policy(1, 0.01);
-    assert!(b.check("suite:a", &p).await.unwrap().allowed);
-    assert!(!b.check("suite:a", &p).await.unwrap().allowed);
+    assert!(b.check("suite:a", &p, NO_TOKENS).await.unwrap().allowed);
+    assert!(!b.check("suite:a", &p, NO_TOKENS).await.unwrap().allowed);
     assert!(
-        b.check("suite:b", &p).await.unwrap().allowed,
+        b.check("suite:b", &p, NO_TOKENS).await.unwrap().allowed,
         "{}",
         b.name()
     );
@@ -96,12 +212,15 @@ async fn buckets_are_independent_per_key(b: &dyn LimiterBackend) {
 
 async fn a_lower_capacity_applies_at_once(b: &dyn LimiterBackend) {
     assert!(
-        b.check("suite:shrink", &policy(10, 0.01))
+        b.check("suite:shrink", &policy(10, 0.01), NO_TOKENS)
             .await
             .unwrap()
             .allowed
     );
-    let d = b.check("suite:shrink", &policy(2, 0.01)).await.unwrap();
+    let d = b
+        .check("suite:shrink", &policy(2, 0.01), NO_TOKENS)
+        .await
+        .unwrap();
     assert!(d.allowed);
     assert_eq!(
         d.remaining,
@@ -117,6 +236,9 @@ async fn run_suite(backend: &dyn LimiterBackend) {
     fractional_rates_work(backend).await;
     buckets_are_independent_per_key(backend).await;
     a_lower_capacity_applies_at_once(backend).await;
+    reservations_take_every_limit_or_none(backend).await;
+    settling_refunds_charges_debt_and_applies_once(backend).await;
+    a_spent_budget_refuses_until_the_period_ends(backend).await;
 }
 
 #[tokio::test]
@@ -158,7 +280,12 @@ async fn the_redis_cluster_backend_passes_the_behaviour_suite_and_reads_the_cach
             .await
             .unwrap();
         let (decision, prefetched) = backend
-            .check_and_prefetch(&format!("suite:prefetch:{n}"), &policy(5, 1.0), &cache_key)
+            .check_and_prefetch(
+                &format!("suite:prefetch:{n}"),
+                &policy(5, 1.0),
+                Default::default(),
+                &cache_key,
+            )
             .await
             .unwrap();
         assert!(decision.allowed);
@@ -167,7 +294,12 @@ async fn the_redis_cluster_backend_passes_the_behaviour_suite_and_reads_the_cach
             Prefetch::Found(bytes::Bytes::from_static(b"stored"))
         );
         let (_, missing) = backend
-            .check_and_prefetch("suite:prefetch", &policy(5, 1.0), "cache:absent")
+            .check_and_prefetch(
+                "suite:prefetch",
+                &policy(5, 1.0),
+                Default::default(),
+                "cache:absent",
+            )
             .await
             .unwrap();
         assert_eq!(missing, Prefetch::Missing);

@@ -237,6 +237,7 @@ fn limiter_and_cache(redis: &RedisServer) -> (RedisLimiter, Arc<RedisCache>, Red
 
 fn roomy_bucket() -> BucketPolicy {
     BucketPolicy {
+        tokens: Default::default(),
         tier: "default".into(),
         capacity: 100,
         refill_rate: 1.0,
@@ -268,7 +269,12 @@ async fn a_waiting_cache_write_rides_with_the_next_limiter_call_which_already_re
     let store = queue_store(&cache, "cache:ride", &b"answer"[..]).await;
     assert_eq!(conn.writes_waiting(), 1, "waiting for a ride");
     let (decision, prefetched) = limiter
-        .check_and_prefetch("ratelimit:ride", &roomy_bucket(), "cache:ride")
+        .check_and_prefetch(
+            "ratelimit:ride",
+            &roomy_bucket(),
+            Default::default(),
+            "cache:ride",
+        )
         .await
         .unwrap();
     assert!(decision.allowed);
@@ -313,7 +319,12 @@ async fn a_riding_write_survives_a_script_reload_and_a_broken_cache_read_fails_o
         .exec(&mut redis.conn())
         .unwrap();
     let (decision, prefetched) = limiter
-        .check_and_prefetch("ratelimit:reload", &roomy_bucket(), "cache:hash")
+        .check_and_prefetch(
+            "ratelimit:reload",
+            &roomy_bucket(),
+            Default::default(),
+            "cache:hash",
+        )
         .await
         .unwrap();
     assert!(decision.allowed, "decided by EVAL after NOSCRIPT");

@@ -24,4 +24,5 @@ mod router;
 mod sdk;
 mod soak;
 mod stores;
+mod tokens;
 mod tools;

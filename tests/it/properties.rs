@@ -189,7 +189,7 @@ proptest! {
         milli in any::<u32>(), reset in any::<u32>(), retry in any::<u32>(),
         tier in "[a-z0-9_-]{1,12}",
     ) {
-        let policy = BucketPolicy { tier: tier.into(), capacity, refill_rate: rate };
+        let policy = BucketPolicy { tier: tier.into(), capacity, refill_rate: rate, tokens: Default::default() };
         let mut h = HeaderMap::new();
         headers::apply(&mut h, &policy, &Decision::from_millis(allowed, u64::from(milli), u64::from(reset), u64::from(retry)));
         prop_assert!(h.contains_key("ratelimit") && h.contains_key("ratelimit-policy"));

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::api::door::{error_response, DoorError};
 use crate::domain::{ChatError, Unsupported};
-use crate::ratelimit::{BucketPolicy, Decision};
+use crate::ratelimit::{BucketPolicy, Decision, Limit};
 
 /// An error as an Anthropic client expects it.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,15 +70,30 @@ impl AnthropicError {
         }
     }
 
-    /// 429 from the request limiter.
-    pub fn rate_limited() -> AnthropicError {
+    /// 429 from the limiter, in Anthropic's words for `limit`.
+    pub fn rate_limited(limit: Limit) -> AnthropicError {
+        let message = match limit {
+            Limit::Requests => {
+                "Number of requests has exceeded your rate limit. Please wait before trying again."
+            }
+            Limit::Tokens => {
+                "Number of tokens has exceeded your per-minute rate limit. Please wait before \
+                 trying again."
+            }
+            Limit::TooLarge => {
+                "Request too large: it reserves more tokens (prompt and max_tokens) than your \
+                 per-minute rate limit allows. Send a shorter prompt or a lower max_tokens."
+            }
+            Limit::Budget => {
+                "Your token budget for this period is spent. It starts again when the period \
+                 ends (see retry-after)."
+            }
+        };
         AnthropicError {
             status: StatusCode::TOO_MANY_REQUESTS,
             kind: "rate_limit_error",
-            message:
-                "Number of requests has exceeded your rate limit. Please wait before trying again."
-                    .into(),
-            retry: true,
+            message: message.into(),
+            retry: limit.retryable(),
         }
     }
 
@@ -180,8 +195,8 @@ impl DoorError for AnthropicError {
         AnthropicError::invalid("The request body could not be read.")
     }
 
-    fn rate_limited() -> Self {
-        AnthropicError::rate_limited()
+    fn rate_limited(limit: Limit) -> Self {
+        AnthropicError::rate_limited(limit)
     }
 
     fn limit_headers(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision) {

@@ -37,6 +37,12 @@ pub struct MessagesRequest {
     pub chat: ChatRequest,
 }
 
+impl AsRef<ChatRequest> for MessagesRequest {
+    fn as_ref(&self) -> &ChatRequest {
+        &self.chat
+    }
+}
+
 impl MessagesRequest {
     /// The cache key: the request as it reaches the upstream, in the door's namespace
     /// (`stream` and `metadata` change nothing upstream, so they are not in it).

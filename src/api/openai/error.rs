@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::api::door::{error_response, DoorError};
 use crate::domain::{ChatError, Unsupported};
-use crate::ratelimit::{BucketPolicy, Decision};
+use crate::ratelimit::{BucketPolicy, Decision, Limit};
 
 /// An error as an OpenAI client expects it.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,15 +109,41 @@ impl OpenAiError {
         }
     }
 
-    /// 429 from the request limiter: retrying after `Retry-After` helps.
-    pub fn rate_limited() -> OpenAiError {
+    /// 429 from the limiter, in OpenAI's words for `limit`: retrying after `Retry-After`
+    /// helps for the buckets, not for a request larger than the token bucket nor for a
+    /// spent budget (`insufficient_quota`, as OpenAI says of a spent quota).
+    pub fn rate_limited(limit: Limit) -> OpenAiError {
+        let (message, kind, code) = match limit {
+            Limit::Requests => (
+                "Rate limit reached for requests. Please wait before trying again.",
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            Limit::Tokens => (
+                "Rate limit reached for tokens per minute. Please wait before trying again.",
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            Limit::TooLarge => (
+                "Request too large: it reserves more tokens (prompt and max_tokens) than the \
+                 tokens-per-minute limit allows. Send a shorter prompt or a lower max_tokens.",
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            Limit::Budget => (
+                "You exceeded your token budget for this period. It starts again when the \
+                 period ends (see Retry-After).",
+                "insufficient_quota",
+                "insufficient_quota",
+            ),
+        };
         OpenAiError {
             status: StatusCode::TOO_MANY_REQUESTS,
-            message: "Rate limit reached for requests. Please wait before trying again.".into(),
-            kind: "rate_limit_error",
+            message: message.into(),
+            kind,
             param: None,
-            code: Some("rate_limit_exceeded"),
-            retry: true,
+            code: Some(code),
+            retry: limit.retryable(),
         }
     }
 
@@ -233,8 +259,8 @@ impl DoorError for OpenAiError {
         OpenAiError::unparsable()
     }
 
-    fn rate_limited() -> Self {
-        OpenAiError::rate_limited()
+    fn rate_limited(limit: Limit) -> Self {
+        OpenAiError::rate_limited(limit)
     }
 
     fn limit_headers(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision) {
@@ -260,7 +286,7 @@ mod tests {
             body,
             serde_json::json!({"error": {"message": "bad role", "type": "invalid_request_error", "param": "messages[0].role", "code": null}})
         );
-        let limited = OpenAiError::rate_limited().into_response();
+        let limited = OpenAiError::rate_limited(Limit::Requests).into_response();
         assert!(limited.headers().get("x-should-retry").is_none());
     }
 }

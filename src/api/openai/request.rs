@@ -29,6 +29,12 @@ pub struct OpenAiRequest {
     pub include_usage: bool,
 }
 
+impl AsRef<ChatRequest> for OpenAiRequest {
+    fn as_ref(&self) -> &ChatRequest {
+        &self.chat
+    }
+}
+
 impl OpenAiRequest {
     /// The cache key: the request as it reaches the upstream, in the door's namespace
     /// (`stream`, `stream_options` and `user` change nothing upstream, so they are not

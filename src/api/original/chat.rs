@@ -17,7 +17,7 @@ use crate::api::observe::ChatMeta;
 use crate::cache::cache_key;
 use crate::chat::service::{ChatOutcome, ChatService};
 use crate::domain::{ChatError, Reply, Usage};
-use crate::ratelimit::Decision;
+use crate::ratelimit::{Decision, Limit};
 use crate::serve::body::BodyReadTimeout;
 
 /// The largest request body (`MAX_BODY_BYTES`), named in 413 answers.
@@ -70,7 +70,12 @@ pub async fn chat(
         _ => None,
     };
     let admission = chat
-        .admit(&identity.bucket_key, &identity.policy, cache_key)
+        .admit(
+            &identity.bucket_key,
+            &identity.policy,
+            parsed.as_ref().ok(),
+            cache_key,
+        )
         .await;
     let decision = match &admission.decision {
         Ok(decision) if !decision.allowed => return rate_limited(&identity, decision),
@@ -140,7 +145,20 @@ fn encode(reply: &Reply) -> Result<Bytes, ChatError> {
 }
 
 fn rate_limited(identity: &ClientIdentity, decision: &Decision) -> Response {
-    let mut response = ApiError::RateLimited.into_response();
+    let error = match decision.denied_by.unwrap_or(Limit::Requests) {
+        Limit::Requests => ApiError::RateLimited,
+        Limit::Tokens => {
+            ApiError::TokensLimited("Too many tokens per minute. Please wait before trying again.")
+        }
+        Limit::TooLarge => ApiError::TokensLimited(
+            "Request too large: it reserves more tokens (prompt and max_tokens) than the \
+             tokens-per-minute limit allows.",
+        ),
+        Limit::Budget => ApiError::TokensLimited(
+            "Token budget spent for this period. It starts again when the period ends.",
+        ),
+    };
+    let mut response = error.into_response();
     limit_headers::apply(response.headers_mut(), &identity.policy, decision);
     response
 }

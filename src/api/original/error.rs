@@ -30,6 +30,9 @@ pub enum ApiError {
     /// 429: the client's bucket is empty. Limit headers are added by the limiter layer.
     #[error("Too many requests. Please wait before trying again.")]
     RateLimited,
+    /// 429: a token limit refused the request; the message says which.
+    #[error("{0}")]
+    TokensLimited(&'static str),
     /// 413: the body is larger than `MAX_BODY_BYTES`.
     #[error("Request body too large: the limit is {0} bytes")]
     PayloadTooLarge(usize),
@@ -82,7 +85,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited | ApiError::TokensLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::BadBody => StatusCode::BAD_REQUEST,
