@@ -57,8 +57,13 @@ open(sys.argv[1], "w").write(
     'rate_limiter_capacity = 1000000000\n'
     'rate_limiter_refill_rate = 1.0\n'
     'rate_limiter_tiers = "tiny:1:0.001"\n'
-    'api_key_tiers = "sk-bench-limited=tiny"\n'
-    'max_body_bytes = 1048576\n')
+    'api_key_tiers = "sk-bench-limited=tiny,sk-bench-00006=metered"\n'
+    'max_body_bytes = 1048576\n'
+    # The 'tokens' row's key: the same roomy bucket with token limits on (a tokens-per-
+    # minute bucket and a daily budget no run spends), in the same process as the 'miss'
+    # row, so the two rows differ only by the token limits.
+    '[tiers.metered]\ncapacity = 1000000000\nrefill_rate = 1.0\n'
+    'tokens_per_minute = 1000000000000\ntoken_budget = 1000000000000000\n')
 PY
 GATEWAY_CONFIG="$WORK/gateway.toml" HOST=127.0.0.1 PORT=$GW_PORT \
   REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" OLLAMA_BASE_URL="http://127.0.0.1:$MOCK_PORT" \
@@ -145,14 +150,16 @@ scenario_lua keys10k RANDOM           vary  200 /api/v1/chat
 scenario_lua body64k sk-bench-00003   big   200 /api/v1/chat
 scenario_lua openai  sk-bench-00004   vary  200 /v1/chat/completions openai
 scenario_lua registry sk-bench-00005  vary  200 /api/v1/chat
+scenario_lua tokens  sk-bench-00006   vary  200 /api/v1/chat
 # The floor speaks Ollama directly: give its body a model.
 sed -i 's/"max_tokens":64}/"max_tokens":64,"model":"m","stream":false}/' "$WORK/floor.lua"
 
 # Commands the gateway sends (INFO commandstats also counts what runs inside the Lua
-# script - TIME, HMGET, HSET, PEXPIRE - and our own INFO calls; those are left out).
+# scripts - TIME, HMGET, HSET, HGET, HDEL, PEXPIRE, PEXPIREAT - and our own INFO calls;
+# those are left out).
 redis_calls() {
   redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' |
-    awk -F'[:=,]' '/^cmdstat_/ && $1 !~ /^cmdstat_(info|time|hmget|hset|pexpire)$/ { n += $3 } END { print n + 0 }'
+    awk -F'[:=,]' '/^cmdstat_/ && $1 !~ /^cmdstat_(info|time|hmget|hset|hget|hdel|pexpire|pexpireat)$/ { n += $3 } END { print n + 0 }'
 }
 rss_kb() { awk '/VmRSS/ { print $2 }' "/proc/$GW_PID/status"; }
 peak_kb() { awk '/VmHWM/ { print $2 }' "/proc/$1/status"; }
@@ -186,7 +193,7 @@ run() { # scenario connections url [pid in the "gateway" columns, default the ga
 for conns in 1 64; do
   run floor "$conns" "http://127.0.0.1:$MOCK_PORT"
   [ "$conns" = 1 ] && run bound 1 "http://127.0.0.1:$RELAY_PORT" "$RELAY_PID"
-  for name in miss openai hit limited keys10k body64k; do
+  for name in miss tokens openai hit limited keys10k body64k; do
     run "$name" "$conns" "http://127.0.0.1:$GW_PORT"
   done
   run registry "$conns" "http://127.0.0.1:$REG_PORT" "$REG_PID"
@@ -219,6 +226,8 @@ for row in "${ROWS[@]}"; do
   [ "$name" = openai ] && [ "$conns" = 64 ] && OPENAI_RPS=$rps
   [ "$name" = registry ] && [ "$conns" = 1 ] && REGISTRY_P50=$p50
   [ "$name" = registry ] && [ "$conns" = 64 ] && REGISTRY_RPS=$rps
+  [ "$name" = tokens ] && [ "$conns" = 1 ] && TOKENS_P50=$p50
+  [ "$name" = tokens ] && [ "$conns" = 64 ] && TOKENS_RPS=$rps
   ratio=$(awk -v a="$rps" -v b="${FLOOR_RPS[$conns]}" 'BEGIN { printf "%.2f", a / b }')
   delta=$((p50 - ${FLOOR_P50[$conns]}))
   per=$(awk -v c="$calls" -v r="$requests" 'BEGIN { printf "%.2f", (r > 0 ? c / r : 0) }')
@@ -236,6 +245,8 @@ echo "OpenAI door vs original door, a miss: req/s at 64 connections $(awk -v a="
   "of the original's; p50 at 1 connection $OPENAI_P50 us against $MISS_P50 us"
 echo "a 4-provider registry vs the default one, a miss: req/s at 64 connections $(awk -v a="$REGISTRY_RPS" -v b="$MISS_RPS" 'BEGIN { printf "%.3f", a / b }')" \
   "of the default's; p50 at 1 connection $REGISTRY_P50 us against $MISS_P50 us"
+echo "token limits on vs off, a miss: req/s at 64 connections $(awk -v a="$TOKENS_RPS" -v b="$MISS_RPS" 'BEGIN { printf "%.3f", a / b }')" \
+  "of the same gateway's 'miss' row (target >= 0.95); p50 at 1 connection $TOKENS_P50 us against $MISS_P50 us"
 echo "reference, 1 connection: a bare Redis round trip p50 ${PING_P50} us (PING), the limiter script alone ${EVALSHA_P50} us (EVALSHA)"
 echo "cpu us/r: CPU time each process spent per request in that row (the cores also run wrk);"
 echo "  $(nproc) cores give $(nproc) million CPU-us per second, so req/s <= $(nproc)e6 / (the four processes' sum)"

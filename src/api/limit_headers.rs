@@ -6,7 +6,7 @@
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::ratelimit::period::Span;
-use crate::ratelimit::{BucketPolicy, Decision, Left};
+use crate::ratelimit::{BucketPolicy, Decision};
 use crate::telemetry::log_format::rfc3339;
 
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -170,37 +170,69 @@ pub fn apply(headers: &mut HeaderMap, policy: &BucketPolicy, decision: &Decision
 
 /// The IETF pair when token limits apply: one list member per policy, the requests'
 /// under the tier's name, then `<tier>-tokens` (the bucket, over a minute) and
-/// `<tier>-budget` (over its period).
+/// `<tier>-budget` (over its period). Written into two buffers without formatting
+/// machinery, like [`tier_value`].
 fn with_token_policies(
     headers: &mut HeaderMap,
     policy: &BucketPolicy,
     decision: &Decision,
     reset: u64,
 ) {
-    let tier = &policy.tier;
-    let mut policies = vec![format!(
-        "\"{tier}\";q={};w={}",
-        policy.capacity,
-        policy.seconds_to_fill()
-    )];
-    let mut states = vec![format!("\"{tier}\";r={};t={reset}", decision.remaining)];
-    let mut add = |name: &str, quota: u64, window: u64, left: &Left| {
-        policies.push(format!("\"{tier}-{name}\";q={quota};w={window}"));
-        states.push(format!(
-            "\"{tier}-{name}\";r={};t={}",
-            left.remaining,
-            ceil_seconds(left.reset_ms)
-        ));
+    let tier = policy.tier.as_bytes();
+    let mut policies = Vec::with_capacity(3 * (tier.len() + 40));
+    let mut states = Vec::with_capacity(3 * (tier.len() + 40));
+    let mut add = |suffix: &[u8], quota: u64, window: u64, remaining: u64, reset: u64| {
+        if !policies.is_empty() {
+            policies.extend_from_slice(b", ");
+            states.extend_from_slice(b", ");
+        }
+        for (out, a, x, b, y) in [
+            (&mut policies, &b"q"[..], quota, &b"w"[..], window),
+            (&mut states, &b"r"[..], remaining, &b"t"[..], reset),
+        ] {
+            out.push(b'"');
+            out.extend_from_slice(tier);
+            out.extend_from_slice(suffix);
+            out.extend_from_slice(b"\";");
+            out.extend_from_slice(a);
+            out.push(b'=');
+            push_decimal(out, x);
+            out.push(b';');
+            out.extend_from_slice(b);
+            out.push(b'=');
+            push_decimal(out, y);
+        }
     };
+    add(
+        b"",
+        policy.capacity,
+        policy.seconds_to_fill(),
+        decision.remaining,
+        reset,
+    );
     if let Some(tokens) = &decision.tokens {
-        add("tokens", policy.tokens.per_minute, 60, tokens);
+        let reset = ceil_seconds(tokens.reset_ms);
+        add(
+            b"-tokens",
+            policy.tokens.per_minute,
+            60,
+            tokens.remaining,
+            reset,
+        );
     }
     if let Some(budget) = &decision.budget {
         let window = Span::now(policy.tokens.period).seconds();
-        add("budget", policy.tokens.budget, window, budget);
+        let reset = ceil_seconds(budget.reset_ms);
+        add(
+            b"-budget",
+            policy.tokens.budget,
+            window,
+            budget.remaining,
+            reset,
+        );
     }
     for (name, list) in [(&POLICY, policies), (&RATELIMIT, states)] {
-        if let Ok(value) = HeaderValue::from_str(&list.join(", ")) {
+        if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(list)) {
             headers.insert(name.clone(), value);
         }
     }
@@ -225,6 +257,7 @@ mod tests {
     }
 
     use super::*;
+    use crate::ratelimit::Left;
 
     fn policy(tier: &str, capacity: u64, refill_rate: f64) -> BucketPolicy {
         BucketPolicy {
@@ -282,5 +315,60 @@ mod tests {
             format!("\"{tier}\";q={};w={fill}", u64::MAX)
         );
         assert_eq!(headers["ratelimit"], format!("\"{tier}\";r=6;t=10000000"));
+    }
+
+    #[test]
+    fn token_limits_add_their_headers_and_name_every_policy() {
+        let mut policy = policy("gold", 10, 1.0);
+        policy.tokens = crate::ratelimit::TokenLimits {
+            per_minute: 6000,
+            budget: 100_000,
+            period: crate::settings::BudgetPeriod::Day,
+            default_max_tokens: 1024,
+        };
+        let mut decision = Decision::from_millis(false, 9_000, 1_000, 0);
+        decision.tokens = Some(Left {
+            remaining: 0,
+            reset_ms: 61_500,
+        });
+        decision.budget = Some(Left {
+            remaining: 250,
+            reset_ms: 3_600_001,
+        });
+        decision.retry_after_ms = 2_500;
+        let mut headers = HeaderMap::new();
+        apply_openai(&mut headers, &policy, &decision);
+        assert_eq!(headers["x-ratelimit-limit-tokens"], "6000");
+        assert_eq!(headers["x-ratelimit-remaining-tokens"], "0");
+        assert_eq!(headers["x-ratelimit-reset-tokens"], "1m1.5s");
+        assert_eq!(
+            headers["ratelimit-policy"],
+            "\"gold\";q=10;w=10, \"gold-tokens\";q=6000;w=60, \"gold-budget\";q=100000;w=86400"
+        );
+        assert_eq!(
+            headers["ratelimit"],
+            "\"gold\";r=9;t=1, \"gold-tokens\";r=0;t=62, \"gold-budget\";r=250;t=3601"
+        );
+        assert_eq!(headers["retry-after"], "3");
+
+        let mut headers = HeaderMap::new();
+        apply_anthropic(&mut headers, &policy, &decision);
+        assert_eq!(headers["anthropic-ratelimit-tokens-limit"], "6000");
+        assert_eq!(headers["anthropic-ratelimit-tokens-remaining"], "0");
+        let reset = headers["anthropic-ratelimit-tokens-reset"]
+            .to_str()
+            .unwrap();
+        assert!(reset.ends_with('Z') && reset.len() >= 20, "{reset}");
+
+        // A budget alone: the pair names it, and no token-bucket headers are invented.
+        policy.tokens.per_minute = 0;
+        decision.tokens = None;
+        let mut headers = HeaderMap::new();
+        apply_openai(&mut headers, &policy, &decision);
+        assert!(headers.get("x-ratelimit-limit-tokens").is_none());
+        assert_eq!(
+            headers["ratelimit-policy"],
+            "\"gold\";q=10;w=10, \"gold-budget\";q=100000;w=86400"
+        );
     }
 }

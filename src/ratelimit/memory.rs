@@ -1,6 +1,5 @@
 //! The in-process token buckets and budgets: the `memory://` backend, and the `local`
-//! failure mode's fallback while Redis is down. Same arithmetic as `token_bucket.lua`
-//! and `reconcile.lua`.
+//! failure mode's fallback while Redis is down. Same arithmetic as `token_bucket.lua`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -197,7 +196,7 @@ impl MemoryLimiter {
     }
 
     /// Settles the reservation `settle.id` made for `key` (once: a second call finds it
-    /// gone): the arithmetic of `reconcile.lua`.
+    /// gone): the settlement arithmetic of `token_bucket.lua`.
     pub fn settle(&self, key: &str, per_minute: u64, settle: Settle) {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -241,18 +240,24 @@ impl LimiterBackend for MemoryLimiter {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
+        settles: &[Settle],
     ) -> Result<Decision, BackendError> {
+        for settle in settles {
+            self.settle(key, policy.tokens.per_minute, *settle);
+        }
         Ok(self.take(key, policy, reserve))
     }
 
-    async fn reconcile(
+    async fn settle(
         &self,
         key: &str,
-        per_minute: u64,
-        settle: Settle,
+        policy: &BucketPolicy,
+        settles: &[Settle],
         _timeout: Duration,
     ) -> Result<(), BackendError> {
-        self.settle(key, per_minute, settle);
+        for settle in settles {
+            MemoryLimiter::settle(self, key, policy.tokens.per_minute, *settle);
+        }
         Ok(())
     }
 

@@ -8,6 +8,7 @@ pub mod memory;
 pub mod period;
 pub mod redis;
 pub mod reservation;
+pub mod settlements;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -258,12 +259,14 @@ impl BackendError {
 #[async_trait]
 pub trait LimiterBackend: Send + Sync {
     /// Takes one token from the bucket at `key` if there is one and, when the policy
-    /// limits LLM tokens, reserves `reserve.tokens` of them, all or nothing.
+    /// limits LLM tokens, reserves `reserve.tokens` of them, all or nothing; first it
+    /// applies `settles`, earlier requests' settlements for the same bucket (each once).
     async fn check(
         &self,
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
+        settles: &[Settle],
     ) -> Result<Decision, BackendError>;
     /// Like [`LimiterBackend::check`], and also reads the string at `prefetch` in the same
     /// round trip where the store can (Redis: the cache entry of the request, so a
@@ -273,21 +276,23 @@ pub trait LimiterBackend: Send + Sync {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
+        settles: &[Settle],
         prefetch: &str,
     ) -> Result<(Decision, Prefetch), BackendError> {
         let _ = prefetch;
         Ok((
-            self.check(key, policy, reserve).await?,
+            self.check(key, policy, reserve, settles).await?,
             Prefetch::NotFetched,
         ))
     }
-    /// Settles the reservation of an admitted request at `key` to what it used; applied
-    /// once however often it is called. `timeout` bounds a store call.
-    async fn reconcile(
+    /// Applies `settles` to the bucket at `key` under `policy` without admitting a
+    /// request: each reservation is settled once however often this is called.
+    /// `timeout` bounds a store call.
+    async fn settle(
         &self,
         key: &str,
-        per_minute: u64,
-        settle: Settle,
+        policy: &BucketPolicy,
+        settles: &[Settle],
         timeout: Duration,
     ) -> Result<(), BackendError>;
     /// Name used in readiness bodies and logs.
@@ -325,14 +330,14 @@ pub enum Place {
 }
 
 /// An admitted request's LLM-token reservation, until it is settled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Ticket {
     /// The request's id in the store's reservations.
     pub id: u64,
     /// The tokens reserved.
     pub reserved: u64,
-    /// The token bucket's capacity when reserved (0: none).
-    pub per_minute: u64,
+    /// The bucket's limits when reserved, to settle under.
+    pub policy: BucketPolicy,
     /// Where the reservation was made.
     pub place: Place,
 }
@@ -379,6 +384,8 @@ pub struct RateLimiter {
     mode: FailureMode,
     timeout: Duration,
     metrics: Metrics,
+    /// Settlements waiting to ride with their bucket's next call (Redis only).
+    waiting: settlements::Settlements,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -436,6 +443,7 @@ impl RateLimiter {
             mode: config.mode,
             timeout: config.timeout,
             metrics,
+            waiting: settlements::Settlements::default(),
         }
     }
 
@@ -466,7 +474,7 @@ impl RateLimiter {
     /// retried: a timed-out script may have run. An admitted request that reserved
     /// tokens comes with the [`Ticket`] its reconciliation needs.
     pub async fn check(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         policy: &BucketPolicy,
         tokens: u64,
@@ -482,7 +490,7 @@ impl RateLimiter {
             },
         };
         let (decision, prefetched, place) = match &self.remote {
-            None => match self.backend.check(key, policy, reserve).await {
+            None => match self.backend.check(key, policy, reserve, &[]).await {
                 Ok(decision) => (Ok(decision), Prefetch::NotFetched, Place::Backend),
                 Err(e) => (
                     Err(ChatError::LimiterUnavailable(format!(
@@ -505,10 +513,10 @@ impl RateLimiter {
             self.count(decision);
         }
         let reserved = matches!(&decision, Ok(d) if d.allowed) && reserve.tokens > 0;
-        let ticket = (reserved && place != Place::Nowhere).then_some(Ticket {
+        let ticket = (reserved && place != Place::Nowhere).then(|| Ticket {
             id: reserve.id,
             reserved: reserve.tokens,
-            per_minute: policy.tokens.per_minute,
+            policy: policy.clone(),
             place,
         });
         Checked {
@@ -519,17 +527,26 @@ impl RateLimiter {
     }
 
     async fn check_remote(
-        &self,
+        self: &Arc<Self>,
         guards: &RemoteGuards,
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
         prefetch: Option<&str>,
     ) -> (Result<Decision, ChatError>, Prefetch, Place) {
-        match self
-            .guarded_call(guards, key, policy, reserve, prefetch)
-            .await
-        {
+        // Earlier requests' settlements ride with this call; if it fails they wait again
+        // (a call that timed out may have applied them: the script applies each once).
+        let riders = match policy.tokens.any() {
+            true => self.waiting.take(key),
+            false => Vec::new(),
+        };
+        let outcome = self
+            .guarded_call(guards, key, policy, reserve, &riders, prefetch)
+            .await;
+        if outcome.is_err() {
+            self.settle_later(Arc::from(key), policy, &riders);
+        }
+        match outcome {
             Ok((decision, prefetched)) => {
                 if decision.denied_by == Some(Limit::Requests) {
                     guards.deny_cache.record(key, &decision);
@@ -556,6 +573,7 @@ impl RateLimiter {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
+        settles: &[Settle],
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), Unreachable> {
         let admission = guards.breaker.admit();
@@ -566,11 +584,11 @@ impl RateLimiter {
             match prefetch {
                 Some(cache_key) => {
                     self.backend
-                        .check_and_prefetch(key, policy, reserve, cache_key)
+                        .check_and_prefetch(key, policy, reserve, settles, cache_key)
                         .await
                 }
                 None => Ok((
-                    self.backend.check(key, policy, reserve).await?,
+                    self.backend.check(key, policy, reserve, settles).await?,
                     Prefetch::NotFetched,
                 )),
             }
@@ -650,27 +668,66 @@ impl RateLimiter {
         }
     }
 
-    /// Settles `ticket`, a reservation made for the bucket at `key`, to `used` tokens:
-    /// where it was made (the store, or the in-process fallback while the store was
-    /// failing). A failed store call is tried again after [`RECONCILE_RETRY_DELAYS`]
-    /// (the script applies a reservation once, so a retry after a call that did run
-    /// changes nothing); one that never succeeds is logged and counted.
-    pub async fn reconcile(&self, key: &str, ticket: Ticket, used: u64) {
+    /// Settles `ticket`, a reservation made for the bucket at `key`, to `used` tokens,
+    /// where it was made: at once in process (the `memory://` store, or the fallback
+    /// while Redis was failing); in Redis with the bucket's next call, or on its own
+    /// after [`settlements::SETTLE_WAIT`].
+    pub fn settle(self: &Arc<Self>, key: Arc<str>, ticket: &Ticket, used: u64) {
         let settle = Settle {
             id: ticket.id,
             used,
         };
-        if ticket.place == Place::Fallback {
-            if let Some(guards) = &self.remote {
-                guards.fallback.settle(key, ticket.per_minute, settle);
+        match (&self.remote, ticket.place) {
+            (Some(guards), Place::Fallback) => {
+                guards
+                    .fallback
+                    .settle(&key, ticket.policy.tokens.per_minute, settle);
             }
+            (Some(_), _) => self.settle_later(key, &ticket.policy, &[settle]),
+            (None, _) => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let limiter = self.clone();
+                let policy = ticket.policy.clone();
+                runtime.spawn(async move { limiter.send_settles(&key, &policy, &[settle]).await });
+            }
+        }
+    }
+
+    /// Queues `settles` for the bucket at `key`, and schedules the flush that sends what
+    /// is still waiting after [`settlements::SETTLE_WAIT`].
+    fn settle_later(self: &Arc<Self>, key: Arc<str>, policy: &BucketPolicy, settles: &[Settle]) {
+        if !self.waiting.push(key, policy, settles) {
             return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let limiter = self.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(settlements::SETTLE_WAIT).await;
+            for (key, waiting) in limiter.waiting.drain() {
+                let limiter = limiter.clone();
+                tokio::spawn(async move {
+                    limiter
+                        .send_settles(&key, &waiting.policy, &waiting.settles)
+                        .await
+                });
+            }
+        });
+    }
+
+    /// Sends `settles` on their own. A failed store call is tried again after
+    /// [`RECONCILE_RETRY_DELAYS`] (the script applies a settlement once, so a retry after
+    /// a call that did run changes nothing); settlements that never get through are
+    /// logged and counted, and stay charged as reserved.
+    async fn send_settles(&self, key: &str, policy: &BucketPolicy, settles: &[Settle]) {
         let mut delays = RECONCILE_RETRY_DELAYS.iter();
         loop {
             let outcome = self
                 .backend
-                .reconcile(key, ticket.per_minute, settle, self.timeout)
+                .settle(key, policy, settles, self.timeout)
                 .await;
             let Err(error) = outcome else {
                 return;
@@ -678,9 +735,11 @@ impl RateLimiter {
             match delays.next() {
                 Some(delay) => tokio::time::sleep(*delay).await,
                 None => {
-                    self.metrics.limiter_reconcile_failures.inc();
-                    tracing::warn!(%error, reserved = ticket.reserved, used,
-                        "token reservation could not be settled; it stays charged as reserved");
+                    self.metrics
+                        .limiter_reconcile_failures
+                        .inc_by(settles.len() as u64);
+                    tracing::warn!(%error, count = settles.len(),
+                        "token reservations could not be settled; they stay charged as reserved");
                     return;
                 }
             }
@@ -710,7 +769,7 @@ impl RateLimiter {
             tokens: TokenLimits::default(),
         };
         let reserve = Reserve::default();
-        self.guarded_call(guards, READINESS_BUCKET, &policy, reserve, prefetch)
+        self.guarded_call(guards, READINESS_BUCKET, &policy, reserve, &[], prefetch)
             .await
             .map(drop)
     }

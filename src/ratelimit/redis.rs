@@ -14,26 +14,11 @@ use crate::telemetry::metrics::Metrics;
 /// The token-bucket script; see the file for its contract.
 pub const TOKEN_BUCKET_LUA: &str = include_str!("token_bucket.lua");
 
-/// The reconciliation script; see the file for its contract.
-pub const RECONCILE_LUA: &str = include_str!("reconcile.lua");
-
-/// The keys of a client's token limits beside its request bucket `key`: the token
-/// bucket, the budget and the reservations, all in the bucket's hash-tag slot.
-fn token_keys(key: &str) -> [String; 3] {
-    [
-        format!("{key}:tokens"),
-        format!("{key}:budget"),
-        format!("{key}:reserved"),
-    ]
-}
-
 /// Calls the token-bucket script on the shared connection.
 pub struct RedisLimiter {
     conn: RedisConn,
     /// SHA1 of the script, computed once.
     sha: String,
-    /// SHA1 of the reconciliation script.
-    reconcile_sha: String,
     metrics: Metrics,
 }
 
@@ -43,43 +28,40 @@ impl RedisLimiter {
         RedisLimiter {
             conn,
             sha: redis::Script::new(TOKEN_BUCKET_LUA).get_hash().to_owned(),
-            reconcile_sha: redis::Script::new(RECONCILE_LUA).get_hash().to_owned(),
             metrics,
         }
     }
 
+    /// The script call for one request (`cost` 1), or for settlements alone (`cost` 0).
     fn invocation(
-        &self,
         command: &str,
         script: &str,
         key: &str,
         policy: &BucketPolicy,
+        cost: u64,
         reserve: Reserve,
+        settles: &[Settle],
     ) -> redis::Cmd {
         let mut cmd = redis::cmd(command);
-        let limits = policy.tokens;
-        if !limits.any() {
-            // The request bucket alone: one key, three arguments.
-            cmd.arg(script)
-                .arg(1)
-                .arg(key)
-                .arg(policy.capacity)
-                .arg(policy.refill_rate)
-                .arg(1);
-            return cmd;
-        }
         cmd.arg(script)
-            .arg(4)
+            .arg(1)
             .arg(key)
-            .arg(&token_keys(key)[..])
             .arg(policy.capacity)
             .arg(policy.refill_rate)
-            .arg(1)
-            .arg(reserve.tokens)
+            .arg(cost);
+        let limits = policy.tokens;
+        if !limits.any() {
+            // The request bucket alone: three arguments.
+            return cmd;
+        }
+        cmd.arg(reserve.tokens)
             .arg(limits.per_minute)
             .arg(limits.budget)
             .arg(limits.period.as_str())
             .arg(reserve.id);
+        for settle in settles {
+            cmd.arg(settle.id).arg(settle.used);
+        }
         cmd
     }
 }
@@ -132,16 +114,19 @@ impl RedisLimiter {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
+        settles: &[Settle],
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), BackendError> {
+        let call =
+            |command, script| Self::invocation(command, script, key, policy, 1, reserve, settles);
         match self
-            .run_with("EVALSHA", &self.sha, key, policy, reserve, prefetch)
+            .run_with(call("EVALSHA", &self.sha), policy, prefetch)
             .await
         {
             Err(error) if is_noscript(&error) => {
                 self.metrics.limiter_script_reloads.inc();
                 tracing::info!("rate limiter script missing on Redis (NOSCRIPT); reloading");
-                self.run_with("EVAL", TOKEN_BUCKET_LUA, key, policy, reserve, prefetch)
+                self.run_with(call("EVAL", TOKEN_BUCKET_LUA), policy, prefetch)
                     .await
             }
             other => other,
@@ -151,14 +136,10 @@ impl RedisLimiter {
 
     async fn run_with(
         &self,
-        command: &str,
-        script: &str,
-        key: &str,
+        call: redis::Cmd,
         policy: &BucketPolicy,
-        reserve: Reserve,
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), RedisError> {
-        let call = self.invocation(command, script, key, policy, reserve);
         let Some(cache_key) = prefetch else {
             let mut conn = self.conn.connection();
             let reply: Vec<i64> = call.query_async(&mut conn).await?;
@@ -181,24 +162,6 @@ impl RedisLimiter {
         };
         Ok((decision(&reply, policy)?, prefetched))
     }
-
-    fn reconcile_call(
-        &self,
-        command: &str,
-        script: &str,
-        key: &str,
-        per_minute: u64,
-        settle: Settle,
-    ) -> redis::Cmd {
-        let mut cmd = redis::cmd(command);
-        cmd.arg(script)
-            .arg(3)
-            .arg(&token_keys(key)[..])
-            .arg(per_minute)
-            .arg(settle.id)
-            .arg(settle.used);
-        cmd
-    }
 }
 
 #[async_trait]
@@ -208,8 +171,9 @@ impl LimiterBackend for RedisLimiter {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
+        settles: &[Settle],
     ) -> Result<Decision, BackendError> {
-        Ok(self.run(key, policy, reserve, None).await?.0)
+        Ok(self.run(key, policy, reserve, settles, None).await?.0)
     }
 
     async fn check_and_prefetch(
@@ -217,27 +181,36 @@ impl LimiterBackend for RedisLimiter {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
+        settles: &[Settle],
         prefetch: &str,
     ) -> Result<(Decision, Prefetch), BackendError> {
-        self.run(key, policy, reserve, Some(prefetch)).await
+        self.run(key, policy, reserve, settles, Some(prefetch))
+            .await
     }
 
-    /// Sends the reconciliation after the answer, riding with the next round trip of
-    /// this thread where it can (as the cache's writes do); on NOSCRIPT once more with
-    /// EVAL, which loads the script again.
-    async fn reconcile(
+    /// Sends settlements alone (the script with cost 0), riding with the next round
+    /// trip of this thread where it can (as the cache's writes do); on NOSCRIPT once
+    /// more with EVAL, which loads the script again.
+    async fn settle(
         &self,
         key: &str,
-        per_minute: u64,
-        settle: Settle,
+        policy: &BucketPolicy,
+        settles: &[Settle],
         timeout: Duration,
     ) -> Result<(), BackendError> {
-        let call = self.reconcile_call("EVALSHA", &self.reconcile_sha, key, per_minute, settle);
-        match self.conn.write_soon(call, 64, timeout).await {
+        let none = Reserve::default();
+        let call =
+            |command, script| Self::invocation(command, script, key, policy, 0, none, settles);
+        match self
+            .conn
+            .write_soon(call("EVALSHA", &self.sha), 64, timeout)
+            .await
+        {
             Err(error) if error.contains("NOSCRIPT") || error.contains("NoScript") => {
                 self.metrics.limiter_script_reloads.inc();
-                let call = self.reconcile_call("EVAL", RECONCILE_LUA, key, per_minute, settle);
-                self.conn.write_soon(call, 64, timeout).await
+                self.conn
+                    .write_soon(call("EVAL", TOKEN_BUCKET_LUA), 64, timeout)
+                    .await
             }
             other => other,
         }

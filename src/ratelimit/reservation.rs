@@ -6,13 +6,16 @@ use std::sync::Arc;
 use super::{RateLimiter, Ticket};
 
 /// A reservation the request holds until its answer is known. Settling it (or dropping
-/// it) sends the reconciliation in the background, after the answer: it never adds a
-/// Redis round trip in front of one.
+/// it) hands the settlement to the limiter, which sends it after the answer (with the
+/// same client's next request, or on its own): it never adds a Redis round trip in
+/// front of an answer.
 #[derive(Debug)]
 pub struct Reservation {
     limiter: Arc<RateLimiter>,
     key: Arc<str>,
-    ticket: Ticket,
+    /// Boxed: it carries the bucket's policy, and every admitted request's answer path
+    /// holds an `Option<Reservation>` (clippy's large-variant check on `Gate`).
+    ticket: Box<Ticket>,
     settled: bool,
 }
 
@@ -22,7 +25,7 @@ impl Reservation {
         Reservation {
             limiter,
             key,
-            ticket,
+            ticket: Box::new(ticket),
             settled: false,
         }
     }
@@ -42,11 +45,7 @@ impl Reservation {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (limiter, key, ticket) = (self.limiter.clone(), self.key.clone(), self.ticket);
-        runtime.spawn(async move { limiter.reconcile(&key, ticket, used).await });
+        self.limiter.settle(self.key.clone(), &self.ticket, used);
     }
 }
 

@@ -5,28 +5,35 @@
 -- ARGV[2]  refill rate, tokens per second (may be fractional)
 -- ARGV[3]  cost of this request in tokens
 --
--- With one key, returns {allowed (1|0), tokens left * 1000 (floored), ms until full
+-- With these three arguments, returns {allowed (1|0), tokens left * 1000 (floored), ms until full
 -- (ceiled), ms until `cost` tokens are available (ceiled, 0 when allowed)}.
 --
--- With token limits (CONTRACT §13) four keys, all under the client's hash tag:
--- KEYS[2]  the LLM-token bucket (a hash like KEYS[1]; capacity ARGV[5] per minute)
--- KEYS[3]  the token budget: a hash with `period` (its number) and `used`
--- KEYS[4]  the reservations awaiting reconciliation: request id ->
---          "reserved:budget period (-1: none):1 if the token bucket was charged"
+-- With token limits (CONTRACT §13) the same key holds every limit of the client, so a
+-- call stays one key on one node: field `llm` (the LLM-token bucket, ARGV[5] per
+-- minute, refilled from the same `last_refill` as the request bucket), `period` and `used` (the budget), and one field `r:<id>` per
+-- reservation awaiting its settlement: "reserved:budget period (-1: none):1 if the token
+-- bucket was charged". Then
 -- ARGV[4]  the LLM tokens this request reserves
 -- ARGV[5]  tokens per minute (0: no token bucket)
 -- ARGV[6]  the budget (0: no budget)
 -- ARGV[7]  the budget's period: `day` or `month` (UTC)
--- ARGV[8]  this request's id, for its reconciliation
--- and returns the four values above, then {why (0 admitted, 1 requests, 2 tokens,
--- 3 larger than the token bucket, 4 budget), LLM tokens left (floored, never below 0),
--- ms until the token bucket is full, ms until the reservation fits (0 when it does or
--- never can), budget left, ms until the budget's period ends}.
+-- ARGV[8]  this request's id, for its settlement
+-- ARGV[9..] pairs (id, tokens used) of earlier requests to settle first: each surplus
+--          goes back to the token bucket (up to its capacity) and the budget, each
+--          shortfall is charged to both (the bucket may go below zero: a debt that
+--          refills like the rest). A reservation is settled once: its field is deleted
+--          as it is applied, so a settlement sent twice finds nothing the second time.
+-- With ARGV[3] (cost) 0 the call only settles, and returns {1}. Otherwise it returns the
+-- four values above, then {why (0 admitted, 1 requests, 2 tokens, 3 larger than the
+-- token bucket, 4 budget), LLM tokens left (floored, never below 0), ms until the token
+-- bucket is full, ms until the reservation fits (0 when it does or never can), budget
+-- left, ms until the budget's period ends}.
 -- All limits admit the request or none is charged.
 --
 -- The clock is Redis' own TIME, so gateway instances with skewed clocks cannot mint
 -- tokens. A missing bucket is a full one, so a bucket key expires exactly when the
--- bucket would be full again: expiry never changes a decision.
+-- bucket would be full again: expiry never changes a decision. (With token limits it
+-- lives at least as long as a reservation may wait, and past its budget's period.)
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
@@ -34,11 +41,11 @@ local cost = tonumber(ARGV[3])
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
 
--- A bucket's tokens refilled up to now, and the time they count from.
-local function refilled(key, size, per_second)
-  local state = redis.call('HMGET', key, 'tokens', 'last_refill')
-  local tokens = tonumber(state[1])
-  local last = tonumber(state[2])
+-- A bucket's tokens (stored as strings; none stored: a full bucket) refilled up to now,
+-- and the time they count from.
+local function refilled(stored_tokens, stored_last, size, per_second)
+  local tokens = tonumber(stored_tokens)
+  local last = tonumber(stored_last)
   if tokens == nil or last == nil then
     return size, now
   end
@@ -53,25 +60,23 @@ local function refilled(key, size, per_second)
   return tokens, last
 end
 
-local function store(key, tokens, last, size, per_second)
-  redis.call('HSET', key, 'tokens', string.format('%.17g', tokens),
-    'last_refill', string.format('%.6f', last))
-  redis.call('PEXPIRE', key, math.max(1, math.ceil((size - tokens) / per_second * 1000)))
+local function number(value)
+  return string.format('%.17g', value)
 end
 
-local tokens, last = refilled(KEYS[1], capacity, rate)
--- The small tolerance absorbs floating-point error in the refill product.
-local requests_ok = tokens + 1e-9 >= cost
-
-if #KEYS == 1 then
+if #ARGV == 3 then
+  local state = redis.call('HMGET', KEYS[1], 'tokens', 'last_refill')
+  local tokens, last = refilled(state[1], state[2], capacity, rate)
+  -- The small tolerance absorbs floating-point error in the refill product.
   local allowed = 0
   local retry = 0
-  if requests_ok then
+  if tokens + 1e-9 >= cost then
     tokens = math.max(0, tokens - cost)
     allowed = 1
     -- Only an admitted request changes the state: a denial leaves a bucket (and a TTL)
     -- whose refill from the stored point is exactly what we just computed.
-    store(KEYS[1], tokens, last, capacity, rate)
+    redis.call('HSET', KEYS[1], 'tokens', number(tokens), 'last_refill', string.format('%.6f', last))
+    redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((capacity - tokens) / rate * 1000)))
   else
     retry = (cost - tokens) / rate
   end
@@ -83,14 +88,47 @@ local reserve = tonumber(ARGV[4])
 local per_minute = tonumber(ARGV[5])
 local budget = tonumber(ARGV[6])
 local id = ARGV[8]
+-- How long an unsettled reservation is kept: longer than any answer takes.
+local RESERVATION_TTL_MS = 3600000
 
--- The LLM-token bucket: it may hold a debt (below zero) from a reconciliation.
-local llm, llm_last, llm_rate = 0, now, per_minute / 60
-local llm_ok, too_large = true, false
+-- Everything the call needs in one read: the limits, and the reservations to settle.
+local fields = {'tokens', 'last_refill', 'llm', 'period', 'used'}
+for i = 9, #ARGV, 2 do
+  fields[#fields + 1] = 'r:' .. ARGV[i]
+end
+local state = redis.call('HMGET', KEYS[1], unpack(fields))
+
+local tokens, last = refilled(state[1], state[2], capacity, rate)
+local llm, llm_rate = 0, per_minute / 60
 if per_minute > 0 then
-  llm, llm_last = refilled(KEYS[2], per_minute, llm_rate)
-  too_large = reserve > per_minute
-  llm_ok = not too_large and llm + 1e-9 >= reserve
+  -- Both buckets count from one stored time (written together, so it is each one's).
+  llm = refilled(state[3], state[2], per_minute, llm_rate)
+end
+local stored_period = tonumber(state[4])
+local stored_used = tonumber(state[5]) or 0
+
+-- Earlier requests' settlements, before this request is decided.
+local settled = {}
+for f = 6, #fields do
+  local entry = state[f]
+  if entry then
+    settled[#settled + 1] = fields[f]
+    local reserved, charged, bucket = string.match(entry, '^(%d+):(-?%d+):(%d)$')
+    if reserved then
+      local surplus = tonumber(reserved) - tonumber(ARGV[9 + (f - 6) * 2 + 1])
+      if bucket == '1' and per_minute > 0 then
+        llm = math.min(per_minute, llm + surplus)
+      end
+      -- The budget is settled in the period the reservation was charged to; once that
+      -- period has ended, its count no longer matters.
+      if tonumber(charged) >= 0 and tonumber(charged) == stored_period then
+        stored_used = math.max(0, stored_used - surplus)
+      end
+    end
+  end
+end
+if #settled > 0 then
+  redis.call('HDEL', KEYS[1], unpack(settled))
 end
 
 -- The budget's period, numbered, and when it ends, from Redis' clock (UTC).
@@ -104,9 +142,7 @@ local function days_from_civil(y, m, d)
   return era * 146097 + doe - 719468
 end
 
-local period, period_end = 0, 0
-local used = 0
-local budget_ok = true
+local period, period_end = -1, now
 if budget > 0 then
   local day = math.floor(now / 86400)
   if ARGV[7] == 'month' then
@@ -130,12 +166,53 @@ if budget > 0 then
     period = day
     period_end = (day + 1) * 86400
   end
-  local state = redis.call('HMGET', KEYS[3], 'period', 'used')
-  if tonumber(state[1]) == period then
-    used = tonumber(state[2]) or 0
-  end
-  budget_ok = used + reserve <= budget
 end
+
+-- Writes the state back. The key lives as long as any of it matters: until both buckets
+-- are full, the budget's period is over and any reservation could still be settled.
+local function store(extra_field, extra_value)
+  local values = {'tokens', number(tokens), 'last_refill', string.format('%.6f', last)}
+  if per_minute > 0 then
+    values[#values + 1] = 'llm'
+    values[#values + 1] = number(llm)
+  end
+  if stored_period then
+    values[#values + 1] = 'period'
+    values[#values + 1] = stored_period
+    values[#values + 1] = 'used'
+    values[#values + 1] = stored_used
+  end
+  if extra_field then
+    values[#values + 1] = extra_field
+    values[#values + 1] = extra_value
+  end
+  redis.call('HSET', KEYS[1], unpack(values))
+  local ttl = math.max(RESERVATION_TTL_MS, math.ceil((capacity - tokens) / rate * 1000),
+    math.ceil((period_end - now) * 1000) + 60000)
+  if per_minute > 0 then
+    ttl = math.max(ttl, math.ceil((per_minute - llm) / llm_rate * 1000))
+  end
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+
+if cost == 0 then
+  if #settled > 0 then
+    store()
+  end
+  return {1}
+end
+
+local used = 0
+if budget > 0 and stored_period == period then
+  used = stored_used
+end
+local requests_ok = tokens + 1e-9 >= cost
+local llm_ok, too_large = true, false
+if per_minute > 0 then
+  too_large = reserve > per_minute
+  llm_ok = not too_large and llm + 1e-9 >= reserve
+end
+local budget_ok = budget <= 0 or used + reserve <= budget
 
 local why = 0
 if too_large then
@@ -152,22 +229,21 @@ local allowed = 0
 if why == 0 then
   allowed = 1
   tokens = math.max(0, tokens - cost)
-  store(KEYS[1], tokens, last, capacity, rate)
   if per_minute > 0 then
     llm = llm - reserve
-    store(KEYS[2], llm, llm_last, per_minute, llm_rate)
   end
   if budget > 0 then
     used = used + reserve
-    redis.call('HSET', KEYS[3], 'period', period, 'used', used)
-    redis.call('PEXPIREAT', KEYS[3], math.ceil(period_end * 1000) + 60000)
+    stored_period, stored_used = period, used
   end
   if reserve > 0 and (per_minute > 0 or budget > 0) then
-    local charged = (budget > 0) and period or -1
     local bucket = (per_minute > 0) and 1 or 0
-    redis.call('HSET', KEYS[4], id, reserve .. ':' .. charged .. ':' .. bucket)
-    redis.call('PEXPIRE', KEYS[4], 3600000)
+    store('r:' .. id, reserve .. ':' .. period .. ':' .. bucket)
+  else
+    store()
   end
+elseif #settled > 0 then
+  store()
 end
 
 local retry = 0
@@ -187,6 +263,10 @@ local budget_left = 0
 if budget > 0 then
   budget_left = math.max(0, budget - used)
 end
+local period_left = 0
+if budget > 0 then
+  period_left = math.max(0, math.ceil((period_end - now) * 1000))
+end
 return {allowed, math.floor(tokens * 1000), math.ceil(to_full * 1000), math.ceil(retry * 1000),
   why, math.max(0, math.floor(llm)), math.ceil(llm_to_full * 1000), math.ceil(llm_retry * 1000),
-  budget_left, math.max(0, math.ceil((period_end - now) * 1000))}
+  budget_left, period_left}

@@ -50,11 +50,11 @@ fn reserve(tokens: u64, id: u64) -> Reserve {
 async fn reservations_take_every_limit_or_none(b: &dyn LimiterBackend) {
     let key = "{suite:tok}";
     let p = token_policy(600, 1000);
-    let first = b.check(key, &p, reserve(500, 1)).await.unwrap();
+    let first = b.check(key, &p, reserve(500, 1), &[]).await.unwrap();
     assert!(first.allowed, "{}", b.name());
     assert_eq!(first.tokens.unwrap().remaining, 100, "{}", b.name());
     assert_eq!(first.budget.unwrap().remaining, 500, "{}", b.name());
-    let refused = b.check(key, &p, reserve(200, 2)).await.unwrap();
+    let refused = b.check(key, &p, reserve(200, 2), &[]).await.unwrap();
     assert_eq!(refused.denied_by, Some(Limit::Tokens), "{}", b.name());
     // 100 tokens short at 10/s: ten seconds (a few ms of refill since may shave it).
     assert!(
@@ -70,7 +70,10 @@ async fn reservations_take_every_limit_or_none(b: &dyn LimiterBackend) {
         "{}: nor the request bucket",
         b.name()
     );
-    let huge = b.check("{suite:huge}", &p, reserve(601, 3)).await.unwrap();
+    let huge = b
+        .check("{suite:huge}", &p, reserve(601, 3), &[])
+        .await
+        .unwrap();
     assert_eq!(huge.denied_by, Some(Limit::TooLarge), "{}", b.name());
 }
 
@@ -78,27 +81,49 @@ async fn settling_refunds_charges_debt_and_applies_once(b: &dyn LimiterBackend) 
     let key = "{suite:settle}";
     let p = token_policy(600, 1000);
     let timeout = Duration::from_secs(1);
-    assert!(b.check(key, &p, reserve(500, 7)).await.unwrap().allowed);
+    assert!(
+        b.check(key, &p, reserve(500, 7), &[])
+            .await
+            .unwrap()
+            .allowed
+    );
     let refund = Settle { id: 7, used: 50 };
-    b.reconcile(key, 600, refund, timeout).await.unwrap();
-    b.reconcile(key, 600, refund, timeout).await.unwrap();
-    let next = b.check(key, &p, reserve(10, 8)).await.unwrap();
+    b.settle(key, &p, &[refund], timeout).await.unwrap();
+    b.settle(key, &p, &[refund], timeout).await.unwrap();
+    let next = b.check(key, &p, reserve(10, 8), &[]).await.unwrap();
     let left = next.tokens.unwrap().remaining;
     assert!((540..=541).contains(&left), "{}: {left}", b.name());
     assert_eq!(next.budget.unwrap().remaining, 940, "{}", b.name());
+    // A debt riding with the next request is applied before that request is decided
+    // (and the refund riding along again changes nothing).
     let debt = Settle { id: 8, used: 310 };
-    b.reconcile(key, 600, debt, timeout).await.unwrap();
-    let after = b.check(key, &p, reserve(1, 9)).await.unwrap();
+    let after = b
+        .check(key, &p, reserve(1, 9), &[debt, refund])
+        .await
+        .unwrap();
     let left = after.tokens.unwrap().remaining;
     assert!((239..=241).contains(&left), "{}: {left}", b.name());
     assert_eq!(after.budget.unwrap().remaining, 639, "{}", b.name());
+    // A denied request still applies what rode with it.
+    let refused = b
+        .check(key, &p, reserve(900, 10), &[Settle { id: 9, used: 0 }])
+        .await
+        .unwrap();
+    assert_eq!(refused.denied_by, Some(Limit::TooLarge), "{}", b.name());
+    let last = b.check(key, &p, reserve(1, 11), &[]).await.unwrap();
+    assert_eq!(last.budget.unwrap().remaining, 639, "{}", b.name());
 }
 
 async fn a_spent_budget_refuses_until_the_period_ends(b: &dyn LimiterBackend) {
     let key = "{suite:budget}";
     let p = token_policy(0, 300);
-    assert!(b.check(key, &p, reserve(200, 1)).await.unwrap().allowed);
-    let spent = b.check(key, &p, reserve(200, 2)).await.unwrap();
+    assert!(
+        b.check(key, &p, reserve(200, 1), &[])
+            .await
+            .unwrap()
+            .allowed
+    );
+    let spent = b.check(key, &p, reserve(200, 2), &[]).await.unwrap();
     assert_eq!(spent.denied_by, Some(Limit::Budget), "{}", b.name());
     assert!(spent.tokens.is_none());
     let now = std::time::SystemTime::now()
@@ -112,18 +137,23 @@ async fn a_spent_budget_refuses_until_the_period_ends(b: &dyn LimiterBackend) {
         "{}: {retry} vs {left}",
         b.name()
     );
-    assert!(b.check(key, &p, reserve(100, 3)).await.unwrap().allowed);
+    assert!(
+        b.check(key, &p, reserve(100, 3), &[])
+            .await
+            .unwrap()
+            .allowed
+    );
 }
 
 async fn a_new_bucket_is_full_and_drains_one_token_per_request(b: &dyn LimiterBackend) {
     let p = policy(3, 0.01);
     for remaining in [2, 1, 0] {
-        let d = b.check("suite:drain", &p, NO_TOKENS).await.unwrap();
+        let d = b.check("suite:drain", &p, NO_TOKENS, &[]).await.unwrap();
         assert!(d.allowed, "{}", b.name());
         assert_eq!(d.remaining, remaining, "{}", b.name());
         assert_eq!(d.retry_after_ms, 0);
     }
-    let denied = b.check("suite:drain", &p, NO_TOKENS).await.unwrap();
+    let denied = b.check("suite:drain", &p, NO_TOKENS, &[]).await.unwrap();
     assert!(!denied.allowed, "{}", b.name());
     // One token at 0.01/s takes 100 s; the bucket is full in 300 s.
     assert!(
@@ -143,19 +173,19 @@ async fn a_new_bucket_is_full_and_drains_one_token_per_request(b: &dyn LimiterBa
 async fn tokens_refill_at_the_rate_and_never_beyond_capacity(b: &dyn LimiterBackend) {
     let p = policy(2, 20.0);
     assert!(
-        b.check("suite:refill", &p, NO_TOKENS)
+        b.check("suite:refill", &p, NO_TOKENS, &[])
             .await
             .unwrap()
             .allowed
     );
     assert!(
-        b.check("suite:refill", &p, NO_TOKENS)
+        b.check("suite:refill", &p, NO_TOKENS, &[])
             .await
             .unwrap()
             .allowed
     );
     assert!(
-        !b.check("suite:refill", &p, NO_TOKENS)
+        !b.check("suite:refill", &p, NO_TOKENS, &[])
             .await
             .unwrap()
             .allowed,
@@ -164,7 +194,7 @@ async fn tokens_refill_at_the_rate_and_never_beyond_capacity(b: &dyn LimiterBack
     );
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert!(
-        b.check("suite:refill", &p, NO_TOKENS)
+        b.check("suite:refill", &p, NO_TOKENS, &[])
             .await
             .unwrap()
             .allowed,
@@ -172,7 +202,7 @@ async fn tokens_refill_at_the_rate_and_never_beyond_capacity(b: &dyn LimiterBack
         b.name()
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let d = b.check("suite:refill", &p, NO_TOKENS).await.unwrap();
+    let d = b.check("suite:refill", &p, NO_TOKENS, &[]).await.unwrap();
     assert_eq!(
         d.remaining,
         1,
@@ -184,12 +214,12 @@ async fn tokens_refill_at_the_rate_and_never_beyond_capacity(b: &dyn LimiterBack
 async fn fractional_rates_work(b: &dyn LimiterBackend) {
     let p = policy(1, 0.5);
     assert!(
-        b.check("suite:fraction", &p, NO_TOKENS)
+        b.check("suite:fraction", &p, NO_TOKENS, &[])
             .await
             .unwrap()
             .allowed
     );
-    let denied = b.check("suite:fraction", &p, NO_TOKENS).await.unwrap();
+    let denied = b.check("suite:fraction", &p, NO_TOKENS, &[]).await.unwrap();
     assert!(!denied.allowed);
     assert!(
         (1_900..=2_000).contains(&denied.retry_after_ms),
@@ -201,10 +231,23 @@ async fn fractional_rates_work(b: &dyn LimiterBackend) {
 
 async fn buckets_are_independent_per_key(b: &dyn LimiterBackend) {
     let p = policy(1, 0.01);
-    assert!(b.check("suite:a", &p, NO_TOKENS).await.unwrap().allowed);
-    assert!(!b.check("suite:a", &p, NO_TOKENS).await.unwrap().allowed);
     assert!(
-        b.check("suite:b", &p, NO_TOKENS).await.unwrap().allowed,
+        b.check("suite:a", &p, NO_TOKENS, &[])
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        !b.check("suite:a", &p, NO_TOKENS, &[])
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        b.check("suite:b", &p, NO_TOKENS, &[])
+            .await
+            .unwrap()
+            .allowed,
         "{}",
         b.name()
     );
@@ -212,13 +255,13 @@ async fn buckets_are_independent_per_key(b: &dyn LimiterBackend) {
 
 async fn a_lower_capacity_applies_at_once(b: &dyn LimiterBackend) {
     assert!(
-        b.check("suite:shrink", &policy(10, 0.01), NO_TOKENS)
+        b.check("suite:shrink", &policy(10, 0.01), NO_TOKENS, &[])
             .await
             .unwrap()
             .allowed
     );
     let d = b
-        .check("suite:shrink", &policy(2, 0.01), NO_TOKENS)
+        .check("suite:shrink", &policy(2, 0.01), NO_TOKENS, &[])
         .await
         .unwrap();
     assert!(d.allowed);
@@ -284,6 +327,7 @@ async fn the_redis_cluster_backend_passes_the_behaviour_suite_and_reads_the_cach
                 &format!("suite:prefetch:{n}"),
                 &policy(5, 1.0),
                 Default::default(),
+                &[],
                 &cache_key,
             )
             .await
@@ -298,6 +342,7 @@ async fn the_redis_cluster_backend_passes_the_behaviour_suite_and_reads_the_cach
                 "suite:prefetch",
                 &policy(5, 1.0),
                 Default::default(),
+                &[],
                 "cache:absent",
             )
             .await

@@ -508,6 +508,7 @@ fn the_dashboard_queries_only_metrics_the_gateway_exports() {
         "Active requests",
         "fallbacks",
         "breakers",
+        "denials by reason",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(wanted)),

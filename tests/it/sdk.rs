@@ -11,16 +11,39 @@ use crate::common::{output_of, sdk_venv_program, MockLlm, TestApp};
 
 const KEY: &str = "sk-sdk-ample";
 const SLOW_KEY: &str = "sk-sdk-slow";
+/// A key with a tokens-per-minute bucket (contract §13), read through the SDK's raw headers.
+const METERED_KEY: &str = "sk-sdk-metered";
+/// A key whose daily token budget one request spends.
+const SPENT_KEY: &str = "sk-sdk-spent";
+/// The metered tier's tokens per minute, passed to the scripts as METERED_TOKENS.
+const METERED_TOKENS: u64 = 5000;
 
 async fn gateway(mock: &MockLlm) -> TestApp {
-    TestApp::builder()
-        .keys(&format!("{KEY},{SLOW_KEY}"))
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[tiers.metered]\ncapacity = 100\nrefill_rate = 10\ntokens_per_minute = {METERED_TOKENS}\n\
+             [tiers.spent]\ncapacity = 100\nrefill_rate = 10\ntoken_budget = 200\n"
+        ),
+    )
+    .unwrap();
+    let app = TestApp::builder()
+        .keys(&format!("{KEY},{SLOW_KEY},{METERED_KEY},{SPENT_KEY}"))
         .set("OLLAMA_BASE_URL", mock.url.as_str())
         .set("RATE_LIMITER_CAPACITY", "1000")
         .set("RATE_LIMITER_TIERS", "slow:1:2")
-        .set("API_KEY_TIERS", format!("{SLOW_KEY}=slow"))
+        .set(
+            "API_KEY_TIERS",
+            format!("{SLOW_KEY}=slow,{METERED_KEY}=metered,{SPENT_KEY}=spent"),
+        )
+        .config_file(&file)
         .spawn()
-        .await
+        .await;
+    // The settings were read at spawn; the file is no longer needed.
+    drop(dir);
+    app
 }
 
 /// Runs `script` with the gateway's address; fails the test with its output unless it
@@ -35,6 +58,9 @@ async fn run(script: &str, app: &TestApp) {
         .env("GATEWAY_URL", &app.url)
         .env("GATEWAY_KEY", KEY)
         .env("SLOW_KEY", SLOW_KEY)
+        .env("METERED_KEY", METERED_KEY)
+        .env("SPENT_KEY", SPENT_KEY)
+        .env("METERED_TOKENS", METERED_TOKENS.to_string())
         .env("GEMINI_MODEL_WITHOUT_KEY", "gemini-not-configured")
         .env("PYTHONUNBUFFERED", "1");
     let output = output_of(command, Duration::from_secs(120)).await;

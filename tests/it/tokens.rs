@@ -51,6 +51,20 @@ async fn openai(app: &TestApp, body: &Value) -> reqwest::Response {
         .expect("request")
 }
 
+/// Sends `body` to the OpenAI door of `app` without waiting for the answer.
+fn in_background(app: &TestApp, body: Value) -> tokio::task::JoinHandle<reqwest::Response> {
+    let (client, url) = (app.client.clone(), app.url.clone());
+    tokio::spawn(async move {
+        client
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    })
+}
+
 fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
     response
         .headers()
@@ -70,32 +84,25 @@ async fn used(response: reqwest::Response) -> u64 {
     answer["usage"]["total_tokens"].as_u64().unwrap()
 }
 
-/// The Redis keys of `KEY`'s token limits: bucket, budget, reservations.
-fn token_keys() -> [String; 3] {
-    let bucket = llm_gateway::ratelimit::bucket_key(&format!("key:{KEY}"));
-    [
-        format!("{bucket}:tokens"),
-        format!("{bucket}:budget"),
-        format!("{bucket}:reserved"),
-    ]
+/// The Redis key of `KEY`'s limits: one hash holds its buckets, budget and reservations.
+fn bucket() -> String {
+    llm_gateway::ratelimit::bucket_key(&format!("key:{KEY}"))
 }
 
 /// The budget spent so far, as Redis holds it.
 fn budget_used(redis: &RedisServer) -> u64 {
     let used: Option<u64> = redis::cmd("HGET")
-        .arg(&token_keys()[1])
+        .arg(bucket())
         .arg("used")
         .query(&mut redis.conn())
         .unwrap();
     used.unwrap_or(0)
 }
 
-/// Reservations not yet settled.
+/// Reservations not yet settled: the hash's `r:<id>` fields.
 fn unsettled(conn: &mut redis::Connection) -> u64 {
-    redis::cmd("HLEN")
-        .arg(&token_keys()[2])
-        .query(conn)
-        .unwrap()
+    let fields: Vec<String> = redis::cmd("HKEYS").arg(bucket()).query(conn).unwrap();
+    fields.iter().filter(|f| f.starts_with("r:")).count() as u64
 }
 
 /// Waits until every reservation is settled (5 s at most), so the counts are final.
@@ -382,16 +389,17 @@ async fn three_instances_on_a_cluster_with_the_cache_on_admit_no_more_tokens_tha
         apps.push(Arc::new(exact_gateway(&mock, &cluster.url()).spawn().await));
     }
     admitted_tokens_are_exact(apps.clone(), "3-master cluster").await;
-    // The client's keys share a slot: one node holds its reservations.
+    // One key holds the client's limits and reservations, on the node owning its slot.
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Nodes that do not own the slot answer MOVED.
     let unsettled: u64 = cluster
         .nodes
         .iter()
         .map(|n| {
-            redis::cmd("HLEN")
-                .arg(&token_keys()[2])
-                .query::<u64>(&mut n.conn())
+            redis::cmd("HKEYS")
+                .arg(bucket())
+                .query::<Vec<String>>(&mut n.conn())
+                .map(|fields| fields.iter().filter(|f| f.starts_with("r:")).count() as u64)
                 .unwrap_or(0)
         })
         .sum();
@@ -419,18 +427,7 @@ async fn a_reconciliation_whose_first_attempts_time_out_is_applied_once() {
         .spawn()
         .await;
     let content = "settle me once please";
-    let request = {
-        let (client, url) = (app.client.clone(), app.url.clone());
-        tokio::spawn(async move {
-            client
-                .post(format!("{url}/v1/chat/completions"))
-                .bearer_auth(KEY)
-                .json(&body(content, 100))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let request = in_background(&app, body(content, 100));
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(budget_used(&redis), reservation(content, 100), "reserved");
     let evalsha_before = redis.command_calls("evalsha");
@@ -464,18 +461,7 @@ async fn a_reconciliation_whose_first_attempts_time_out_is_applied_once() {
     // A reconciliation that meets NOSCRIPT loads its script again.
     let reloads = app.metric("rate_limiter_script_reloads_total").await;
     let content = "after a script flush";
-    let request = {
-        let (client, url) = (app.client.clone(), app.url.clone());
-        tokio::spawn(async move {
-            client
-                .post(format!("{url}/v1/chat/completions"))
-                .bearer_auth(KEY)
-                .json(&body(content, 100))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let request = in_background(&app, body(content, 100));
     tokio::time::sleep(Duration::from_millis(150)).await;
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
@@ -485,6 +471,134 @@ async fn a_reconciliation_whose_first_attempts_time_out_is_applied_once() {
     settled(&mut redis.conn()).await;
     assert_eq!(budget_used(&redis), real + second);
     assert!(app.metric("rate_limiter_script_reloads_total").await > reloads);
+}
+
+/// The limiter's script calls and cache reads sent to `redis` so far (cache writes are
+/// left out: they wait to ride with a later call, so they fall where they may).
+fn decisions_and_reads(redis: &RedisServer) -> u64 {
+    ["evalsha", "eval", "get"]
+        .iter()
+        .map(|command| redis.command_calls(command))
+        .sum()
+}
+
+/// What Redis was sent before the upstream answered a miss (the request still at the
+/// upstream), and after it: `(before, after)`.
+async fn commands_around_a_miss(mock: &MockLlm, token_limits: bool, content: &str) -> (u64, u64) {
+    let redis = RedisServer::start();
+    let mut builder = gateway(mock, &redis.url());
+    if token_limits {
+        builder = builder
+            .set("RATE_LIMITER_TOKENS_PER_MINUTE", "1000000")
+            .set("RATE_LIMITER_TOKEN_BUDGET", "100000000");
+    }
+    let app = builder.spawn().await;
+    // The first request loads the scripts and opens the connections.
+    assert_eq!(openai(&app, &body("warm up", 10)).await.status(), 200);
+    settled(&mut redis.conn()).await;
+    let start = decisions_and_reads(&redis);
+    let request = in_background(&app, body(content, 10));
+    // mock-llm holds the request 600 ms; at 300 ms it is at the upstream.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = decisions_and_reads(&redis) - start;
+    assert_eq!(request.await.unwrap().status(), 200);
+    settled(&mut redis.conn()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // the cache write, also after it
+    (before, decisions_and_reads(&redis) - start)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_limits_add_no_redis_command_before_the_upstream_and_one_after_the_answer() {
+    let mock = MockLlm::start(&["--latency-ms", "600"]);
+    let (plain_before, plain_after) = commands_around_a_miss(&mock, false, "no tokens").await;
+    let (tokens_before, tokens_after) = commands_around_a_miss(&mock, true, "tokens").await;
+    assert!(plain_before >= 1, "the admission went first");
+    assert_eq!(
+        tokens_before, plain_before,
+        "admission and reservation are one script call"
+    );
+    assert_eq!(
+        tokens_after,
+        plain_after + 1,
+        "one reconciliation, after the answer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_rides_with_the_same_clients_next_request() {
+    let mock = MockLlm::start(&[]);
+    let redis = RedisServer::start();
+    let app = gateway(&mock, &redis.url())
+        .set("RATE_LIMITER_TOKEN_BUDGET", "1000000")
+        .set("CACHE_TTL_SECONDS", "0")
+        .spawn()
+        .await;
+    assert_eq!(openai(&app, &body("warm up", 10)).await.status(), 200);
+    settled(&mut redis.conn()).await;
+    let (evalsha_before, spent_before) = (redis.command_calls("evalsha"), budget_used(&redis));
+    let mut real = 0;
+    for n in 0..10 {
+        let content = format!("one request after another {n}");
+        let response = openai(&app, &body(&content, 50)).await;
+        assert_eq!(response.status(), 200);
+        let budget_left: u64 = header(&response, "ratelimit")
+            .rsplit("r=")
+            .next()
+            .and_then(|rest| rest.split(';').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        // The budget this request saw had every earlier request settled to its real
+        // usage: a settlement is applied before the next decision.
+        assert_eq!(
+            budget_left,
+            1_000_000 - spent_before - real - reservation(&content, 50),
+            "request {n} saw the earlier ones settled"
+        );
+        real += used(response).await;
+    }
+    settled(&mut redis.conn()).await;
+    assert_eq!(budget_used(&redis), spent_before + real);
+    // Ten requests, one script call each; a settlement sent on its own only when the next
+    // request came later than the wait (the last one, and any delayed by a busy machine).
+    let calls = redis.command_calls("evalsha") - evalsha_before;
+    assert!(
+        (10..=13).contains(&calls),
+        "{calls} script calls for 10 requests and their settlements"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_does_not_wait_for_its_reconciliation() {
+    let mock = MockLlm::start(&["--latency-ms", "300"]);
+    let redis = RedisServer::start();
+    let app = gateway(&mock, &redis.url())
+        .set("RATE_LIMITER_TOKEN_BUDGET", "100000")
+        .set("REDIS_TIMEOUT_MS", "5000")
+        .spawn()
+        .await;
+    let content = "answer me first";
+    let request = in_background(&app, body(content, 100));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(budget_used(&redis), reservation(content, 100), "reserved");
+    // Writes wait 2 s: an answer that waited for its reconciliation (a write) would come
+    // after the pause, with the budget already settled.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .arg("WRITE")
+        .query(&mut redis.conn())
+        .unwrap();
+    let response = request.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        budget_used(&redis),
+        reservation(content, 100),
+        "the answer came while its reconciliation still waited"
+    );
+    let real = used(response).await;
+    settled(&mut redis.conn()).await;
+    assert_eq!(budget_used(&redis), real, "then it was settled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

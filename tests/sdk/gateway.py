@@ -7,6 +7,9 @@ import urllib.request
 URL = os.environ["GATEWAY_URL"]
 KEY = os.environ["GATEWAY_KEY"]
 SLOW_KEY = os.environ["SLOW_KEY"]
+METERED_KEY = os.environ["METERED_KEY"]
+SPENT_KEY = os.environ["SPENT_KEY"]
+METERED_TOKENS = int(os.environ["METERED_TOKENS"])
 BROKEN_MODEL = os.environ["GEMINI_MODEL_WITHOUT_KEY"]
 
 

@@ -2,16 +2,19 @@
 
 Run by tests/it/sdk.rs against a gateway in front of mock-llm; exits non-zero at the
 first failed check. Environment: GATEWAY_URL, GATEWAY_KEY (ample bucket), SLOW_KEY (a
-bucket of one token refilling at 2/s), GEMINI_MODEL_WITHOUT_KEY (a model whose upstream
+bucket of one token refilling at 2/s), METERED_KEY (a tier of METERED_TOKENS tokens per
+minute), SPENT_KEY (a tier with a daily budget of 200 tokens), GEMINI_MODEL_WITHOUT_KEY (a model whose upstream
 is not configured, so the gateway answers 502).
 """
 
 import json
+import math
+import re
 import time
 
 import openai
 
-from gateway import BROKEN_MODEL, KEY, SLOW_KEY, URL, check, metric
+from gateway import BROKEN_MODEL, KEY, METERED_KEY, METERED_TOKENS, SLOW_KEY, SPENT_KEY, URL, check, metric
 
 
 def client(key=KEY, retries=0):
@@ -133,6 +136,47 @@ try:
     check(False, "n > 1 is refused")
 except openai.BadRequestError as error:
     check(error.param == "n", "n > 1 is a 400 naming n")
+
+# Token limits (contract §13): the token headers as the SDK's raw response exposes them. A
+# fresh key's bucket is charged the reservation, ceil(prompt bytes / 4) + max_tokens; the
+# next request finds the first settled to its real usage (the rest refunded).
+GO_DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$|^0s$")
+prompt = "count my tokens please"
+first = client(key=METERED_KEY).chat.completions.with_raw_response.create(
+    model="llama3.1", messages=[{"role": "user", "content": prompt}], max_tokens=400
+)
+reserved = math.ceil(len(prompt) / 4) + 400
+check(int(first.headers["x-ratelimit-limit-tokens"]) == METERED_TOKENS, "x-ratelimit-limit-tokens is the tier's")
+left = int(first.headers["x-ratelimit-remaining-tokens"])
+# The bucket refills METERED_TOKENS / 60 per second, so a few ms may add a token back.
+check(0 <= left - (METERED_TOKENS - reserved) <= 2, f"remaining-tokens {left} = limit - reservation {reserved}")
+check(GO_DURATION.match(first.headers["x-ratelimit-reset-tokens"]) is not None, "reset-tokens is a Go duration")
+used = first.parse().usage.total_tokens
+check(0 < used < reserved, f"the answer used {used} of {reserved} reserved")
+time.sleep(0.3)  # the reconciliation is written after the answer, never before it
+second = client(key=METERED_KEY).chat.completions.with_raw_response.create(
+    model="llama3.1", messages=[{"role": "user", "content": prompt + " again"}], max_tokens=400
+)
+reserved_again = math.ceil(len(prompt + " again") / 4) + 400
+left = int(second.headers["x-ratelimit-remaining-tokens"])
+floor = METERED_TOKENS - used - reserved_again
+check(floor <= left <= floor + METERED_TOKENS // 60 + 2, f"remaining-tokens {left}: the first settled to {used}")
+
+# A budget that cannot cover the reservation: RateLimitError insufficient_quota, which the
+# SDK does not retry (x-should-retry: false), even when allowed to.
+client(key=SPENT_KEY).chat.completions.create(
+    model="llama3.1", messages=[{"role": "user", "content": "small"}], max_tokens=100
+)
+before = metric('rate_limit_denials_total{reason="budget"}')
+try:
+    client(key=SPENT_KEY, retries=3).chat.completions.create(
+        model="llama3.1", messages=[{"role": "user", "content": "large"}], max_tokens=300
+    )
+    check(False, "the budget refuses the request")
+except openai.RateLimitError as error:
+    check(error.status_code == 429 and error.code == "insufficient_quota", "RateLimitError insufficient_quota")
+    check(error.response.headers.get("x-should-retry") == "false", "x-should-retry: false")
+check(metric('rate_limit_denials_total{reason="budget"}') - before == 1, "the SDK did not retry a spent budget")
 
 # 429: the SDK's RateLimitError without retries; with retries it waits out retry-after-ms.
 client(key=SLOW_KEY).chat.completions.create(model="llama3.1", messages=[{"role": "user", "content": "first"}])
