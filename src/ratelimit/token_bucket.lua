@@ -60,10 +60,6 @@ local function refilled(stored_tokens, stored_last, size, per_second)
   return tokens, last
 end
 
-local function number(value)
-  return string.format('%.17g', value)
-end
-
 if #ARGV == 3 then
   local state = redis.call('HMGET', KEYS[1], 'tokens', 'last_refill')
   local tokens, last = refilled(state[1], state[2], capacity, rate)
@@ -75,7 +71,9 @@ if #ARGV == 3 then
     allowed = 1
     -- Only an admitted request changes the state: a denial leaves a bucket (and a TTL)
     -- whose refill from the stored point is exactly what we just computed.
-    redis.call('HSET', KEYS[1], 'tokens', number(tokens), 'last_refill', string.format('%.6f', last))
+    -- Numbers go to Redis as they are: every Redis writes a Lua number argument exactly
+    -- ("%.17g", or the shortest round-trip form since 7), cheaper than string.format.
+    redis.call('HSET', KEYS[1], 'tokens', tokens, 'last_refill', last)
     redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil((capacity - tokens) / rate * 1000)))
   else
     retry = (cost - tokens) / rate
@@ -171,10 +169,11 @@ end
 -- Writes the state back. The key lives as long as any of it matters: until both buckets
 -- are full, the budget's period is over and any reservation could still be settled.
 local function store(extra_field, extra_value)
-  local values = {'tokens', number(tokens), 'last_refill', string.format('%.6f', last)}
+  -- Numbers as they are, as above (~1 us of the ~10 us call, redis-benchmark).
+  local values = {'tokens', tokens, 'last_refill', last}
   if per_minute > 0 then
     values[#values + 1] = 'llm'
-    values[#values + 1] = number(llm)
+    values[#values + 1] = llm
   end
   if stored_period then
     values[#values + 1] = 'period'
