@@ -220,6 +220,14 @@ impl MemoryLimiter {
     }
 }
 
+impl MemoryLimiter {
+    fn settle_each(&self, key: &str, policy: &BucketPolicy, settles: &[Settle]) {
+        for settle in settles {
+            self.settle(key, policy.tokens.per_minute, *settle);
+        }
+    }
+}
+
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -242,9 +250,7 @@ impl LimiterBackend for MemoryLimiter {
         reserve: Reserve,
         settles: &[Settle],
     ) -> Result<Decision, BackendError> {
-        for settle in settles {
-            self.settle(key, policy.tokens.per_minute, *settle);
-        }
+        self.settle_each(key, policy, settles);
         Ok(self.take(key, policy, reserve))
     }
 
@@ -255,9 +261,7 @@ impl LimiterBackend for MemoryLimiter {
         settles: &[Settle],
         _timeout: Duration,
     ) -> Result<(), BackendError> {
-        for settle in settles {
-            MemoryLimiter::settle(self, key, policy.tokens.per_minute, *settle);
-        }
+        self.settle_each(key, policy, settles);
         Ok(())
     }
 

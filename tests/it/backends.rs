@@ -6,7 +6,7 @@ use std::time::Duration;
 use llm_gateway::ratelimit::memory::MemoryLimiter;
 use llm_gateway::ratelimit::redis::RedisLimiter;
 use llm_gateway::ratelimit::{
-    BucketPolicy, Limit, LimiterBackend, Prefetch, Reserve, Settle, TokenLimits,
+    BucketPolicy, Decision, Limit, LimiterBackend, Prefetch, Reserve, Settle, TokenLimits,
 };
 use llm_gateway::serve::redis::RedisConn;
 use llm_gateway::settings::BudgetPeriod;
@@ -38,6 +38,11 @@ fn token_policy(per_minute: u64, budget: u64) -> BucketPolicy {
         },
         ..policy(100, 100.0)
     }
+}
+
+/// One request's decision at `key` under `p`, reserving no LLM tokens.
+async fn plain(b: &dyn LimiterBackend, key: &str, p: &BucketPolicy) -> Decision {
+    b.check(key, p, NO_TOKENS, &[]).await.unwrap()
 }
 
 fn reserve(tokens: u64, id: u64) -> Reserve {
@@ -148,12 +153,12 @@ async fn a_spent_budget_refuses_until_the_period_ends(b: &dyn LimiterBackend) {
 async fn a_new_bucket_is_full_and_drains_one_token_per_request(b: &dyn LimiterBackend) {
     let p = policy(3, 0.01);
     for remaining in [2, 1, 0] {
-        let d = b.check("suite:drain", &p, NO_TOKENS, &[]).await.unwrap();
+        let d = plain(b, "suite:drain", &p).await;
         assert!(d.allowed, "{}", b.name());
         assert_eq!(d.remaining, remaining, "{}", b.name());
         assert_eq!(d.retry_after_ms, 0);
     }
-    let denied = b.check("suite:drain", &p, NO_TOKENS, &[]).await.unwrap();
+    let denied = plain(b, "suite:drain", &p).await;
     assert!(!denied.allowed, "{}", b.name());
     // One token at 0.01/s takes 100 s; the bucket is full in 300 s.
     assert!(
@@ -172,37 +177,17 @@ async fn a_new_bucket_is_full_and_drains_one_token_per_request(b: &dyn LimiterBa
 
 async fn tokens_refill_at_the_rate_and_never_beyond_capacity(b: &dyn LimiterBackend) {
     let p = policy(2, 20.0);
-    assert!(
-        b.check("suite:refill", &p, NO_TOKENS, &[])
-            .await
-            .unwrap()
-            .allowed
-    );
-    assert!(
-        b.check("suite:refill", &p, NO_TOKENS, &[])
-            .await
-            .unwrap()
-            .allowed
-    );
-    assert!(
-        !b.check("suite:refill", &p, NO_TOKENS, &[])
-            .await
-            .unwrap()
-            .allowed,
-        "{}",
-        b.name()
-    );
+    assert!(plain(b, "suite:refill", &p).await.allowed);
+    assert!(plain(b, "suite:refill", &p).await.allowed);
+    assert!(!plain(b, "suite:refill", &p).await.allowed, "{}", b.name());
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert!(
-        b.check("suite:refill", &p, NO_TOKENS, &[])
-            .await
-            .unwrap()
-            .allowed,
+        plain(b, "suite:refill", &p).await.allowed,
         "{}: 2.4 tokens refilled",
         b.name()
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let d = b.check("suite:refill", &p, NO_TOKENS, &[]).await.unwrap();
+    let d = plain(b, "suite:refill", &p).await;
     assert_eq!(
         d.remaining,
         1,
@@ -213,13 +198,8 @@ async fn tokens_refill_at_the_rate_and_never_beyond_capacity(b: &dyn LimiterBack
 
 async fn fractional_rates_work(b: &dyn LimiterBackend) {
     let p = policy(1, 0.5);
-    assert!(
-        b.check("suite:fraction", &p, NO_TOKENS, &[])
-            .await
-            .unwrap()
-            .allowed
-    );
-    let denied = b.check("suite:fraction", &p, NO_TOKENS, &[]).await.unwrap();
+    assert!(plain(b, "suite:fraction", &p).await.allowed);
+    let denied = plain(b, "suite:fraction", &p).await;
     assert!(!denied.allowed);
     assert!(
         (1_900..=2_000).contains(&denied.retry_after_ms),
@@ -231,39 +211,14 @@ async fn fractional_rates_work(b: &dyn LimiterBackend) {
 
 async fn buckets_are_independent_per_key(b: &dyn LimiterBackend) {
     let p = policy(1, 0.01);
-    assert!(
-        b.check("suite:a", &p, NO_TOKENS, &[])
-            .await
-            .unwrap()
-            .allowed
-    );
-    assert!(
-        !b.check("suite:a", &p, NO_TOKENS, &[])
-            .await
-            .unwrap()
-            .allowed
-    );
-    assert!(
-        b.check("suite:b", &p, NO_TOKENS, &[])
-            .await
-            .unwrap()
-            .allowed,
-        "{}",
-        b.name()
-    );
+    assert!(plain(b, "suite:a", &p).await.allowed);
+    assert!(!plain(b, "suite:a", &p).await.allowed);
+    assert!(plain(b, "suite:b", &p).await.allowed, "{}", b.name());
 }
 
 async fn a_lower_capacity_applies_at_once(b: &dyn LimiterBackend) {
-    assert!(
-        b.check("suite:shrink", &policy(10, 0.01), NO_TOKENS, &[])
-            .await
-            .unwrap()
-            .allowed
-    );
-    let d = b
-        .check("suite:shrink", &policy(2, 0.01), NO_TOKENS, &[])
-        .await
-        .unwrap();
+    assert!(plain(b, "suite:shrink", &policy(10, 0.01)).await.allowed);
+    let d = plain(b, "suite:shrink", &policy(2, 0.01)).await;
     assert!(d.allowed);
     assert_eq!(
         d.remaining,

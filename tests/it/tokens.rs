@@ -417,19 +417,32 @@ async fn three_instances_on_a_cluster_with_the_cache_on_admit_no_more_tokens_tha
     }
 }
 
+/// A gateway with a budget in front of `mock` (which must answer after 150 ms or more)
+/// and `redis`, Redis calls bounded by `timeout_ms`, and a request of `content` sent to
+/// it: returned once its reservation is charged and while the upstream still answers.
+async fn reserved_in_flight(
+    mock: &MockLlm,
+    redis: &RedisServer,
+    timeout_ms: &str,
+    content: &str,
+) -> (TestApp, tokio::task::JoinHandle<reqwest::Response>) {
+    let app = gateway(mock, &redis.url())
+        .set("RATE_LIMITER_TOKEN_BUDGET", "100000")
+        .set("REDIS_TIMEOUT_MS", timeout_ms)
+        .spawn()
+        .await;
+    let request = in_background(&app, body(content, 100));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(budget_used(redis), reservation(content, 100), "reserved");
+    (app, request)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconciliation_whose_first_attempts_time_out_is_applied_once() {
     let mock = MockLlm::start(&["--latency-ms", "400"]);
     let redis = RedisServer::start();
-    let app = gateway(&mock, &redis.url())
-        .set("RATE_LIMITER_TOKEN_BUDGET", "100000")
-        .set("REDIS_TIMEOUT_MS", "100")
-        .spawn()
-        .await;
     let content = "settle me once please";
-    let request = in_background(&app, body(content, 100));
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(budget_used(&redis), reservation(content, 100), "reserved");
+    let (app, request) = reserved_in_flight(&mock, &redis, "100", content).await;
     let evalsha_before = redis.command_calls("evalsha");
     // Redis answers nobody for 900 ms: the reconciliation sent when the answer comes
     // (at ~400 ms) times out, and so does its first retry; they run when the pause ends.
@@ -572,15 +585,8 @@ async fn a_settlement_rides_with_the_same_clients_next_request() {
 async fn the_answer_does_not_wait_for_its_reconciliation() {
     let mock = MockLlm::start(&["--latency-ms", "300"]);
     let redis = RedisServer::start();
-    let app = gateway(&mock, &redis.url())
-        .set("RATE_LIMITER_TOKEN_BUDGET", "100000")
-        .set("REDIS_TIMEOUT_MS", "5000")
-        .spawn()
-        .await;
     let content = "answer me first";
-    let request = in_background(&app, body(content, 100));
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(budget_used(&redis), reservation(content, 100), "reserved");
+    let (_app, request) = reserved_in_flight(&mock, &redis, "5000", content).await;
     // Writes wait 2 s: an answer that waited for its reconciliation (a write) would come
     // after the pause, with the budget already settled.
     let _: () = redis::cmd("CLIENT")
