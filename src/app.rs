@@ -25,17 +25,27 @@ use crate::settings::{Settings, SHIPPED_DEFAULT_API_KEY};
 use crate::state::{AppState, ChatSlots, StartupError};
 use crate::telemetry;
 
-/// Runs the gateway the way the binary does: telemetry, start-up warnings, SIGHUP
-/// reloads, serving until Ctrl-C or SIGTERM. Blocks; the exit code says how it ended
-/// (2 for a configuration the gateway cannot start with).
-pub fn run_binary(settings: Settings) -> ExitCode {
+/// How the binary runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// As configured.
+    Serve,
+    /// As configured, but on the embedded store and with the upstream simulator in
+    /// process behind every provider (`--demo`): nothing else needed to try it.
+    Demo,
+}
+
+/// Runs the gateway the way the binary does: settings, telemetry, start-up warnings,
+/// SIGHUP reloads, serving until Ctrl-C or SIGTERM. Blocks; the exit code says how it
+/// ended (2 for a configuration the gateway cannot start with).
+pub fn run_binary(mode: Mode) -> ExitCode {
     // This thread accepts connections and handles signals; requests are served by the
     // worker threads, each on a runtime of its own (see `serve::workers`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
     match runtime {
-        Ok(runtime) => runtime.block_on(run(settings)),
+        Ok(runtime) => runtime.block_on(run(mode)),
         Err(error) => {
             eprintln!("llm-gateway: cannot start the runtime: {error}");
             ExitCode::FAILURE
@@ -43,10 +53,47 @@ pub fn run_binary(settings: Settings) -> ExitCode {
     }
 }
 
-async fn run(settings: Settings) -> ExitCode {
+/// Starts the upstream simulator on a free loopback port; returns its base URL.
+async fn start_simulator() -> std::io::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        if let Err(error) = crate::simulator::serve(listener).await {
+            tracing::error!(%error, "the upstream simulator stopped");
+        }
+    });
+    Ok(url)
+}
+
+async fn run(mode: Mode) -> ExitCode {
+    let demo_upstream = match mode {
+        Mode::Serve => None,
+        Mode::Demo => match start_simulator().await {
+            Ok(url) => Some(url),
+            Err(error) => {
+                eprintln!("llm-gateway: cannot start the upstream simulator: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    // Reloads read the settings the same way, so demo mode stays demo mode.
+    let load = move || {
+        Settings::load().map(|settings| match &demo_upstream {
+            Some(upstream) => settings.for_demo(upstream),
+            None => settings,
+        })
+    };
+    let settings = match load() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("llm-gateway: {error}");
+            return ExitCode::from(2);
+        }
+    };
     // Held until this returns, so buffered log lines are flushed on exit.
     let _log_guard = telemetry::init(&settings);
     warn_about_keys(&settings);
+    let keys = settings.api_key_list();
     let app = match App::build(settings).await {
         Ok(app) => app,
         Err(error) => {
@@ -55,7 +102,7 @@ async fn run(settings: Settings) -> ExitCode {
         }
     };
     #[cfg(unix)]
-    match reload_on_sighup(app.state().clone()) {
+    match reload_on_sighup(app.state().clone(), load) {
         Ok(reloader) => {
             tokio::spawn(reloader);
         }
@@ -64,7 +111,12 @@ async fn run(settings: Settings) -> ExitCode {
         }
     }
     match app.local_addr() {
-        Ok(addr) => tracing::info!(%addr, "llm-gateway listening"),
+        Ok(addr) => {
+            tracing::info!(%addr, "llm-gateway listening");
+            if mode == Mode::Demo {
+                println!("{}", demo_banner(addr, &keys));
+            }
+        }
         Err(error) => tracing::warn!(%error, "listening on an unknown address"),
     }
     match app.run_until(stop_signal()).await {
@@ -79,6 +131,32 @@ async fn run(settings: Settings) -> ExitCode {
     }
 }
 
+/// What demo mode prints once it listens: where the playground is and which key to
+/// use. Only the shipped default key is ever printed; a key of the operator's own is a
+/// secret and stays out of the terminal.
+pub fn demo_banner(addr: SocketAddr, keys: &[String]) -> String {
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else if addr.is_ipv6() {
+        format!("[{}]", addr.ip())
+    } else {
+        addr.ip().to_string()
+    };
+    let key = if keys.iter().any(|k| k == SHIPPED_DEFAULT_API_KEY) {
+        format!("the key {SHIPPED_DEFAULT_API_KEY}")
+    } else if keys.is_empty() {
+        "a key: set API_KEYS first, none is configured".to_owned()
+    } else {
+        "one of your API_KEYS".to_owned()
+    };
+    format!(
+        "llm-gateway demo: the embedded store instead of Redis, and the upstream simulator \
+         (it echoes your last message) behind every provider.\n\
+         Open the playground at http://{host}:{port}/playground and use {key}.",
+        port = addr.port()
+    )
+}
+
 /// Warns when the shipped default key is configured, or no key at all.
 fn warn_about_keys(settings: &Settings) {
     let keys = settings.api_key_list();
@@ -91,15 +169,18 @@ fn warn_about_keys(settings: &Settings) {
 }
 
 /// Listens for SIGHUP now (so a hang-up arriving right after start-up cannot kill the
-/// process) and returns the task that reloads keys and tiers on each one. A bad
-/// configuration is logged and the running one kept.
+/// process) and returns the task that reloads keys and tiers from `load` on each one. A
+/// bad configuration is logged and the running one kept.
 #[cfg(unix)]
-pub fn reload_on_sighup(state: AppState) -> std::io::Result<impl Future<Output = ()>> {
+pub fn reload_on_sighup(
+    state: AppState,
+    load: impl Fn() -> Result<Settings, crate::settings::SettingsError> + Send + 'static,
+) -> std::io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hangups = signal(SignalKind::hangup())?;
     Ok(async move {
         while hangups.recv().await.is_some() {
-            match Settings::load().and_then(|settings| state.reload(&settings)) {
+            match load().and_then(|settings| state.reload(&settings)) {
                 Ok(()) => {
                     tracing::info!("configuration reloaded (API_KEYS, tiers, anonymous access, providers and routes)")
                 }
@@ -164,6 +245,9 @@ pub fn build_router(state: AppState) -> Router {
         .route("/api/v1/metrics", get(api::metrics::metrics))
         .route("/metrics", get(api::metrics::metrics))
         .route("/openapi.json", get(api::openapi::openapi))
+        .route("/playground", get(api::playground::page))
+        .route("/playground/app.js", get(api::playground::script))
+        .route("/playground/app.css", get(api::playground::style))
         .fallback(|| async { ApiError::NotFound.into_response() })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
         .layer(DefaultBodyLimit::max(state.settings().max_body_bytes))

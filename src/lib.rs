@@ -14,5 +14,6 @@ pub mod providers;
 pub mod ratelimit;
 pub mod serve;
 pub mod settings;
+pub mod simulator;
 pub mod state;
 pub mod telemetry;

@@ -1,8 +1,9 @@
-//! The `llm-gateway` binary: load settings, then run the app until stopped.
+//! The `llm-gateway` binary: `llm-gateway` runs the gateway as configured, `llm-gateway
+//! --demo` with the embedded store and the upstream simulator (see `app::Mode`).
 
 use std::process::ExitCode;
 
-use llm_gateway::settings::Settings;
+use llm_gateway::app::Mode;
 
 // jemalloc instead of glibc malloc: under load glibc's arena locks were ~9% of the
 // gateway's CPU (memory freed on another worker thread than the one that allocated it)
@@ -11,12 +12,27 @@ use llm_gateway::settings::Settings;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+const USAGE: &str = "usage: llm-gateway [--demo]
+
+Runs the gateway with the settings of the environment, ./.env and GATEWAY_CONFIG.
+  --demo   also runs the upstream simulator behind every provider and uses the embedded
+           store instead of Redis, so the playground (/playground) works with nothing else
+           installed";
+
 fn main() -> ExitCode {
-    match Settings::load() {
-        Ok(settings) => llm_gateway::app::run_binary(settings),
-        Err(error) => {
-            eprintln!("llm-gateway: {error}");
-            ExitCode::from(2)
+    let mut mode = Mode::Serve;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--demo" => mode = Mode::Demo,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("llm-gateway: unknown argument '{other}'\n{USAGE}");
+                return ExitCode::from(2);
+            }
         }
     }
+    llm_gateway::app::run_binary(mode)
 }

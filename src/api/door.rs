@@ -192,11 +192,11 @@ fn body_error<E: DoorError>(rejection: &BytesRejection, max_body_bytes: usize) -
     E::unreadable()
 }
 
-/// Marks an answer for the client (`X-Cache`) and for the request log.
+/// Marks an answer for the client (`X-Cache`, `X-Provider`) and for the request log.
 pub fn mark(response: &mut Response, cache: CacheStatus, provider: &'static str) {
-    response
-        .headers_mut()
-        .insert("x-cache", HeaderValue::from_static(cache.as_str()));
+    let headers = response.headers_mut();
+    headers.insert("x-cache", HeaderValue::from_static(cache.as_str()));
+    headers.insert("x-provider", HeaderValue::from_static(provider));
     response
         .extensions_mut()
         .insert(ChatMeta { provider, cache });

@@ -13,4 +13,5 @@ pub mod observe;
 pub mod openai;
 pub mod openapi;
 pub mod original;
+pub mod playground;
 pub mod sse;

@@ -279,6 +279,30 @@ impl Settings {
         Ok(settings)
     }
 
+    /// These settings as demo mode runs them (`llm-gateway --demo`): the embedded store
+    /// instead of Redis, and every provider, the registry's included, at `upstream` (the
+    /// simulator), with a placeholder key where one is needed and none is set. Keys,
+    /// tiers, routes and limits stay as configured.
+    pub fn for_demo(mut self, upstream: &str) -> Settings {
+        use secrecy::ExposeSecret;
+        let placeholder = || SecretString::from("demo");
+        self.redis_url = "memory://".into();
+        self.gemini_base_url = upstream.to_owned();
+        self.ollama_base_url = upstream.to_owned();
+        if self.gemini_api_key.expose_secret().is_empty() {
+            self.gemini_api_key = placeholder();
+        }
+        if let Some(registry) = &mut self.registry {
+            for provider in &mut registry.providers {
+                provider.base_url = upstream.to_owned();
+                if provider.api_key.expose_secret().is_empty() {
+                    provider.api_key = placeholder();
+                }
+            }
+        }
+        self
+    }
+
     /// Defaults overridden by the given pairs only (no files, no process environment).
     /// Tests and embedders use this.
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<Settings, SettingsError> {

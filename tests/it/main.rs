@@ -16,6 +16,7 @@ mod limiter_faults;
 mod limiter_policies;
 mod openai;
 mod openapi;
+mod playground;
 mod ops;
 mod properties;
 mod providers;

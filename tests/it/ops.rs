@@ -509,6 +509,9 @@ fn the_dashboard_queries_only_metrics_the_gateway_exports() {
         "fallbacks",
         "breakers",
         "denials by reason",
+        "Time to first token",
+        "Tokens per second",
+        "Gateway overhead",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(wanted)),

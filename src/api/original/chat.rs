@@ -171,6 +171,7 @@ fn answer_response(outcome: ChatOutcome) -> Response {
         HeaderValue::from_static("application/json"),
     );
     headers.insert("x-cache", HeaderValue::from_static(outcome.cache.as_str()));
+    headers.insert("x-provider", HeaderValue::from_static(outcome.provider));
     response.extensions_mut().insert(ChatMeta {
         provider: outcome.provider,
         cache: outcome.cache,

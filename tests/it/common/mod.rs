@@ -328,6 +328,15 @@ impl GatewayProcess {
 
     /// Like [`GatewayProcess::start`], with a `.env` file of `dotenv` in the working directory.
     pub fn start_with_dotenv(env: &[(&str, &str)], dotenv: Option<&str>) -> GatewayProcess {
+        GatewayProcess::start_with_args(&[], env, dotenv)
+    }
+
+    /// Like [`GatewayProcess::start_with_dotenv`], with command-line `args`.
+    pub fn start_with_args(
+        args: &[&str],
+        env: &[(&str, &str)],
+        dotenv: Option<&str>,
+    ) -> GatewayProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         if let Some(content) = dotenv {
             std::fs::write(dir.path().join(".env"), content).expect(".env");
@@ -335,6 +344,7 @@ impl GatewayProcess {
         let log = dir.path().join("gateway.log");
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_llm-gateway"))
+            .args(args)
             .current_dir(dir.path())
             .env_clear()
             .envs([("HOST", "127.0.0.1"), ("PORT", "0"), ("LOG_FORMAT", "json")])
