@@ -3,6 +3,7 @@
 # (arguments go to cargo test, e.g. `scripts/test.sh --test it openai`).
 #
 # - redis-server: tests start their own servers (never the machine's shared one).
+# - Debian's chromium and chromium-driver: the playground's browser tests (tests/it/browser.rs).
 # - The official OpenAI and Anthropic SDKs, pinned in tests/sdk/requirements.txt, in a
 #   virtual environment at target/sdk-venv (made again when the pins change).
 set -euo pipefail
@@ -18,6 +19,7 @@ apt_install() {
 
 command -v redis-server >/dev/null || apt_install redis-server
 command -v python3 >/dev/null || apt_install python3 python3-venv
+[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || apt_install chromium chromium-driver
 
 VENV=target/sdk-venv
 STAMP="$VENV/.requirements"

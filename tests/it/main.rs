@@ -5,6 +5,7 @@
 mod anthropic;
 mod api;
 mod backends;
+mod browser;
 mod cache;
 mod cluster;
 mod common;

@@ -498,6 +498,7 @@ pub async fn output_of(mut command: Command, limit: Duration) -> std::process::O
 mod cluster;
 mod load;
 pub mod raw_http;
+pub mod webdriver;
 pub use cluster::{command_calls, RedisCluster};
 pub use load::hammer;
 
