@@ -119,7 +119,13 @@ async fn run(mode: Mode) -> ExitCode {
         }
         Err(error) => tracing::warn!(%error, "listening on an unknown address"),
     }
-    match app.run_until(stop_signal()).await {
+    let traces = app.state().traces().cloned();
+    let served = app.run_until(stop_signal()).await;
+    if let Some(traces) = traces {
+        // The SDK's exporter thread blocks while it sends the last batch.
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    match served {
         Ok(()) => {
             tracing::info!("llm-gateway stopped");
             ExitCode::SUCCESS

@@ -21,6 +21,7 @@ use crate::serve::redis::RedisConn;
 use crate::serve::workers;
 use crate::settings::{Settings, SettingsError};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::traces::Traces;
 
 /// Everything the router needs. One `Arc`, so a clone is a single atomic increment.
 #[derive(Clone)]
@@ -35,6 +36,8 @@ struct Parts {
     workers: usize,
     /// The upstream connection pools, shared by the providers of every registry.
     client: UpstreamClient,
+    /// The tracer, when traces are exported.
+    traces: Option<Traces>,
 }
 
 /// Permits for chat requests in flight (`MAX_CONCURRENT_REQUESTS`).
@@ -62,6 +65,24 @@ impl FromRef<AppState> for ChatSlots {
 impl FromRef<AppState> for Metrics {
     fn from_ref(state: &AppState) -> Metrics {
         state.0.metrics.clone()
+    }
+}
+
+/// What the request layer (`api::observe`) records into: the metrics and the tracer.
+#[derive(Clone)]
+pub struct Observer {
+    /// The metrics.
+    pub metrics: Metrics,
+    /// The tracer, when traces are exported.
+    pub traces: Option<Traces>,
+}
+
+impl FromRef<AppState> for Observer {
+    fn from_ref(state: &AppState) -> Observer {
+        Observer {
+            metrics: state.0.metrics.clone(),
+            traces: state.0.traces.clone(),
+        }
     }
 }
 
@@ -153,6 +174,7 @@ impl AppState {
         );
         let auth = AuthConfig::from_settings(&settings)
             .map_err(|e| StartupError::Settings(e.to_string()))?;
+        let traces = Traces::from_settings(&settings).map_err(StartupError::Settings)?;
         Ok(AppState(Arc::new(Parts {
             keys: Keys::new(auth),
             chat_slots: ChatSlots(Arc::new(Semaphore::new(settings.max_concurrent_requests))),
@@ -161,6 +183,7 @@ impl AppState {
             settings: Arc::new(settings),
             workers,
             client: upstreams,
+            traces,
         })))
     }
 
@@ -180,6 +203,11 @@ impl AppState {
     /// The validated settings the state was built from.
     pub fn settings(&self) -> &Settings {
         &self.0.settings
+    }
+
+    /// The tracer, when traces are exported (flushed at exit).
+    pub fn traces(&self) -> Option<&Traces> {
+        self.0.traces.as_ref()
     }
 
     /// The metrics (tests read them through it).

@@ -1,5 +1,6 @@
 //! The outermost layer of every route: a request id, the active-requests gauge, the chat
-//! metrics and the one log line per request.
+//! metrics, the one log line per request and, for chat requests, their scope (the time
+//! they waited for upstreams and, when traces are on, their span; see `telemetry::scope`).
 //!
 //! Nothing here logs headers, bodies or keys: the request line carries only the method,
 //! the matched route (a route template, never a client's path), status, latency,
@@ -12,8 +13,12 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
+use opentelemetry::KeyValue;
+
 use crate::domain::CacheStatus;
-use crate::telemetry::metrics::{status_class, Metrics};
+use crate::state::Observer;
+use crate::telemetry::metrics::status_class;
+use crate::telemetry::scope::RequestScope;
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -68,8 +73,9 @@ impl Drop for ActiveGuard {
 /// Middleware, outermost: request id, active gauge, chat metrics and the request log line.
 /// The route is the one the router matched (axum's `MatchedPath`), so the route table
 /// exists once, in `app.rs`; a path no route matched is `unmatched`.
-pub async fn observe(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
+pub async fn observe(State(observer): State<Observer>, request: Request, next: Next) -> Response {
     let started = Instant::now();
+    let metrics = &observer.metrics;
     let id = request_id(&request);
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
@@ -77,19 +83,56 @@ pub async fn observe(State(metrics): State<Metrics>, request: Request, next: Nex
     metrics.active_requests.inc();
     let _active = ActiveGuard(metrics.active_requests.clone());
 
-    let mut response = next.run(request).await;
+    let chat = is_chat_route(route);
+    let scope = chat.then(|| {
+        let trace = observer.traces.as_ref().map(|traces| {
+            let span = traces.start_request(
+                request.headers(),
+                format!("{method} {route}"),
+                vec![
+                    KeyValue::new("http.request.method", method.to_string()),
+                    KeyValue::new("http.route", route.to_owned()),
+                    KeyValue::new("gen_ai.operation.name", "chat"),
+                ],
+            );
+            (traces.clone(), span)
+        });
+        RequestScope::new(trace)
+    });
+    let mut response = match &scope {
+        Some(scope) => scope.run(next.run(request)).await,
+        None => next.run(request).await,
+    };
 
     let latency = started.elapsed();
     let status = response.status().as_u16();
     let meta = response.extensions().get::<ChatMeta>().copied();
     let provider = meta.map(|m| m.provider).unwrap_or("none");
     let cache = meta.map(|m| m.cache.as_str()).unwrap_or("-");
-    if is_chat_route(route) {
+    let mut trace_id = None;
+    if let Some(scope) = &scope {
         metrics.chat_requests.get(status_class(status)).inc();
         metrics
             .request_latency
             .get(provider)
             .observe(latency.as_secs_f64());
+        // A stream's head comes after its first event: its overhead is the time to that
+        // head less the wait for it.
+        metrics
+            .gateway_overhead
+            .observe(latency.saturating_sub(scope.upstream_wait()).as_secs_f64());
+        scope.set_on_request(|| {
+            let mut attributes = vec![KeyValue::new("http.response.status_code", status as i64)];
+            if let Some(meta) = meta {
+                attributes.push(KeyValue::new("gateway.provider", meta.provider));
+                attributes.push(KeyValue::new("gateway.cache", meta.cache.as_str()));
+            }
+            attributes
+        });
+        if status >= 500 {
+            scope.fail_request("the gateway answered with a server error");
+        }
+        trace_id = scope.trace_id().map(|id| id.to_string());
     }
     tracing::info!(
         request_id = id.to_str().unwrap_or("-"),
@@ -99,6 +142,7 @@ pub async fn observe(State(metrics): State<Metrics>, request: Request, next: Nex
         latency_ms = latency.as_secs_f64() * 1000.0,
         provider,
         cache,
+        trace_id = trace_id.as_deref(),
         "request"
     );
     response.headers_mut().insert(REQUEST_ID.clone(), id);

@@ -29,7 +29,10 @@ fn file(content_type: &'static str, body: &'static str) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     headers.insert(
         HeaderName::from_static("cross-origin-opener-policy"),
         HeaderValue::from_static("same-origin"),
@@ -68,10 +71,16 @@ mod tests {
             !name.is_empty() && rest[name.len()..].starts_with('=')
         });
         assert_eq!(handlers.count(), 0, "inline event handlers");
-        assert!(!PAGE.contains("http://") && !PAGE.contains("https://"), "no CDN");
+        assert!(
+            !PAGE.contains("http://") && !PAGE.contains("https://"),
+            "no CDN"
+        );
         assert!(PAGE.contains(r#"<script src="/playground/app.js" defer>"#));
         assert!(PAGE.contains(r#"href="/playground/app.css""#));
-        assert!(!SCRIPT.contains("localStorage"), "the key stays in session storage");
+        assert!(
+            !SCRIPT.contains("localStorage"),
+            "the key stays in session storage"
+        );
         assert!(!SCRIPT.contains("eval(") && !SCRIPT.contains("innerHTML"));
     }
 

@@ -379,6 +379,9 @@ mod tests {
         fn name(&self) -> &'static str {
             self.0
         }
+        fn kind(&self) -> &'static str {
+            "test"
+        }
         async fn complete(&self, _: &ChatRequest, _: &str) -> Result<Completion, ProviderError> {
             Err(ProviderError::Connect)
         }

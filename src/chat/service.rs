@@ -10,9 +10,10 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use opentelemetry::KeyValue;
 use tokio::sync::OnceCell;
 
 use arc_swap::ArcSwap;
@@ -26,6 +27,7 @@ use crate::providers::{complete_with_retries, stream_with_retries, EventStream, 
 use crate::ratelimit::reservation::Reservation;
 use crate::ratelimit::{BucketPolicy, Decision, Prefetch, RateLimiter, Unreachable};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::scope;
 
 /// Renders a fresh answer as the body a door sends (and the cache keeps for it).
 pub type Encode = fn(&Reply) -> Result<Bytes, ChatError>;
@@ -173,10 +175,29 @@ impl ChatService {
                 .reservation(request.prompt_bytes(), request.max_tokens),
             _ => 0,
         };
+        if let Some(model) = request.and_then(super::routing::named_model) {
+            scope::set_on_request(|| vec![KeyValue::new("gen_ai.request.model", model.to_owned())]);
+        }
+        let span = scope::span("rate_limit", || {
+            vec![KeyValue::new(
+                "gateway.rate_limit.reserved_tokens",
+                tokens as i64,
+            )]
+        });
         let checked = self
             .limiter
             .check(bucket, policy, tokens, cache_key.as_deref())
             .await;
+        match &checked.decision {
+            Ok(decision) => {
+                span.set("gateway.rate_limit.allowed", || decision.allowed.into());
+                if let Some(limit) = decision.denied_by {
+                    span.set("gateway.rate_limit.denied_by", || limit.as_str().into());
+                }
+            }
+            Err(_) => span.fail(|| "limiter_unavailable".to_owned()),
+        }
+        drop(span);
         Admission {
             decision: checked.decision,
             cache_key,
@@ -217,12 +238,20 @@ impl ChatService {
     /// `None` also when the cache is off or the door gave no key.
     async fn cached(&self, key: Option<&str>, prefetched: Prefetch) -> Option<Bytes> {
         let (cache, key) = (self.cache.as_ref()?, key?);
+        // Usually read in the limiter's round trip already; the span says so.
+        let span = scope::span("cache", || {
+            vec![KeyValue::new(
+                "gateway.cache.prefetched",
+                !matches!(prefetched, Prefetch::NotFetched),
+            )]
+        });
         let cached = match prefetched {
             Prefetch::Found(body) => Ok(Some(body)),
             Prefetch::Missing => Ok(None),
             Prefetch::Failed => Err(CacheError("the read with the limiter call failed".into())),
             Prefetch::NotFetched => cache.get(key).await,
         };
+        span.set("gateway.cache.hit", || matches!(cached, Ok(Some(_))).into());
         match cached {
             Ok(Some(body)) => {
                 self.metrics.cache_hits.inc();
@@ -230,6 +259,7 @@ impl ChatService {
             }
             Ok(None) => {}
             Err(error) => {
+                span.fail(|| "cache_unavailable".to_owned());
                 self.metrics.cache_errors.inc();
                 tracing::warn!(%error, "cache read failed; treating as a miss");
             }
@@ -292,6 +322,7 @@ impl ChatService {
         // Only the caller that ran the call is charged its tokens: the others' answers
         // cost the upstream nothing more, like hits.
         let ran = std::sync::atomic::AtomicBool::new(false);
+        let waited = Instant::now();
         let result = shared
             .get_or_init(|| async {
                 ran.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -301,6 +332,10 @@ impl ChatService {
             })
             .await
             .clone();
+        if !ran.load(std::sync::atomic::Ordering::Relaxed) {
+            // A follower waited for another request's upstream call.
+            scope::add_upstream_wait(waited.elapsed());
+        }
         let used = match &result {
             Ok((_, _, used)) if ran.load(std::sync::atomic::Ordering::Relaxed) => *used,
             _ => 0,
@@ -345,7 +380,8 @@ impl ChatService {
     /// The answer of the first target of `plan` that gives one, rendered by `encode`,
     /// the provider that gave it, and the tokens it used (prompt + completion).
     async fn ask_provider(&self, request: &ChatRequest, plan: &Plan, encode: Encode) -> Called {
-        let ((completion, _guard), routed) = self
+        let waited = Instant::now();
+        let called = self
             .failover(request, plan, |upstream, model, deadline| async move {
                 let completion = complete_with_retries(
                     upstream.provider.as_ref(),
@@ -358,7 +394,9 @@ impl ChatService {
                 .await?;
                 Ok::<Completion, Failed>(completion)
             })
-            .await?;
+            .await;
+        scope::add_upstream_wait(waited.elapsed());
+        let ((completion, _guard), routed) = called?;
         let usage = completion.usage;
         let body = encode(&fresh_reply(&routed, completion))?;
         Ok((
@@ -471,6 +509,7 @@ impl ChatService {
                 provider: plan.targets[0].0.name(),
             });
         }
+        let waited = Instant::now();
         let started = self
             .failover(&request, &plan, |upstream, model, deadline| {
                 let request = &request;
@@ -488,6 +527,7 @@ impl ChatService {
                 }
             })
             .await;
+        scope::add_upstream_wait(waited.elapsed());
         let (((first, rest, idle), in_flight), routed) = match started {
             Ok(started) => started,
             Err(error) => {

@@ -21,6 +21,7 @@ use crate::domain::{
 use crate::providers::{count_tokens, EventStream};
 use crate::ratelimit::reservation::Reservation;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::scope::{self, RequestScope};
 
 /// Seconds since the Unix epoch, for `created` fields.
 pub fn unix_now() -> u64 {
@@ -66,6 +67,9 @@ pub struct LiveStream {
     metrics: Metrics,
     ended: bool,
     counted: bool,
+    /// The request's scope when it is traced: the span ends with the stream, which
+    /// records its usage on it.
+    scope: Option<Arc<RequestScope>>,
 }
 
 impl LiveStream {
@@ -97,6 +101,7 @@ impl LiveStream {
             metrics,
             ended: false,
             counted: false,
+            scope: scope::current_traced(),
         }
     }
 
@@ -142,6 +147,9 @@ impl LiveStream {
         if !self.counted {
             self.counted = true;
             count_tokens(&self.metrics, self.kind, usage);
+            if let Some(scope) = &self.scope {
+                scope.record_usage(usage);
+            }
             if let Some(reservation) = self.reservation.take() {
                 reservation.settle(usage.prompt_tokens + usage.completion_tokens);
             }

@@ -349,6 +349,10 @@ impl Provider for Anthropic {
         self.endpoint.name
     }
 
+    fn kind(&self) -> &'static str {
+        "anthropic"
+    }
+
     fn refusal(&self, request: &ChatRequest) -> Option<Unsupported> {
         refusal(request)
     }

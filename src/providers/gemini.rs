@@ -523,6 +523,10 @@ impl Provider for Gemini {
         self.endpoint.name
     }
 
+    fn kind(&self) -> &'static str {
+        "gcp.gemini"
+    }
+
     async fn complete(
         &self,
         request: &ChatRequest,

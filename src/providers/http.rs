@@ -26,10 +26,13 @@ use serde::de::DeserializeOwned;
 
 use super::ProviderError;
 use crate::serve::workers::PerWorker;
+use crate::telemetry::scope;
 
 /// Largest upstream answer read: a bigger one is refused as invalid instead of being
 /// buffered without bound.
 pub const MAX_ANSWER_BYTES: usize = 32 * 1024 * 1024;
+
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 const USER_AGENT_VALUE: &str = concat!("llm-gateway/", env!("CARGO_PKG_VERSION"));
 
@@ -148,7 +151,8 @@ impl UpstreamClient {
         })
     }
 
-    /// Sends the request; `Ok` only with a 2xx head.
+    /// Sends the request; `Ok` only with a 2xx head. A traced request's provider attempt
+    /// goes with it as the W3C `traceparent`, so the upstream's spans join the trace.
     async fn send(
         &self,
         uri: &Uri,
@@ -165,6 +169,9 @@ impl UpstreamClient {
                 headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
                 for (name, value) in extra_headers {
                     headers.insert(name.clone(), value.clone());
+                }
+                if let Some(parent) = scope::upstream_traceparent() {
+                    headers.insert(TRACEPARENT.clone(), parent);
                 }
                 let response = client
                     .get()
@@ -184,6 +191,9 @@ impl UpstreamClient {
                     .body(body);
                 for (name, value) in extra_headers {
                     request = request.header(name.clone(), value.clone());
+                }
+                if let Some(parent) = scope::upstream_traceparent() {
+                    request = request.header(TRACEPARENT.clone(), parent);
                 }
                 let response = request.send().await.map_err(|e| from_reqwest(&e))?;
                 let status = response.status();

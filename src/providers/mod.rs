@@ -15,6 +15,8 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
+use crate::telemetry::scope;
+
 use async_trait::async_trait;
 use futures_util::{Stream, StreamExt};
 
@@ -46,6 +48,23 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The failure's kind, for a span's `error.type`: no detail that could carry content.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderError::Timeout => "timeout",
+            ProviderError::Connect => "connection",
+            ProviderError::Status(429) | ProviderError::Throttled(429, _) => "http_429",
+            ProviderError::Status(status) | ProviderError::Throttled(status, _)
+                if *status >= 500 =>
+            {
+                "http_5xx"
+            }
+            ProviderError::Status(_) | ProviderError::Throttled(..) => "http_4xx",
+            ProviderError::Invalid(_) => "invalid_response",
+            ProviderError::NotConfigured(_) => "not_configured",
+        }
+    }
+
     /// Connection errors, timeouts, 5xx and 429 may succeed on another try.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -179,8 +198,11 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, ProviderErr
 /// One upstream API.
 #[async_trait]
 pub trait Provider: Send + Sync {
-    /// `gemini` or `ollama`.
+    /// Its name: the metrics label, the logs, the `provider` of answers.
     fn name(&self) -> &'static str;
+    /// The API it speaks, as the OpenTelemetry GenAI conventions name providers
+    /// (`gen_ai.provider.name`): `openai`, `anthropic`, `gcp.gemini`, `ollama`.
+    fn kind(&self) -> &'static str;
     /// What in `request` this upstream cannot honour, if anything: checked before any
     /// attempt, so it is the client's error and never a provider failure.
     fn refusal(&self, request: &ChatRequest) -> Option<Unsupported> {
@@ -364,10 +386,11 @@ pub async fn complete_with_retries(
     deadline: Instant,
     metrics: &Metrics,
 ) -> Result<Completion, Failed> {
-    with_retries(provider.name(), policy, deadline, metrics, || async {
+    with_retries(provider, model, policy, deadline, metrics, || async {
         let result = provider.complete(request, model).await;
         if let Ok(completion) = &result {
             count_tokens(metrics, provider.name(), &completion.usage);
+            scope::record_answer(provider.kind(), model, Some(&completion.usage));
         }
         result
     })
@@ -387,10 +410,14 @@ pub async fn stream_with_retries(
     metrics: &Metrics,
 ) -> Result<(StreamEvent, EventStream), Failed> {
     let started = Instant::now();
-    let first = with_retries(provider.name(), policy, deadline, metrics, || async {
+    let first = with_retries(provider, model, policy, deadline, metrics, || async {
         let mut events = provider.stream(request, model).await?;
         match events.next().await {
-            Some(Ok(event)) => Ok((event, events)),
+            Some(Ok(event)) => {
+                // The usage comes at the stream's end (`chat::stream`).
+                scope::record_answer(provider.kind(), model, None);
+                Ok((event, events))
+            }
             Some(Err(error)) => Err(error),
             None => Err(ProviderError::Invalid(
                 "the stream ended before its end".into(),
@@ -418,11 +445,13 @@ pub fn count_tokens(metrics: &Metrics, provider: &str, usage: &crate::domain::Us
 }
 
 /// Runs `attempt` until it succeeds, fails for good, the retries are spent or the
-/// deadline comes; each attempt bounded by the attempt timeout (and the deadline) and
-/// counted in the provider metrics. A `Retry-After` longer than the time left ends the
-/// retries: waiting it out would pass the deadline.
+/// deadline comes; each attempt bounded by the attempt timeout (and the deadline),
+/// counted in the provider metrics and, when the request is traced, a span of its own.
+/// A `Retry-After` longer than the time left ends the retries: waiting it out would pass
+/// the deadline.
 async fn with_retries<T, F>(
-    name: &'static str,
+    provider: &dyn Provider,
+    model: &str,
     policy: &RetryPolicy,
     deadline: Instant,
     metrics: &Metrics,
@@ -431,9 +460,12 @@ async fn with_retries<T, F>(
 where
     F: std::future::Future<Output = Result<T, ProviderError>>,
 {
+    let name = provider.name();
     let mut tries = 0;
     loop {
         let started = Instant::now();
+        let span = scope::provider_attempt(name, provider.kind(), model);
+        span.set("gateway.attempt", || (tries as i64 + 1).into());
         metrics.provider_calls.get(name).inc();
         // One timer bounds the whole attempt (connect, send, response body). A second
         // per-request timer inside reqwest only added timer-wheel work to every call.
@@ -451,6 +483,8 @@ where
             Ok(value) => return Ok(value),
             Err(error) => error,
         };
+        span.fail(|| error.kind().to_owned());
+        drop(span);
         metrics.provider_failures.get(name).inc();
         let attempts = tries + 1;
         let delay = error.retry_after().unwrap_or_else(|| policy.backoff(tries));

@@ -320,6 +320,10 @@ impl Provider for Ollama {
         self.endpoint.name
     }
 
+    fn kind(&self) -> &'static str {
+        "ollama"
+    }
+
     fn refusal(&self, request: &ChatRequest) -> Option<Unsupported> {
         refusal(request)
     }

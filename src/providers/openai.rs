@@ -337,6 +337,10 @@ impl Provider for OpenAi {
         self.endpoint.name
     }
 
+    fn kind(&self) -> &'static str {
+        "openai"
+    }
+
     /// Takes everything, fields passed through included.
     fn refusal(&self, _request: &ChatRequest) -> Option<Unsupported> {
         None

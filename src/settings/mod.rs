@@ -174,6 +174,28 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// OTLP collector base URL (`/v1/traces` is appended); empty: no traces.
+    pub otel_exporter_otlp_endpoint: String,
+    /// OTLP traces URL, used as is; wins over the base URL.
+    pub otel_exporter_otlp_traces_endpoint: String,
+    /// `http/protobuf` or `http/json`.
+    pub otel_exporter_otlp_protocol: String,
+    /// Extra export headers, `name=value,...` (may hold a collector's token).
+    pub otel_exporter_otlp_headers: SecretString,
+    /// Bound on one export, in milliseconds.
+    pub otel_exporter_otlp_timeout: u64,
+    /// The sampler's name (OpenTelemetry's `OTEL_TRACES_SAMPLER` values).
+    pub otel_traces_sampler: String,
+    /// The sampler's ratio, for the ratio samplers.
+    pub otel_traces_sampler_arg: String,
+    /// `service.name` of the spans.
+    pub otel_service_name: String,
+    /// `otlp`, or `none` for no traces.
+    pub otel_traces_exporter: String,
+    /// True: no traces whatever else is set.
+    pub otel_sdk_disabled: bool,
+    /// Longest wait before a batch of spans is sent, in milliseconds.
+    pub otel_bsp_schedule_delay: u64,
     /// The provider registry of the `GATEWAY_CONFIG` file, if it has one; without, the
     /// settings above build the default one.
     #[serde(skip)]

@@ -102,6 +102,9 @@ where
             out.write_char('"')?;
             record_fields(&mut out, event, true)?;
             span_fields(&mut out, ctx)?;
+            if let Some(id) = super::scope::current_trace_id() {
+                write!(out, ",\"trace_id\":\"{id}\"")?;
+            }
             out.write_str(",\"target\":")?;
             write_json_str(&mut out, meta.target())?;
             out.write_str("}\n")
@@ -118,6 +121,9 @@ where
             out.write_char(':')?;
             record_fields(&mut out, event, false)?;
             span_fields(&mut out, ctx)?;
+            if let Some(id) = super::scope::current_trace_id() {
+                write!(out, " trace_id={id}")?;
+            }
             out.write_char('\n')
         }
     }

@@ -5,6 +5,8 @@
 pub mod log_format;
 pub mod log_writer;
 pub mod metrics;
+pub mod scope;
+pub mod traces;
 
 use std::io::IsTerminal;
 

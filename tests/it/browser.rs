@@ -25,8 +25,7 @@ const LAST_ANSWER: &str =
      return a.length ? a[a.length - 1].textContent : '';";
 
 #[tokio::test]
-async fn a_person_chats_through_the_playground_sees_the_answer_stream_and_runs_into_the_limit()
-{
+async fn a_person_chats_through_the_playground_sees_the_answer_stream_and_runs_into_the_limit() {
     // Five chunks 200 ms apart: the answer takes a second to arrive, word by word.
     let mock = MockLlm::start(&["--chunks", "5", "--chunk-delay-ms", "200"]);
     let app = TestApp::builder()
@@ -91,7 +90,10 @@ async fn a_person_chats_through_the_playground_sees_the_answer_stream_and_runs_i
         if text == expected {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "never finished: {seen:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never finished: {seen:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let partial = seen
@@ -141,9 +143,7 @@ async fn a_person_chats_through_the_playground_sees_the_answer_stream_and_runs_i
     // The third request spends the bucket; the fourth is refused, and the page says how
     // long to wait.
     for (i, state) in [(3, "answered"), (4, "failed")] {
-        browser
-            .type_into("#prompt", &format!("question {i}"))
-            .await;
+        browser.type_into("#prompt", &format!("question {i}")).await;
         browser.click("#send").await;
         browser
             .wait_until(
@@ -155,7 +155,10 @@ async fn a_person_chats_through_the_playground_sees_the_answer_stream_and_runs_i
     assert_eq!(browser.text("#d-status").await, "429");
     let error = browser.text("#error").await;
     assert!(error.starts_with("Rate limited (429)"), "{error}");
-    assert!(error.contains("Wait ") && error.contains(" s before sending again"), "{error}");
+    assert!(
+        error.contains("Wait ") && error.contains(" s before sending again"),
+        "{error}"
+    );
     let shown = browser
         .run("return !document.querySelector('#error').hidden", json!([]))
         .await;
@@ -178,9 +181,7 @@ async fn a_person_chats_through_the_playground_sees_the_answer_stream_and_runs_i
         )
         .await;
     assert_eq!(fits, true);
-    browser
-        .screenshot(&artefact("playground-narrow.png"))
-        .await;
+    browser.screenshot(&artefact("playground-narrow.png")).await;
 }
 
 #[tokio::test]
@@ -203,7 +204,10 @@ async fn a_wrong_key_and_a_failing_upstream_are_explained_in_words() {
         )
         .await;
     let error = browser.text("#error").await;
-    assert!(error.contains("did not accept this API key (401)"), "{error}");
+    assert!(
+        error.contains("did not accept this API key (401)"),
+        "{error}"
+    );
 
     // The right key; the upstream fails every call.
     browser
@@ -212,7 +216,9 @@ async fn a_wrong_key_and_a_failing_upstream_are_explained_in_words() {
             json!([]),
         )
         .await;
-    browser.type_into("#api-key", &format!("{KEY}\u{E004}")).await;
+    browser
+        .type_into("#api-key", &format!("{KEY}\u{E004}"))
+        .await;
     browser
         .wait_until(
             "return document.querySelector('#error').hidden \
@@ -235,6 +241,9 @@ async fn a_wrong_key_and_a_failing_upstream_are_explained_in_words() {
         )
         .await;
     let error = browser.text("#error").await;
-    assert!(error.contains("The upstream provider failed (502)"), "{error}");
+    assert!(
+        error.contains("The upstream provider failed (502)"),
+        "{error}"
+    );
     assert_eq!(browser.text("#d-status").await, "502");
 }

@@ -563,3 +563,52 @@ async fn a_dotenv_file_in_the_working_directory_is_read_and_the_environment_wins
         ".env replaced the default key"
     );
 }
+
+#[tokio::test]
+async fn gateway_overhead_is_the_latency_less_the_wait_for_the_upstream() {
+    // Every upstream call takes 150 ms; the gateway's own share is far below that.
+    let mock = MockLlm::start(&["--latency-ms", "150"]);
+    let app = TestApp::builder()
+        .keys("k")
+        .set("OLLAMA_BASE_URL", &mock.url)
+        .spawn()
+        .await;
+    for (i, stream) in [(0, false), (1, true), (2, false)] {
+        let response = app
+            .client
+            .post(format!("{}/v1/chat/completions", app.url))
+            .bearer_auth("k")
+            .json(&json!({"model": "llama3.1", "stream": stream,
+                "messages": [{"role": "user", "content": format!("overhead {i}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap();
+    }
+    // Two more from the cache: no upstream wait, all of it overhead.
+    for i in [0, 2] {
+        let hit = app
+            .client
+            .post(format!("{}/v1/chat/completions", app.url))
+            .bearer_auth("k")
+            .json(&json!({"model": "llama3.1",
+                "messages": [{"role": "user", "content": format!("overhead {i}")}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(hit.headers()["x-cache"], "HIT");
+    }
+    let count = app.metric("gateway_overhead_seconds_count").await;
+    let overhead = app.metric("gateway_overhead_seconds_sum").await;
+    let latency = app
+        .metric("request_latency_seconds_sum{provider=\"ollama\"}")
+        .await;
+    assert_eq!(count, 5.0);
+    assert!(latency >= 0.45, "three upstream calls of 150 ms: {latency}");
+    assert!(
+        overhead < 0.1,
+        "the upstream's 450 ms are not overhead: {overhead}"
+    );
+    assert!(overhead > 0.0);
+}

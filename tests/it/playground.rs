@@ -10,8 +10,16 @@ use crate::common::{GatewayProcess, TestApp};
 async fn the_playground_and_its_files_are_served_under_a_strict_content_security_policy() {
     let app = TestApp::spawn(&[]).await;
     for (path, kind, marker) in [
-        ("/playground", "text/html", "<title>llm-gateway playground</title>"),
-        ("/playground/app.js", "text/javascript", "/v1/chat/completions"),
+        (
+            "/playground",
+            "text/html",
+            "<title>llm-gateway playground</title>",
+        ),
+        (
+            "/playground/app.js",
+            "text/javascript",
+            "/v1/chat/completions",
+        ),
         ("/playground/app.css", "text/css", "grid-template-columns"),
     ] {
         let response = app.get(path).await;
@@ -70,8 +78,8 @@ fn demo() -> GatewayProcess {
 #[tokio::test]
 async fn demo_mode_prints_the_playground_address_and_answers_every_door() {
     let gateway = demo();
-    let printed = crate::common::wait_for_line(&gateway.log, "Open the playground")
-        .expect("the banner");
+    let printed =
+        crate::common::wait_for_line(&gateway.log, "Open the playground").expect("the banner");
     assert!(
         printed.contains(&format!(
             "{}/playground and use the key sk-gateway-123",
