@@ -87,6 +87,22 @@ BENCH_GEMINI_KEY=gm-bench GATEWAY_CONFIG="$WORK/registry.toml" HOST=127.0.0.1 PO
 PIDS+=("$REG_PID")
 wait_port "$REG_PORT"
 
+# Two more, the first gateway's settings with traces configured (CONTRACT §15), exported
+# to the mock's OTLP sink: sampling 0 ('trace0' rows: spans made but never recorded) and
+# sampling 1 ('trace1': every span recorded and exported). Their 'miss' requests compare
+# with the first gateway's 'miss' row.
+start_traced() { # port sampler log
+  GATEWAY_CONFIG="$WORK/gateway.toml" HOST=127.0.0.1 PORT=$1 \
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" OLLAMA_BASE_URL="http://127.0.0.1:$MOCK_PORT" \
+    CACHE_TTL_SECONDS=600 LOG_LEVEL=${LOG_LEVEL:-info} \
+    OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$MOCK_PORT" OTEL_TRACES_SAMPLER=$2 \
+    ./target/release/llm-gateway >"$WORK/$3" 2>&1 &
+}
+TRACE0_PORT=$(free_port); start_traced "$TRACE0_PORT" always_off trace0.log; TRACE0_PID=$!
+TRACE1_PORT=$(free_port); start_traced "$TRACE1_PORT" always_on trace1.log; TRACE1_PID=$!
+PIDS+=("$TRACE0_PID" "$TRACE1_PID")
+wait_port "$TRACE0_PORT"; wait_port "$TRACE1_PORT"
+
 # The bound for one connection: a relay that only makes the round trips a miss needs
 # (examples/bound_relay.rs), against the same Redis script and mock.
 SCRIPT_SHA=$(redis-cli -p "$REDIS_PORT" script load "$(cat src/ratelimit/token_bucket.lua)")
@@ -151,6 +167,8 @@ scenario_lua body64k sk-bench-00003   big   200 /api/v1/chat
 scenario_lua openai  sk-bench-00004   vary  200 /v1/chat/completions openai
 scenario_lua registry sk-bench-00005  vary  200 /api/v1/chat
 scenario_lua tokens  sk-bench-00006   vary  200 /api/v1/chat
+scenario_lua trace0  sk-bench-00007   vary  200 /api/v1/chat
+scenario_lua trace1  sk-bench-00008   vary  200 /api/v1/chat
 # The floor speaks Ollama directly: give its body a model.
 sed -i 's/"max_tokens":64}/"max_tokens":64,"model":"m","stream":false}/' "$WORK/floor.lua"
 
@@ -197,6 +215,8 @@ for conns in 1 64; do
     run "$name" "$conns" "http://127.0.0.1:$GW_PORT"
   done
   run registry "$conns" "http://127.0.0.1:$REG_PORT" "$REG_PID"
+  run trace0 "$conns" "http://127.0.0.1:$TRACE0_PORT" "$TRACE0_PID"
+  run trace1 "$conns" "http://127.0.0.1:$TRACE1_PORT" "$TRACE1_PID"
 done
 FINAL_KB=$(rss_kb)
 
@@ -228,6 +248,10 @@ for row in "${ROWS[@]}"; do
   [ "$name" = registry ] && [ "$conns" = 64 ] && REGISTRY_RPS=$rps
   [ "$name" = tokens ] && [ "$conns" = 1 ] && TOKENS_P50=$p50
   [ "$name" = tokens ] && [ "$conns" = 64 ] && TOKENS_RPS=$rps
+  [ "$name" = trace0 ] && [ "$conns" = 1 ] && TRACE0_P50=$p50
+  [ "$name" = trace0 ] && [ "$conns" = 64 ] && TRACE0_RPS=$rps
+  [ "$name" = trace1 ] && [ "$conns" = 1 ] && TRACE1_P50=$p50
+  [ "$name" = trace1 ] && [ "$conns" = 64 ] && TRACE1_RPS=$rps
   ratio=$(awk -v a="$rps" -v b="${FLOOR_RPS[$conns]}" 'BEGIN { printf "%.2f", a / b }')
   delta=$((p50 - ${FLOOR_P50[$conns]}))
   per=$(awk -v c="$calls" -v r="$requests" 'BEGIN { printf "%.2f", (r > 0 ? c / r : 0) }')
@@ -247,6 +271,10 @@ echo "a 4-provider registry vs the default one, a miss: req/s at 64 connections 
   "of the default's; p50 at 1 connection $REGISTRY_P50 us against $MISS_P50 us"
 echo "token limits on vs off, a miss: req/s at 64 connections $(awk -v a="$TOKENS_RPS" -v b="$MISS_RPS" 'BEGIN { printf "%.3f", a / b }')" \
   "of the same gateway's 'miss' row (target >= 0.95); p50 at 1 connection $TOKENS_P50 us against $MISS_P50 us"
+echo "traces configured, sampling 0 vs off, a miss: req/s at 64 connections $(awk -v a="$TRACE0_RPS" -v b="$MISS_RPS" 'BEGIN { printf "%.3f", a / b }')" \
+  "of the 'miss' row (target >= 0.97); p50 at 1 connection $TRACE0_P50 us against $MISS_P50 us"
+echo "traces, sampling 1 (every span recorded and exported) vs off: req/s at 64 connections $(awk -v a="$TRACE1_RPS" -v b="$MISS_RPS" 'BEGIN { printf "%.3f", a / b }')" \
+  "of the 'miss' row; p50 at 1 connection $TRACE1_P50 us against $MISS_P50 us"
 echo "reference, 1 connection: a bare Redis round trip p50 ${PING_P50} us (PING), the limiter script alone ${EVALSHA_P50} us (EVALSHA)"
 echo "cpu us/r: CPU time each process spent per request in that row (the cores also run wrk);"
 echo "  $(nproc) cores give $(nproc) million CPU-us per second, so req/s <= $(nproc)e6 / (the four processes' sum)"

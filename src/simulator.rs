@@ -25,7 +25,7 @@
 //! breaks the connection after N chunks, `x-mock-hang-after: N` stops sending after N
 //! chunks and never ends. `GET /_mock/streams` counts streams started, completed and
 //! cancelled (the client went away before the end), so tests can see an upstream call
-//! cancelled. The stream flags set the same for every stream; a header wins over a flag.
+//! cancelled. `POST /v1/traces` accepts OTLP/HTTP trace exports and drops them. The stream flags set the same for every stream; a header wins over a flag.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -936,6 +936,17 @@ async fn stream_counts(State(mock): State<Arc<Mock>>) -> Json<Value> {
     }))
 }
 
+/// Accepts an OTLP/HTTP export and drops it: the empty answer is an empty
+/// `ExportTraceServiceResponse` in either encoding's eyes.
+async fn accept_traces(_export: Bytes) -> Response {
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+        "",
+    )
+        .into_response()
+}
+
 /// The simulator's routes, with `faults` injected into every request.
 fn router(faults: Faults) -> Router {
     Router::new()
@@ -944,6 +955,8 @@ fn router(faults: Faults) -> Router {
         .route("/v1/chat/completions", post(openai_chat))
         .route("/v1/messages", post(anthropic_messages))
         .route("/_mock/streams", get(stream_counts))
+        // An OTLP/HTTP traces sink, so benchmarks can export spans somewhere real.
+        .route("/v1/traces", post(accept_traces))
         .with_state(Arc::new(Mock {
             faults,
             streams: StreamCounts::default(),

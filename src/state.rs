@@ -8,6 +8,7 @@ use axum::extract::FromRef;
 use tokio::sync::Semaphore;
 
 use crate::api::auth::{AuthConfig, Keys};
+use crate::api::observe::Observer;
 use crate::api::original::chat::MaxBodyBytes;
 use crate::api::sse::KeepAliveEvery;
 use crate::cache::{memory::MemoryCache, redis::RedisCache, Cache};
@@ -66,15 +67,6 @@ impl FromRef<AppState> for Metrics {
     fn from_ref(state: &AppState) -> Metrics {
         state.0.metrics.clone()
     }
-}
-
-/// What the request layer (`api::observe`) records into: the metrics and the tracer.
-#[derive(Clone)]
-pub struct Observer {
-    /// The metrics.
-    pub metrics: Metrics,
-    /// The tracer, when traces are exported.
-    pub traces: Option<Traces>,
 }
 
 impl FromRef<AppState> for Observer {

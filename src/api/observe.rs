@@ -16,9 +16,18 @@ use axum::response::Response;
 use opentelemetry::KeyValue;
 
 use crate::domain::CacheStatus;
-use crate::state::Observer;
-use crate::telemetry::metrics::status_class;
+use crate::telemetry::metrics::{status_class, Metrics};
 use crate::telemetry::scope::RequestScope;
+use crate::telemetry::traces::Traces;
+
+/// What this layer records into: the metrics and the tracer.
+#[derive(Clone)]
+pub struct Observer {
+    /// The metrics.
+    pub metrics: Metrics,
+    /// The tracer, when traces are exported.
+    pub traces: Option<Traces>,
+}
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

@@ -10,7 +10,9 @@ use std::path::Path;
 const ALLOWED: &[(&str, &[&str])] = &[
     ("domain", &[]),
     ("settings", &[]),
-    ("telemetry", &["settings"]),
+    ("telemetry", &["domain", "settings"]),
+    // The upstream simulator stands alone: mock-llm and demo mode run it.
+    ("simulator", &[]),
     ("serve", &["settings"]),
     ("ratelimit", &["domain", "serve", "settings", "telemetry"]),
     ("cache", &["domain", "serve", "settings", "telemetry"]),
@@ -53,7 +55,17 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "telemetry",
         ],
     ),
-    ("app", &["api", "serve", "settings", "state", "telemetry"]),
+    (
+        "app",
+        &[
+            "api",
+            "serve",
+            "settings",
+            "simulator",
+            "state",
+            "telemetry",
+        ],
+    ),
 ];
 
 /// The crate modules `source` names (`crate::x::...`), `x` only.
