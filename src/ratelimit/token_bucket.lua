@@ -85,72 +85,100 @@ end
 local reserve = tonumber(ARGV[4])
 local per_minute = tonumber(ARGV[5])
 local budget = tonumber(ARGV[6])
-local id = ARGV[8]
+local nargs = #ARGV
 -- How long an unsettled reservation is kept: longer than any answer takes.
 local RESERVATION_TTL_MS = 3600000
+-- Locals, not globals: each global (`math.max`) is two table lookups per use, and this
+-- path uses them a few dozen times a call.
+local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
 
 -- Everything the call needs in one read: the limits, and the reservations to settle.
-local fields = {'tokens', 'last_refill', 'llm', 'period', 'used'}
-for i = 9, #ARGV, 2 do
-  fields[#fields + 1] = 'r:' .. ARGV[i]
+local state
+if nargs == 8 then
+  state = redis.call('HMGET', KEYS[1], 'tokens', 'last_refill', 'llm', 'period', 'used')
+else
+  local fields = {'tokens', 'last_refill', 'llm', 'period', 'used'}
+  for i = 9, nargs, 2 do
+    fields[#fields + 1] = 'r:' .. ARGV[i]
+  end
+  state = redis.call('HMGET', KEYS[1], unpack(fields))
 end
-local state = redis.call('HMGET', KEYS[1], unpack(fields))
 
-local tokens, last = refilled(state[1], state[2], capacity, rate)
+-- Both buckets refill from one stored time (written together, so it is each one's);
+-- inlined rather than `refilled` above: a closure call per bucket costs more here.
+local tokens, last = tonumber(state[1]), tonumber(state[2])
 local llm, llm_rate = 0, per_minute / 60
-if per_minute > 0 then
-  -- Both buckets count from one stored time (written together, so it is each one's).
-  llm = refilled(state[3], state[2], per_minute, llm_rate)
+local stored_llm = tonumber(state[3])
+if tokens == nil or last == nil then
+  tokens, last = capacity, now
+  llm = per_minute
+else
+  local elapsed = 0
+  if now > last then
+    elapsed = now - last
+    last = now
+  end
+  tokens = min(capacity, tokens + elapsed * rate)
+  if per_minute > 0 then
+    if stored_llm == nil then
+      llm = per_minute
+    else
+      llm = min(per_minute, stored_llm + elapsed * llm_rate)
+    end
+  end
+end
+if per_minute <= 0 then
+  llm = 0
 end
 local stored_period = tonumber(state[4])
 local stored_used = tonumber(state[5]) or 0
 
 -- Earlier requests' settlements, before this request is decided.
-local settled = {}
-for f = 6, #fields do
+local settled = nil
+for f = 6, #state do
   local entry = state[f]
   if entry then
-    settled[#settled + 1] = fields[f]
+    local field = 'r:' .. ARGV[9 + (f - 6) * 2]
+    if settled then settled[#settled + 1] = field else settled = {field} end
     local reserved, charged, bucket = string.match(entry, '^(%d+):(-?%d+):(%d)$')
     if reserved then
       local surplus = tonumber(reserved) - tonumber(ARGV[9 + (f - 6) * 2 + 1])
       if bucket == '1' and per_minute > 0 then
-        llm = math.min(per_minute, llm + surplus)
+        llm = min(per_minute, llm + surplus)
       end
       -- The budget is settled in the period the reservation was charged to; once that
       -- period has ended, its count no longer matters.
       if tonumber(charged) >= 0 and tonumber(charged) == stored_period then
-        stored_used = math.max(0, stored_used - surplus)
+        stored_used = max(0, stored_used - surplus)
       end
     end
   end
 end
-if #settled > 0 then
+if settled then
   redis.call('HDEL', KEYS[1], unpack(settled))
 end
 
 -- The budget's period, numbered, and when it ends, from Redis' clock (UTC).
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m > 2) and (m - 3) or (m + 9)
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
-
 local period, period_end = -1, now
 if budget > 0 then
-  local day = math.floor(now / 86400)
+  local day = floor(now / 86400)
   if ARGV[7] == 'month' then
+    local function days_from_civil(y, m, d)
+      if m <= 2 then y = y - 1 end
+      local era = floor(y / 400)
+      local yoe = y - era * 400
+      local mp = (m > 2) and (m - 3) or (m + 9)
+      local doy = floor((153 * mp + 2) / 5) + d - 1
+      local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+      return era * 146097 + doe - 719468
+    end
     local z = day + 719468
-    local era = math.floor(z / 146097)
+    local era = floor(z / 146097)
     local doe = z - era * 146097
-    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-      - math.floor(doe / 146096)) / 365)
-    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-    local mp = math.floor((5 * doy + 2) / 153)
+    local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524)
+      - floor(doe / 146096)) / 365)
+    local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+    local mp = floor((5 * doy + 2) / 153)
     local m = (mp < 10) and (mp + 3) or (mp - 9)
     local y = yoe + era * 400
     if m <= 2 then y = y + 1 end
@@ -171,31 +199,29 @@ end
 local function store(extra_field, extra_value)
   -- Numbers as they are, as above (~1 us of the ~10 us call, redis-benchmark).
   local values = {'tokens', tokens, 'last_refill', last}
+  local n = 4
   if per_minute > 0 then
-    values[#values + 1] = 'llm'
-    values[#values + 1] = llm
+    values[n + 1], values[n + 2] = 'llm', llm
+    n = n + 2
   end
   if stored_period then
-    values[#values + 1] = 'period'
-    values[#values + 1] = stored_period
-    values[#values + 1] = 'used'
-    values[#values + 1] = stored_used
+    values[n + 1], values[n + 2], values[n + 3], values[n + 4] = 'period', stored_period, 'used', stored_used
+    n = n + 4
   end
   if extra_field then
-    values[#values + 1] = extra_field
-    values[#values + 1] = extra_value
+    values[n + 1], values[n + 2] = extra_field, extra_value
   end
   redis.call('HSET', KEYS[1], unpack(values))
-  local ttl = math.max(RESERVATION_TTL_MS, math.ceil((capacity - tokens) / rate * 1000),
-    math.ceil((period_end - now) * 1000) + 60000)
+  local ttl = max(RESERVATION_TTL_MS, ceil((capacity - tokens) / rate * 1000),
+    ceil((period_end - now) * 1000) + 60000)
   if per_minute > 0 then
-    ttl = math.max(ttl, math.ceil((per_minute - llm) / llm_rate * 1000))
+    ttl = max(ttl, ceil((per_minute - llm) / llm_rate * 1000))
   end
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
 
 if cost == 0 then
-  if #settled > 0 then
+  if settled then
     store()
   end
   return {1}
@@ -227,7 +253,7 @@ end
 local allowed = 0
 if why == 0 then
   allowed = 1
-  tokens = math.max(0, tokens - cost)
+  tokens = max(0, tokens - cost)
   if per_minute > 0 then
     llm = llm - reserve
   end
@@ -237,35 +263,28 @@ if why == 0 then
   end
   if reserve > 0 and (per_minute > 0 or budget > 0) then
     local bucket = (per_minute > 0) and 1 or 0
-    store('r:' .. id, reserve .. ':' .. period .. ':' .. bucket)
+    store('r:' .. ARGV[8], reserve .. ':' .. period .. ':' .. bucket)
   else
     store()
   end
-elseif #settled > 0 then
+elseif settled then
   store()
 end
 
-local retry = 0
+local retry, llm_retry, llm_to_full, budget_left, period_left = 0, 0, 0, 0, 0
 if not requests_ok then
   retry = (cost - tokens) / rate
 end
-local llm_retry = 0
-if per_minute > 0 and not llm_ok and not too_large then
-  llm_retry = (reserve - llm) / llm_rate
-end
-local to_full = (capacity - tokens) / rate
-local llm_to_full = 0
 if per_minute > 0 then
+  if not llm_ok and not too_large then
+    llm_retry = (reserve - llm) / llm_rate
+  end
   llm_to_full = (per_minute - llm) / llm_rate
 end
-local budget_left = 0
 if budget > 0 then
-  budget_left = math.max(0, budget - used)
+  budget_left = max(0, budget - used)
+  period_left = max(0, ceil((period_end - now) * 1000))
 end
-local period_left = 0
-if budget > 0 then
-  period_left = math.max(0, math.ceil((period_end - now) * 1000))
-end
-return {allowed, math.floor(tokens * 1000), math.ceil(to_full * 1000), math.ceil(retry * 1000),
-  why, math.max(0, math.floor(llm)), math.ceil(llm_to_full * 1000), math.ceil(llm_retry * 1000),
+return {allowed, floor(tokens * 1000), ceil((capacity - tokens) / rate * 1000), ceil(retry * 1000),
+  why, max(0, floor(llm)), ceil(llm_to_full * 1000), ceil(llm_retry * 1000),
   budget_left, period_left}
