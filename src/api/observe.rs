@@ -70,6 +70,21 @@ fn is_chat_route(route: &str) -> bool {
     )
 }
 
+/// A chat request's span name, `<method> <route>`: a constant for the chat routes' own
+/// method (no allocation for a span that may not even be sampled).
+fn span_name(method: &axum::http::Method, route: &str) -> std::borrow::Cow<'static, str> {
+    if method == axum::http::Method::POST {
+        match route {
+            "/api/v1/chat" => return "POST /api/v1/chat".into(),
+            "/v1/chat" => return "POST /v1/chat".into(),
+            "/v1/chat/completions" => return "POST /v1/chat/completions".into(),
+            "/v1/messages" => return "POST /v1/messages".into(),
+            _ => {}
+        }
+    }
+    format!("{method} {route}").into()
+}
+
 /// Decrements the active-requests gauge however the request ends (even if cancelled).
 struct ActiveGuard(prometheus::IntGauge);
 
@@ -95,18 +110,18 @@ pub async fn observe(State(observer): State<Observer>, request: Request, next: N
     let chat = is_chat_route(route);
     let scope = chat.then(|| {
         let trace = observer.traces.as_ref().map(|traces| {
-            let span = traces.start_request(
-                request.headers(),
-                format!("{method} {route}"),
-                vec![
-                    KeyValue::new("http.request.method", method.to_string()),
-                    KeyValue::new("http.route", route.to_owned()),
-                    KeyValue::new("gen_ai.operation.name", "chat"),
-                ],
-            );
+            let span = traces.start_request(request.headers(), span_name(&method, route));
             (traces.clone(), span)
         });
-        RequestScope::new(trace)
+        let scope = RequestScope::new(trace);
+        scope.set_on_request(|| {
+            vec![
+                KeyValue::new("http.request.method", method.to_string()),
+                KeyValue::new("http.route", route.to_owned()),
+                KeyValue::new("gen_ai.operation.name", "chat"),
+            ]
+        });
+        scope
     });
     let mut response = match &scope {
         Some(scope) => scope.run(next.run(request)).await,

@@ -56,6 +56,13 @@ impl RequestScope {
         SCOPE.scope(self.clone(), request).await
     }
 
+    /// Whether the request's span records (traced and sampled).
+    fn recording(&self) -> bool {
+        self.trace
+            .as_ref()
+            .is_some_and(|trace| trace.request.span().is_recording())
+    }
+
     /// The time waited for upstreams.
     pub fn upstream_wait(&self) -> Duration {
         Duration::from_nanos(self.upstream_nanos.load(Ordering::Relaxed))
@@ -98,11 +105,11 @@ fn usage_attributes(usage: &Usage) -> Vec<KeyValue> {
     ]
 }
 
-/// The scope of the request this task serves, when it is traced: a stream keeps it to
-/// record its usage at its end, after the handler has returned.
+/// The scope of the request this task serves, when its span records: a stream keeps it
+/// to record its usage at its end, after the handler has returned.
 pub fn current_traced() -> Option<Arc<RequestScope>> {
     SCOPE
-        .try_with(|scope| scope.trace.is_some().then(|| scope.clone()))
+        .try_with(|scope| scope.recording().then(|| scope.clone()))
         .ok()
         .flatten()
 }
@@ -188,14 +195,15 @@ fn start(
 ) -> Span {
     SCOPE
         .try_with(|scope| {
-            let Some(trace) = &scope.trace else {
+            // Every standard sampler decides a trace's children as its root (the parent's
+            // flag, or the same trace id's ratio): an unsampled request has no spans
+            // below it to make.
+            let Some(trace) = scope.trace.as_ref().filter(|_| scope.recording()) else {
                 return Span::none();
             };
-            let recording = trace.request.span().is_recording();
-            let attributes = if recording { attributes() } else { Vec::new() };
             let context = trace
                 .traces
-                .start_child(&trace.request, name, kind, attributes);
+                .start_child(&trace.request, name, kind, attributes());
             if attempt {
                 *trace.attempt.lock().unwrap_or_else(|p| p.into_inner()) = Some(context.clone());
             }
@@ -279,4 +287,31 @@ pub fn upstream_traceparent() -> Option<HeaderValue> {
         })
         .ok()
         .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waits_add_up_inside_a_request_and_nothing_happens_outside_one() {
+        add_upstream_wait(Duration::from_millis(5));
+        assert!(current_trace_id().is_none());
+        assert!(upstream_traceparent().is_none());
+        let scope = RequestScope::new(None);
+        scope
+            .run(async {
+                add_upstream_wait(Duration::from_millis(3));
+                add_upstream_wait(Duration::from_millis(4));
+                // Untraced: no span, no header, no id, and nothing is kept for a stream.
+                let span = provider_attempt("ollama", "ollama", "m");
+                span.set("k", || Value::from(1));
+                assert!(upstream_traceparent().is_none());
+                assert!(current_traced().is_none());
+                assert!(current_trace_id().is_none());
+            })
+            .await;
+        assert_eq!(scope.upstream_wait(), Duration::from_millis(7));
+        assert_eq!(scope.trace_id(), None);
+    }
 }
