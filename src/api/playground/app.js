@@ -128,7 +128,10 @@ function showHeaders(response, started) {
   show("d-provider", response.headers.get("x-provider"));
   show("d-cache", response.headers.get("x-cache"));
   show("d-requests", response.headers.get("x-ratelimit-remaining-requests"));
-  show("d-tokens", response.headers.get("x-ratelimit-remaining-tokens") ?? "not limited");
+  // No token header on a limited answer: the key's tier has no token limit.
+  const limited = response.headers.has("x-ratelimit-remaining-requests");
+  show("d-tokens", response.headers.get("x-ratelimit-remaining-tokens") ??
+    (limited ? "not limited" : null));
   show("d-request-id", response.headers.get("x-request-id"));
   show("d-latency", `${Math.round(performance.now() - started)} ms`);
 }
