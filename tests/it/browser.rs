@@ -39,6 +39,18 @@ async fn a_person_chats_through_the_playground_sees_the_answer_stream_and_runs_i
     let browser = Browser::start(1280, 900).await;
     browser.open(&format!("{}/playground", app.url)).await;
 
+    // Every control has an accessible name (a label, or its own text).
+    let unnamed = browser
+        .run(
+            "return [...document.querySelectorAll('input, select, textarea, button')] \
+               .filter(e => !(e.labels && e.labels.length) && !e.textContent.trim() \
+                 && !e.getAttribute('aria-label')) \
+               .map(e => e.id)",
+            json!([]),
+        )
+        .await;
+    assert_eq!(unnamed, json!([]));
+
     // The key, then Tab: the page keeps it for the tab and lists the models.
     browser
         .type_into("#api-key", &format!("{KEY}\u{E004}"))
