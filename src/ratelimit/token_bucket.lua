@@ -131,6 +131,9 @@ if per_minute <= 0 then
   llm = 0
 end
 local stored_period = tonumber(state[4])
+-- The stored period's own text, written back as it is while it holds: a Lua number
+-- argument costs Redis 7.0 a `%.17g` (~4k instructions).
+local period_text = state[4]
 local stored_used = tonumber(state[5]) or 0
 
 -- Earlier requests' settlements, before this request is decided.
@@ -205,7 +208,7 @@ local function store(extra_field, extra_value)
     n = n + 2
   end
   if stored_period then
-    values[n + 1], values[n + 2], values[n + 3], values[n + 4] = 'period', stored_period, 'used', stored_used
+    values[n + 1], values[n + 2], values[n + 3], values[n + 4] = 'period', period_text, 'used', stored_used
     n = n + 4
   end
   if extra_field then
@@ -217,7 +220,12 @@ local function store(extra_field, extra_value)
   if per_minute > 0 then
     ttl = max(ttl, ceil((per_minute - llm) / llm_rate * 1000))
   end
-  redis.call('PEXPIRE', KEYS[1], ttl)
+  -- Only ever lengthened: a key living longer than needed changes no decision (a missing
+  -- bucket is a full one, and a longer-lived bucket refills to full all the same), and
+  -- with a budget the period's end sets the time to live, so most calls skip the write.
+  if redis.call('PTTL', KEYS[1]) < ttl then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+  end
 end
 
 if cost == 0 then
@@ -259,11 +267,16 @@ if why == 0 then
   end
   if budget > 0 then
     used = used + reserve
+    if stored_period ~= period then
+      period_text = tostring(period)
+    end
     stored_period, stored_used = period, used
   end
   if reserve > 0 and (per_minute > 0 or budget > 0) then
-    local bucket = (per_minute > 0) and 1 or 0
-    store('r:' .. ARGV[8], reserve .. ':' .. period .. ':' .. bucket)
+    local bucket = (per_minute > 0) and '1' or '0'
+    local charged = '-1'
+    if budget > 0 then charged = period_text end
+    store('r:' .. ARGV[8], ARGV[4] .. ':' .. charged .. ':' .. bucket)
   else
     store()
   end
