@@ -212,20 +212,27 @@ end
 -- are full, the budget's period is over and any reservation could still be settled.
 local function store(extra_field, extra_value)
   -- Numbers as they are, as above (~1 us of the ~10 us call, redis-benchmark).
-  local values = {'tokens', tokens, 'last_refill', last}
-  local n = 4
-  if per_minute > 0 then
-    values[n + 1], values[n + 2] = 'llm', llm
-    n = n + 2
+  -- The usual write (both token limits and a new reservation) passes its arguments
+  -- directly: building a table to unpack cost ~8k instructions of a 167k call (callgrind).
+  if per_minute > 0 and stored_period and extra_field then
+    redis.call('HSET', KEYS[1], 'tokens', tokens, 'last_refill', last, 'llm', llm,
+      'period', period_text, 'used', stored_used, extra_field, extra_value)
+  else
+    local values = {'tokens', tokens, 'last_refill', last}
+    local n = 4
+    if per_minute > 0 then
+      values[n + 1], values[n + 2] = 'llm', llm
+      n = n + 2
+    end
+    if stored_period then
+      values[n + 1], values[n + 2], values[n + 3], values[n + 4] = 'period', period_text, 'used', stored_used
+      n = n + 4
+    end
+    if extra_field then
+      values[n + 1], values[n + 2] = extra_field, extra_value
+    end
+    redis.call('HSET', KEYS[1], unpack(values))
   end
-  if stored_period then
-    values[n + 1], values[n + 2], values[n + 3], values[n + 4] = 'period', period_text, 'used', stored_used
-    n = n + 4
-  end
-  if extra_field then
-    values[n + 1], values[n + 2] = extra_field, extra_value
-  end
-  redis.call('HSET', KEYS[1], unpack(values))
   local ttl = max(RESERVATION_TTL_MS, ceil((capacity - tokens) / rate * 1000),
     ceil((period_end - now) * 1000) + 60000)
   if per_minute > 0 then
