@@ -380,8 +380,7 @@ impl ChatService {
     /// The answer of the first target of `plan` that gives one, rendered by `encode`,
     /// the provider that gave it, and the tokens it used (prompt + completion).
     async fn ask_provider(&self, request: &ChatRequest, plan: &Plan, encode: Encode) -> Called {
-        let waited = Instant::now();
-        let called = self
+        let ((completion, _guard), routed) = self
             .failover(request, plan, |upstream, model, deadline| async move {
                 let completion = complete_with_retries(
                     upstream.provider.as_ref(),
@@ -394,9 +393,7 @@ impl ChatService {
                 .await?;
                 Ok::<Completion, Failed>(completion)
             })
-            .await;
-        scope::add_upstream_wait(waited.elapsed());
-        let ((completion, _guard), routed) = called?;
+            .await?;
         let usage = completion.usage;
         let body = encode(&fresh_reply(&routed, completion))?;
         Ok((
@@ -422,6 +419,9 @@ impl ChatService {
         F: Fn(&'a Upstream, &'a str, std::time::Instant) -> Fut,
         Fut: std::future::Future<Output = Result<T, Failed>>,
     {
+        // Everything here is the request waiting for upstreams (gateway_overhead_seconds
+        // is the rest of its time), whichever way it ends.
+        let _waiting = scope::WaitingForUpstream::start();
         let deadline = std::time::Instant::now() + self.deadline;
         let mut last: Option<ChatError> = None;
         let mut refused: Option<ChatError> = None;
@@ -509,7 +509,6 @@ impl ChatService {
                 provider: plan.targets[0].0.name(),
             });
         }
-        let waited = Instant::now();
         let started = self
             .failover(&request, &plan, |upstream, model, deadline| {
                 let request = &request;
@@ -527,7 +526,6 @@ impl ChatService {
                 }
             })
             .await;
-        scope::add_upstream_wait(waited.elapsed());
         let (((first, rest, idle), in_flight), routed) = match started {
             Ok(started) => started,
             Err(error) => {

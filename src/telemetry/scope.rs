@@ -119,6 +119,23 @@ pub fn current_trace_id() -> Option<TraceId> {
     SCOPE.try_with(|scope| scope.trace_id()).ok().flatten()
 }
 
+/// Counts the time from its start until it is dropped as waited for upstreams by the
+/// current request: however the wait ends (an answer, a failure, a cancelled request).
+pub struct WaitingForUpstream(std::time::Instant);
+
+impl WaitingForUpstream {
+    /// Starts counting.
+    pub fn start() -> WaitingForUpstream {
+        WaitingForUpstream(std::time::Instant::now())
+    }
+}
+
+impl Drop for WaitingForUpstream {
+    fn drop(&mut self) {
+        add_upstream_wait(self.0.elapsed());
+    }
+}
+
 /// Adds `waited` to the time the current request waited for upstreams.
 pub fn add_upstream_wait(waited: Duration) {
     let _ = SCOPE.try_with(|scope| {

@@ -6,6 +6,17 @@ use serde_json::{json, Value};
 
 use crate::common::{GatewayProcess, TestApp};
 
+/// POSTs `body` to the OpenAI door at `base` with `key`, as the playground does.
+async fn completions(base: &str, key: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_playground_and_its_files_are_served_under_a_strict_content_security_policy() {
     let app = TestApp::spawn(&[]).await;
@@ -56,14 +67,7 @@ async fn every_answer_names_its_provider_for_the_playground() {
         .spawn()
         .await;
     let body = json!({"model": "llama3.1", "messages": [{"role": "user", "content": "hi"}]});
-    let response = app
-        .client
-        .post(format!("{}/v1/chat/completions", app.url))
-        .bearer_auth("k")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = completions(&app.url, "k", &body).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-provider"], "ollama");
     assert_eq!(response.headers()["x-cache"], "MISS");
@@ -119,27 +123,17 @@ async fn demo_mode_prints_the_playground_address_and_answers_every_door() {
     assert!(models.len() >= 2, "{models:?}");
     for (i, model) in models.iter().enumerate() {
         let content = format!("question {i}");
-        let whole = client
-            .post(format!("{}/v1/chat/completions", gateway.url))
-            .bearer_auth(key)
-            .json(&json!({"model": model, "messages": [{"role": "user", "content": content}]}))
-            .send()
-            .await
-            .unwrap();
+        let body = json!({"model": model, "messages": [{"role": "user", "content": content}]});
+        let whole = completions(&gateway.url, key, &body).await;
         assert_eq!(whole.status(), 200, "{model}");
         let whole: Value = whole.json().await.unwrap();
         assert_eq!(
             whole["choices"][0]["message"]["content"],
             format!("Echo: {content}")
         );
-        let streamed = client
-            .post(format!("{}/v1/chat/completions", gateway.url))
-            .bearer_auth(key)
-            .json(&json!({"model": model, "stream": true,
-                "messages": [{"role": "user", "content": format!("streamed {i}")}]}))
-            .send()
-            .await
-            .unwrap();
+        let body = json!({"model": model, "stream": true,
+            "messages": [{"role": "user", "content": format!("streamed {i}")}]});
+        let streamed = completions(&gateway.url, key, &body).await;
         assert_eq!(streamed.status(), 200, "{model}");
         let text = streamed.text().await.unwrap();
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::HeaderMap;
 use axum::routing::post;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
@@ -27,6 +29,9 @@ const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 /// Every span received, with its service's name.
 type Received = Arc<Mutex<Vec<(String, Span)>>>;
 
+/// How many exports came as JSON (the rest as protobuf).
+static JSON_EXPORTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// An OTLP/HTTP traces receiver: every span it was sent, decoded, with its service name.
 struct Collector {
     url: String,
@@ -39,27 +44,36 @@ impl Collector {
         let app = axum::Router::new()
             .route(
                 "/v1/traces",
-                post(|State(spans): State<Received>, body: Bytes| async move {
-                    let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
-                    for resource in request.resource_spans {
-                        let service = resource
-                            .resource
-                            .iter()
-                            .flat_map(|r| r.attributes.iter())
-                            .find(|kv| kv.key == "service.name")
-                            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                                Any::StringValue(s) => Some(s.clone()),
-                                _ => None,
-                            })
-                            .unwrap_or_default();
-                        for scope in resource.scope_spans {
-                            for span in scope.spans {
-                                spans.lock().unwrap().push((service.clone(), span));
+                post(
+                    |State(spans): State<Received>, headers: HeaderMap, body: Bytes| async move {
+                        // Either OTLP/HTTP encoding, as the exporter says it sent.
+                        let request = if headers[CONTENT_TYPE] == "application/json" {
+                            JSON_EXPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            serde_json::from_slice::<ExportTraceServiceRequest>(&body)
+                                .expect("OTLP JSON")
+                        } else {
+                            ExportTraceServiceRequest::decode(body).expect("OTLP protobuf")
+                        };
+                        for resource in request.resource_spans {
+                            let service = resource
+                                .resource
+                                .iter()
+                                .flat_map(|r| r.attributes.iter())
+                                .find(|kv| kv.key == "service.name")
+                                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                                    Any::StringValue(s) => Some(s.clone()),
+                                    _ => None,
+                                })
+                                .unwrap_or_default();
+                            for scope in resource.scope_spans {
+                                for span in scope.spans {
+                                    spans.lock().unwrap().push((service.clone(), span));
+                                }
                             }
                         }
-                    }
-                    "{}"
-                }),
+                        "{}"
+                    },
+                ),
             )
             .with_state(spans.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -161,6 +175,16 @@ async fn chat(
         request = request.header("traceparent", parent);
     }
     request.send().await.unwrap()
+}
+
+/// An Ollama upstream answering every chat with `content`.
+async fn ollama_answering(content: &str) -> MockServer {
+    let upstream = MockServer::start().await;
+    Mock::given(path("/api/chat"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ollama_reply(content)))
+        .mount(&upstream)
+        .await;
+    upstream
 }
 
 /// The `traceparent` headers the upstream received, in order.
@@ -345,11 +369,7 @@ async fn a_stream_is_traced_to_its_end_with_its_usage() {
 
 #[tokio::test]
 async fn with_sampling_off_nothing_is_exported_but_the_trace_still_reaches_the_upstream() {
-    let upstream = MockServer::start().await;
-    Mock::given(path("/api/chat"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(ollama_reply("unsampled")))
-        .mount(&upstream)
-        .await;
+    let upstream = ollama_answering("unsampled").await;
     let collector = Collector::start().await;
     let gateway = gateway(
         &upstream,
@@ -382,11 +402,7 @@ async fn with_sampling_off_nothing_is_exported_but_the_trace_still_reaches_the_u
 
 #[tokio::test]
 async fn without_an_endpoint_nothing_is_traced_or_propagated() {
-    let upstream = MockServer::start().await;
-    Mock::given(path("/api/chat"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(ollama_reply("untraced")))
-        .mount(&upstream)
-        .await;
+    let upstream = ollama_answering("untraced").await;
     let gateway = gateway(&upstream, None, &[]);
     let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
     assert_eq!(
@@ -395,4 +411,33 @@ async fn without_an_endpoint_nothing_is_traced_or_propagated() {
     );
     assert_eq!(upstream_traceparents(&upstream).await, vec![None]);
     assert!(!gateway.output().contains("trace_id"));
+}
+
+#[tokio::test]
+async fn spans_can_be_sent_as_otlp_json() {
+    let upstream = ollama_answering("as json").await;
+    let collector = Collector::start().await;
+    let gateway = gateway(
+        &upstream,
+        Some(&collector),
+        &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
+    );
+    let traceparent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+    assert_eq!(
+        chat(&gateway, false, Some(&traceparent)).await.status(),
+        200
+    );
+    let spans = collector
+        .wait_for("the request as JSON", |spans| {
+            spans.iter().any(|s| s.kind == SpanKind::Server as i32)
+        })
+        .await;
+    let request = named(&spans, "POST /v1/chat/completions")[0];
+    assert_eq!(request.trace_id, hex::decode(CLIENT_TRACE).unwrap());
+    assert_eq!(
+        attribute(request, "gen_ai.usage.output_tokens"),
+        Some(json!(3))
+    );
+    // Decoded from JSON (a process-wide count: the other tests' collectors see protobuf).
+    assert!(JSON_EXPORTS.load(std::sync::atomic::Ordering::Relaxed) > 0);
 }

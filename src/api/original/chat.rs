@@ -13,7 +13,6 @@ use super::error::ApiError;
 use super::schema::parse_chat_request;
 use crate::api::auth::ClientIdentity;
 use crate::api::limit_headers;
-use crate::api::observe::ChatMeta;
 use crate::cache::cache_key;
 use crate::chat::service::{ChatOutcome, ChatService};
 use crate::domain::{ChatError, Reply, Usage};
@@ -164,17 +163,5 @@ fn rate_limited(identity: &ClientIdentity, decision: &Decision) -> Response {
 }
 
 fn answer_response(outcome: ChatOutcome) -> Response {
-    let mut response = (StatusCode::OK, outcome.body).into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert("x-cache", HeaderValue::from_static(outcome.cache.as_str()));
-    headers.insert("x-provider", HeaderValue::from_static(outcome.provider));
-    response.extensions_mut().insert(ChatMeta {
-        provider: outcome.provider,
-        cache: outcome.cache,
-    });
-    response
+    crate::api::door::json_answer(outcome.body, outcome.cache, outcome.provider)
 }
