@@ -48,6 +48,7 @@ impl DenyCache {
             denied_by: Some(super::Limit::Requests),
             tokens: None,
             budget: None,
+            budget_period: None,
         })
     }
 

@@ -2,7 +2,7 @@
 //! failure mode's fallback while Redis is down. Same arithmetic as `token_bucket.lua`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,7 +10,8 @@ use tokio::time::Instant;
 
 use super::period::Span;
 use super::{
-    BackendError, BucketPolicy, Decision, Limit, LimiterBackend, Reserve, ScriptReply, Settle,
+    BackendError, BucketPolicy, Decision, Limit, LimiterBackend, Reserve, ScriptReply, SettleBatch,
+    Settlement,
 };
 
 struct Bucket {
@@ -48,21 +49,14 @@ struct Budget {
     used: u64,
 }
 
-/// A reservation awaiting its reconciliation.
-struct Reserved {
-    tokens: u64,
-    /// The budget period it was charged to, if a budget was charged.
-    period: Option<i64>,
-    /// Whether the token bucket was charged.
-    bucket: bool,
-}
-
 #[derive(Default)]
 struct State {
     requests: HashMap<String, Bucket>,
     tokens: HashMap<String, Bucket>,
     budgets: HashMap<String, Budget>,
-    reserved: HashMap<u64, Reserved>,
+    /// The last batch of settlements applied for each bucket and instance (as the
+    /// script's `s:<instance>` fields).
+    watermarks: HashMap<(String, Arc<str>), u64>,
 }
 
 /// Buckets in maps behind one short-held lock (no await inside it).
@@ -155,14 +149,6 @@ impl MemoryLimiter {
                 };
                 state.budgets.insert(key.to_owned(), budget);
             }
-            if reserve.tokens > 0 && limits.any() {
-                let reserved = Reserved {
-                    tokens: reserve.tokens,
-                    period: (limits.budget > 0).then_some(span.number),
-                    bucket: limits.per_minute > 0,
-                };
-                state.reserved.insert(reserve.id, reserved);
-            }
         }
         let retry = if requests_ok {
             0.0
@@ -190,40 +176,63 @@ impl MemoryLimiter {
             llm_retry_ms: (llm_retry * 1000.0).ceil() as u64,
             budget_left: limits.budget.saturating_sub(used),
             period_left_ms: (secs_left * 1000.0).ceil() as u64,
+            period: span.number,
         };
         reply.complete(&mut decision, policy);
         decision
     }
 
-    /// Settles the reservation `settle.id` made for `key` (once: a second call finds it
-    /// gone): the settlement arithmetic of `token_bucket.lua`.
-    pub fn settle(&self, key: &str, per_minute: u64, settle: Settle) {
-        let now = Instant::now();
+    /// Gives `settlement` back to the limits at `key` (a debt when negative): the
+    /// settlement arithmetic of `token_bucket.lua`.
+    pub fn settle(&self, key: &str, per_minute: u64, settlement: Settlement) {
+        let mut batch = SettleBatch::default();
+        batch.add(settlement);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(reserved) = state.reserved.remove(&settle.id) else {
+        apply(&mut state, key, per_minute, &batch);
+    }
+
+    /// Applies `batch` to the limits at `key`, unless a batch of its instance as new or
+    /// newer was applied there already.
+    fn apply_once(&self, key: &str, policy: &BucketPolicy, batch: Option<&SettleBatch>) {
+        let Some(batch) = batch else {
             return;
         };
-        let surplus = reserved.tokens as f64 - settle.used as f64;
-        if per_minute > 0 && reserved.bucket {
-            let (capacity, rate) = (per_minute as f64, per_minute as f64 / 60.0);
-            let tokens = Bucket::refilled(state.tokens.get(key), capacity, rate, now);
-            let tokens = (tokens + surplus).min(capacity);
-            state
-                .tokens
-                .insert(key.to_owned(), Bucket::at(tokens, capacity, rate, now));
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let marks = &mut state.watermarks;
+        // Watermarks silent for an hour go, as the script drops them (their numbers are
+        // microseconds since the epoch).
+        if marks.len() >= SWEEP_FLOOR && marks.len().is_power_of_two() {
+            let horizon = (unix_now() * 1e6) as u64 - 3_600_000_000;
+            marks.retain(|_, seq| *seq >= horizon);
         }
-        if let (Some(period), Some(budget)) = (reserved.period, state.budgets.get_mut(key)) {
-            if budget.period == period {
-                budget.used = (budget.used as f64 - surplus).max(0.0) as u64;
-            }
+        let mark = marks
+            .entry((key.to_owned(), batch.instance.clone()))
+            .or_insert(0);
+        if *mark >= batch.seq {
+            return;
         }
+        *mark = batch.seq;
+        apply(&mut state, key, policy.tokens.per_minute, batch);
     }
 }
 
-impl MemoryLimiter {
-    fn settle_each(&self, key: &str, policy: &BucketPolicy, settles: &[Settle]) {
-        for settle in settles {
-            self.settle(key, policy.tokens.per_minute, *settle);
+/// Gives `batch` back to the token bucket (up to its capacity) and the budget of each
+/// period it names, if that is the period counted; a negative sum is a debt.
+fn apply(state: &mut State, key: &str, per_minute: u64, batch: &SettleBatch) {
+    let now = Instant::now();
+    if per_minute > 0 && batch.llm != 0 {
+        let (capacity, rate) = (per_minute as f64, per_minute as f64 / 60.0);
+        let tokens = Bucket::refilled(state.tokens.get(key), capacity, rate, now);
+        let tokens = (tokens + batch.llm as f64).min(capacity);
+        state
+            .tokens
+            .insert(key.to_owned(), Bucket::at(tokens, capacity, rate, now));
+    }
+    if let Some(budget) = state.budgets.get_mut(key) {
+        for (period, surplus) in &batch.budget {
+            if budget.period == *period {
+                budget.used = (budget.used as i64 - surplus).max(0) as u64;
+            }
         }
     }
 }
@@ -248,9 +257,9 @@ impl LimiterBackend for MemoryLimiter {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
-        settles: &[Settle],
+        settles: Option<&SettleBatch>,
     ) -> Result<Decision, BackendError> {
-        self.settle_each(key, policy, settles);
+        self.apply_once(key, policy, settles);
         Ok(self.take(key, policy, reserve))
     }
 
@@ -258,10 +267,10 @@ impl LimiterBackend for MemoryLimiter {
         &self,
         key: &str,
         policy: &BucketPolicy,
-        settles: &[Settle],
+        settles: &SettleBatch,
         _timeout: Duration,
     ) -> Result<(), BackendError> {
-        self.settle_each(key, policy, settles);
+        self.apply_once(key, policy, Some(settles));
         Ok(())
     }
 
@@ -296,8 +305,18 @@ mod tests {
         }
     }
 
-    fn reserve(tokens: u64, id: u64) -> Reserve {
-        Reserve { tokens, id }
+    fn reserve(tokens: u64) -> Reserve {
+        Reserve { tokens }
+    }
+
+    /// The settlement of a reservation of `reserved` tokens admitted as `admitted`, to
+    /// `used` tokens.
+    fn settled(admitted: &Decision, reserved: u64, used: u64) -> Settlement {
+        Settlement {
+            surplus: reserved as i64 - used as i64,
+            bucket: admitted.tokens.is_some(),
+            period: admitted.budget_period,
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -349,58 +368,94 @@ mod tests {
     async fn a_reservation_needs_every_limit_and_charges_all_or_none() {
         let limiter = MemoryLimiter::new();
         let p = token_policy(600, 1000);
-        let first = limiter.take("k", &p, reserve(500, 1));
+        let first = limiter.take("k", &p, reserve(500));
         assert!(first.allowed);
         assert_eq!(first.tokens.unwrap().remaining, 100);
         assert_eq!(first.budget.unwrap().remaining, 500);
         // 200 more do not fit the bucket (100 left): refused, and nothing is charged.
-        let refused = limiter.take("k", &p, reserve(200, 2));
+        let refused = limiter.take("k", &p, reserve(200));
         assert_eq!(refused.denied_by, Some(Limit::Tokens));
         assert_eq!(refused.retry_after_ms, 10_000, "100 tokens at 10/s");
         assert_eq!(refused.budget.unwrap().remaining, 500);
-        let small = limiter.take("k", &p, reserve(100, 3));
+        let small = limiter.take("k", &p, reserve(100));
         assert!(small.allowed);
         assert_eq!(small.tokens.unwrap().remaining, 0);
         // More than the bucket's capacity can never pass.
-        let huge = limiter.take("other", &p, reserve(601, 4));
+        let huge = limiter.take("other", &p, reserve(601));
         assert_eq!(huge.denied_by, Some(Limit::TooLarge));
         assert!(!Limit::TooLarge.retryable());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn settling_refunds_up_to_capacity_charges_debt_and_applies_once() {
+    async fn settling_refunds_up_to_capacity_and_charges_debt() {
         let limiter = MemoryLimiter::new();
         let p = token_policy(600, 1000);
-        assert!(limiter.take("k", &p, reserve(500, 1)).allowed);
+        let first = limiter.take("k", &p, reserve(500));
+        assert!(first.allowed);
+        assert!(first.budget_period.is_some());
         // Used 50 of 500: 450 come back, to the bucket and the budget.
-        limiter.settle("k", 600, Settle { id: 1, used: 50 });
-        limiter.settle("k", 600, Settle { id: 1, used: 50 });
-        let next = limiter.take("k", &p, reserve(10, 2));
+        limiter.settle("k", 600, settled(&first, 500, 50));
+        let next = limiter.take("k", &p, reserve(10));
         assert_eq!(next.tokens.unwrap().remaining, 540);
         assert_eq!(next.budget.unwrap().remaining, 940);
         // Used 310 of 10: a debt of 300 beyond the reservation.
-        limiter.settle("k", 600, Settle { id: 2, used: 310 });
-        let after = limiter.take("k", &p, reserve(1, 3));
+        limiter.settle("k", 600, settled(&next, 10, 310));
+        let after = limiter.take("k", &p, reserve(1));
         assert_eq!(after.tokens.unwrap().remaining, 239);
         assert_eq!(after.budget.unwrap().remaining, 639);
         // A refund never fills the bucket past its capacity.
         tokio::time::advance(Duration::from_secs(60)).await;
-        limiter.settle("k", 600, Settle { id: 3, used: 0 });
-        let full = limiter.take("k", &p, reserve(0, 4));
+        limiter.settle("k", 600, settled(&after, 1, 0));
+        let full = limiter.take("k", &p, reserve(0));
         assert_eq!(full.tokens.unwrap().remaining, 600);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_applied_once_per_instance_and_number() {
+        let limiter = MemoryLimiter::new();
+        let p = token_policy(600, 1000);
+        let first = limiter.take("k", &p, reserve(500));
+        let mut batch = SettleBatch {
+            instance: Arc::from("a"),
+            seq: 10,
+            ..SettleBatch::default()
+        };
+        batch.add(settled(&first, 500, 50));
+        limiter.apply_once("k", &p, Some(&batch));
+        limiter.apply_once("k", &p, Some(&batch));
+        let other = SettleBatch {
+            instance: Arc::from("b"),
+            ..batch.clone()
+        };
+        let older = SettleBatch {
+            seq: 9,
+            ..batch.clone()
+        };
+        limiter.apply_once("k", &p, Some(&older));
+        assert_eq!(
+            limiter.take("k", &p, reserve(0)).budget.unwrap().remaining,
+            950,
+            "applied once; an older batch of the same instance is not applied"
+        );
+        limiter.apply_once("k", &p, Some(&other));
+        assert_eq!(
+            limiter.take("k", &p, reserve(0)).budget.unwrap().remaining,
+            1000,
+            "another instance's batch of the same number is its own"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_spent_budget_refuses_until_its_period_ends() {
         let limiter = MemoryLimiter::new();
         let p = token_policy(0, 300);
-        assert!(limiter.take("k", &p, reserve(200, 1)).allowed);
-        let spent = limiter.take("k", &p, reserve(200, 2));
+        assert!(limiter.take("k", &p, reserve(200)).allowed);
+        let spent = limiter.take("k", &p, reserve(200));
         assert_eq!(spent.denied_by, Some(Limit::Budget));
         assert!(spent.tokens.is_none());
         let left = Span::now(crate::settings::BudgetPeriod::Day).end as f64 - unix_now();
         let retry_s = spent.retry_after_ms as f64 / 1000.0;
         assert!((retry_s - left).abs() < 2.0, "{retry_s} vs {left}");
-        assert!(limiter.take("k", &p, reserve(100, 3)).allowed);
+        assert!(limiter.take("k", &p, reserve(100)).allowed);
     }
 }

@@ -10,6 +10,8 @@ pub mod redis;
 pub mod reservation;
 pub mod settlements;
 
+pub use settlements::{SettleBatch, Settlement};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,6 +86,9 @@ pub struct Decision {
     pub tokens: Option<Left>,
     /// The token budget after this request, when the policy has one.
     pub budget: Option<Left>,
+    /// The budget period an admitted request was charged to (numbered as the store
+    /// numbers them), so its settlement goes to that period's count and no other.
+    pub budget_period: Option<i64>,
 }
 
 /// What is left of one limit, for the headers.
@@ -138,6 +143,7 @@ impl Decision {
             denied_by: (!allowed).then_some(Limit::Requests),
             tokens: None,
             budget: None,
+            budget_period: None,
         }
     }
 }
@@ -158,6 +164,8 @@ pub struct ScriptReply {
     pub budget_left: u64,
     /// Milliseconds until the budget's period ends.
     pub period_left_ms: u64,
+    /// The budget's period, numbered.
+    pub period: i64,
 }
 
 impl ScriptReply {
@@ -190,6 +198,7 @@ impl ScriptReply {
                 remaining: self.budget_left,
                 reset_ms: self.period_left_ms,
             });
+            decision.budget_period = self.why.is_none().then_some(self.period);
         }
         decision.retry_after_ms = match self.why {
             None => 0,
@@ -202,22 +211,11 @@ impl ScriptReply {
 }
 
 /// What one request asks of the limiter beside a request token: the LLM tokens it
-/// reserves, and the id its reconciliation will name.
+/// reserves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Reserve {
     /// LLM tokens reserved (0 when the policy has no token limit).
     pub tokens: u64,
-    /// Unique per request.
-    pub id: u64,
-}
-
-/// A reservation to settle: the request's id, what it reserved, and what it used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settle {
-    /// The request's id.
-    pub id: u64,
-    /// The LLM tokens it really used (prompt + completion).
-    pub used: u64,
 }
 
 /// What a limiter call learned about the prefetched (cache) key.
@@ -260,13 +258,14 @@ impl BackendError {
 pub trait LimiterBackend: Send + Sync {
     /// Takes one token from the bucket at `key` if there is one and, when the policy
     /// limits LLM tokens, reserves `reserve.tokens` of them, all or nothing; first it
-    /// applies `settles`, earlier requests' settlements for the same bucket (each once).
+    /// applies `settles`, a batch of earlier requests' settlements for the same bucket
+    /// (once: not when the store applied a batch as new from the same instance).
     async fn check(
         &self,
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
-        settles: &[Settle],
+        settles: Option<&SettleBatch>,
     ) -> Result<Decision, BackendError>;
     /// Like [`LimiterBackend::check`], and also reads the string at `prefetch` in the same
     /// round trip where the store can (Redis: the cache entry of the request, so a
@@ -276,7 +275,7 @@ pub trait LimiterBackend: Send + Sync {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
-        settles: &[Settle],
+        settles: Option<&SettleBatch>,
         prefetch: &str,
     ) -> Result<(Decision, Prefetch), BackendError> {
         let _ = prefetch;
@@ -286,13 +285,12 @@ pub trait LimiterBackend: Send + Sync {
         ))
     }
     /// Applies `settles` to the bucket at `key` under `policy` without admitting a
-    /// request: each reservation is settled once however often this is called.
-    /// `timeout` bounds a store call.
+    /// request: once however often this is called. `timeout` bounds a store call.
     async fn settle(
         &self,
         key: &str,
         policy: &BucketPolicy,
-        settles: &[Settle],
+        settles: &SettleBatch,
         timeout: Duration,
     ) -> Result<(), BackendError>;
     /// Name used in readiness bodies and logs.
@@ -332,10 +330,10 @@ pub enum Place {
 /// An admitted request's LLM-token reservation, until it is settled.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ticket {
-    /// The request's id in the store's reservations.
-    pub id: u64,
     /// The tokens reserved.
     pub reserved: u64,
+    /// The budget period charged, if a budget was.
+    pub period: Option<i64>,
     /// The bucket's limits when reserved, to settle under.
     pub policy: BucketPolicy,
     /// Where the reservation was made.
@@ -483,14 +481,9 @@ impl RateLimiter {
         let started = Instant::now();
         let reserve = Reserve {
             tokens: if policy.tokens.any() { tokens } else { 0 },
-            id: if policy.tokens.any() {
-                rand::random()
-            } else {
-                0
-            },
         };
         let (decision, prefetched, place) = match &self.remote {
-            None => match self.backend.check(key, policy, reserve, &[]).await {
+            None => match self.backend.check(key, policy, reserve, None).await {
                 Ok(decision) => (Ok(decision), Prefetch::NotFetched, Place::Backend),
                 Err(e) => (
                     Err(ChatError::LimiterUnavailable(format!(
@@ -514,11 +507,14 @@ impl RateLimiter {
         }
         let reserved = matches!(&decision, Ok(d) if d.allowed) && reserve.tokens > 0;
         let ticket = (reserved && place != Place::Nowhere).then(|| Ticket {
-            id: reserve.id,
+            period: decision.as_ref().ok().and_then(|d| d.budget_period),
             reserved: reserve.tokens,
             policy: policy.clone(),
             place,
         });
+        if ticket.is_some() {
+            self.metrics.limiter_reservations_unsettled.inc();
+        }
         Checked {
             decision,
             prefetched,
@@ -534,17 +530,22 @@ impl RateLimiter {
         reserve: Reserve,
         prefetch: Option<&str>,
     ) -> (Result<Decision, ChatError>, Prefetch, Place) {
-        // Earlier requests' settlements ride with this call; if it fails they wait again
-        // (a call that timed out may have applied them: the script applies each once).
+        // Earlier requests' settlements ride with this call; if it fails they are sent
+        // again unchanged (a call that timed out may have applied them: the script
+        // applies a batch once).
         let riders = match policy.tokens.any() {
             true => self.waiting.take(key),
-            false => Vec::new(),
+            false => None,
         };
         let outcome = self
-            .guarded_call(guards, key, policy, reserve, &riders, prefetch)
+            .guarded_call(guards, key, policy, reserve, riders.as_ref(), prefetch)
             .await;
-        if outcome.is_err() {
-            self.settle_later(Arc::from(key), policy, &riders);
+        if let Some(batch) = &riders {
+            let outcome = match outcome {
+                Ok(_) => settlements::Outcome::Applied,
+                Err(_) => settlements::Outcome::Failed,
+            };
+            self.batch_done(key, batch, outcome);
         }
         match outcome {
             Ok((decision, prefetched)) => {
@@ -573,7 +574,7 @@ impl RateLimiter {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
-        settles: &[Settle],
+        settles: Option<&SettleBatch>,
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), Unreachable> {
         let admission = guards.breaker.admit();
@@ -662,6 +663,7 @@ impl RateLimiter {
                         reset_ms: 0,
                     }),
                     budget: None,
+                    budget_period: None,
                 }),
                 Place::Nowhere,
             ),
@@ -673,74 +675,92 @@ impl RateLimiter {
     /// while Redis was failing); in Redis with the bucket's next call, or on its own
     /// after [`settlements::SETTLE_WAIT`].
     pub fn settle(self: &Arc<Self>, key: Arc<str>, ticket: &Ticket, used: u64) {
-        let settle = Settle {
-            id: ticket.id,
-            used,
+        let settlement = Settlement {
+            surplus: ticket.reserved as i64 - used.min(i64::MAX as u64) as i64,
+            bucket: ticket.policy.tokens.per_minute > 0,
+            period: ticket.period,
         };
         match (&self.remote, ticket.place) {
             (Some(guards), Place::Fallback) => {
                 guards
                     .fallback
-                    .settle(&key, ticket.policy.tokens.per_minute, settle);
+                    .settle(&key, ticket.policy.tokens.per_minute, settlement);
+                self.metrics.limiter_reservations_unsettled.dec();
             }
-            (Some(_), _) => self.settle_later(key, &ticket.policy, &[settle]),
+            (Some(_), _) => {
+                if self.waiting.push(key, &ticket.policy, settlement) {
+                    self.schedule_flush();
+                }
+            }
             (None, _) => {
                 let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                     return;
                 };
                 let limiter = self.clone();
                 let policy = ticket.policy.clone();
-                runtime.spawn(async move { limiter.send_settles(&key, &policy, &[settle]).await });
+                let batch = self.waiting.lone(settlement);
+                runtime.spawn(async move {
+                    limiter.send_settles(&key, &policy, &batch).await;
+                    limiter.metrics.limiter_reservations_unsettled.dec();
+                });
             }
         }
     }
 
-    /// Queues `settles` for the bucket at `key`, and schedules the flush that sends what
-    /// is still waiting after [`settlements::SETTLE_WAIT`].
-    fn settle_later(self: &Arc<Self>, key: Arc<str>, policy: &BucketPolicy, settles: &[Settle]) {
-        if !self.waiting.push(key, policy, settles) {
-            return;
+    /// The call carrying `batch` for the bucket at `key` ended with `outcome`.
+    fn batch_done(self: &Arc<Self>, key: &str, batch: &SettleBatch, outcome: settlements::Outcome) {
+        if self.waiting.done(key, batch, outcome) {
+            self.schedule_flush();
         }
+        if outcome != settlements::Outcome::Failed {
+            self.metrics
+                .limiter_reservations_unsettled
+                .sub(batch.count as i64);
+        }
+    }
+
+    /// Sends, after [`settlements::SETTLE_WAIT`], every batch still waiting that no call
+    /// carries.
+    fn schedule_flush(self: &Arc<Self>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let limiter = self.clone();
         runtime.spawn(async move {
             tokio::time::sleep(settlements::SETTLE_WAIT).await;
-            for (key, waiting) in limiter.waiting.drain() {
+            for (key, policy, batch) in limiter.waiting.due() {
                 let limiter = limiter.clone();
                 tokio::spawn(async move {
-                    limiter
-                        .send_settles(&key, &waiting.policy, &waiting.settles)
-                        .await
+                    let outcome = limiter.send_settles(&key, &policy, &batch).await;
+                    limiter.batch_done(&key, &batch, outcome);
                 });
             }
         });
     }
 
-    /// Sends `settles` on their own. A failed store call is tried again after
-    /// [`RECONCILE_RETRY_DELAYS`] (the script applies a settlement once, so a retry after
-    /// a call that did run changes nothing); settlements that never get through are
-    /// logged and counted, and stay charged as reserved.
-    async fn send_settles(&self, key: &str, policy: &BucketPolicy, settles: &[Settle]) {
+    /// Sends `batch` on its own. A failed store call is tried again after
+    /// [`RECONCILE_RETRY_DELAYS`] (the script applies a batch once, so a retry after a
+    /// call that did run changes nothing); a batch that never gets through is logged and
+    /// counted, and its reservations stay charged as reserved.
+    async fn send_settles(
+        &self,
+        key: &str,
+        policy: &BucketPolicy,
+        batch: &SettleBatch,
+    ) -> settlements::Outcome {
         let mut delays = RECONCILE_RETRY_DELAYS.iter();
         loop {
-            let outcome = self
-                .backend
-                .settle(key, policy, settles, self.timeout)
-                .await;
+            let outcome = self.backend.settle(key, policy, batch, self.timeout).await;
             let Err(error) = outcome else {
-                return;
+                return settlements::Outcome::Applied;
             };
             match delays.next() {
                 Some(delay) => tokio::time::sleep(*delay).await,
                 None => {
-                    self.metrics
-                        .limiter_reconcile_failures
-                        .inc_by(settles.len() as u64);
-                    tracing::warn!(%error, count = settles.len(),
+                    self.metrics.limiter_reconcile_failures.inc_by(batch.count);
+                    tracing::warn!(%error, count = batch.count,
                         "token reservations could not be settled; they stay charged as reserved");
-                    return;
+                    return settlements::Outcome::Abandoned;
                 }
             }
         }
@@ -769,7 +789,7 @@ impl RateLimiter {
             tokens: TokenLimits::default(),
         };
         let reserve = Reserve::default();
-        self.guarded_call(guards, READINESS_BUCKET, &policy, reserve, &[], prefetch)
+        self.guarded_call(guards, READINESS_BUCKET, &policy, reserve, None, prefetch)
             .await
             .map(drop)
     }

@@ -6,7 +6,8 @@ use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use std::time::Duration;
 
 use super::{
-    BackendError, BucketPolicy, Decision, LimiterBackend, Prefetch, Reserve, ScriptReply, Settle,
+    BackendError, BucketPolicy, Decision, LimiterBackend, Prefetch, Reserve, ScriptReply,
+    SettleBatch,
 };
 use crate::serve::redis::RedisConn;
 use crate::telemetry::metrics::Metrics;
@@ -40,7 +41,7 @@ impl RedisLimiter {
         policy: &BucketPolicy,
         cost: u64,
         reserve: Reserve,
-        settles: &[Settle],
+        settles: Option<&SettleBatch>,
     ) -> redis::Cmd {
         let mut cmd = redis::cmd(command);
         cmd.arg(script)
@@ -57,10 +58,12 @@ impl RedisLimiter {
         cmd.arg(reserve.tokens)
             .arg(limits.per_minute)
             .arg(limits.budget)
-            .arg(limits.period.as_str())
-            .arg(reserve.id);
-        for settle in settles {
-            cmd.arg(settle.id).arg(settle.used);
+            .arg(limits.period.as_str());
+        if let Some(batch) = settles {
+            cmd.arg(&*batch.instance).arg(batch.seq).arg(batch.llm);
+            for (period, surplus) in &batch.budget {
+                cmd.arg(period).arg(surplus);
+            }
         }
         cmd
     }
@@ -83,10 +86,10 @@ fn backend_error(error: RedisError) -> BackendError {
 }
 
 /// The script's reply: allowed, milli-tokens left, ms until full, ms until a token;
-/// with token limits, six numbers more (see the script).
+/// with token limits, seven numbers more (see the script).
 fn decision(reply: &[i64], policy: &BucketPolicy) -> Result<Decision, RedisError> {
     let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
-    if reply.len() < 4 || (policy.tokens.any() && reply.len() < 10) {
+    if reply.len() < 4 || (policy.tokens.any() && reply.len() < 11) {
         return Err(missing_reply());
     }
     let mut decision = Decision::from_millis(reply[0] == 1, at(1), at(2), at(3));
@@ -98,6 +101,7 @@ fn decision(reply: &[i64], policy: &BucketPolicy) -> Result<Decision, RedisError
             llm_retry_ms: at(7),
             budget_left: at(8),
             period_left_ms: at(9),
+            period: reply[10],
         };
         tokens.complete(&mut decision, policy);
     }
@@ -114,7 +118,7 @@ impl RedisLimiter {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
-        settles: &[Settle],
+        settles: Option<&SettleBatch>,
         prefetch: Option<&str>,
     ) -> Result<(Decision, Prefetch), BackendError> {
         let call =
@@ -171,7 +175,7 @@ impl LimiterBackend for RedisLimiter {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
-        settles: &[Settle],
+        settles: Option<&SettleBatch>,
     ) -> Result<Decision, BackendError> {
         Ok(self.run(key, policy, reserve, settles, None).await?.0)
     }
@@ -181,7 +185,7 @@ impl LimiterBackend for RedisLimiter {
         key: &str,
         policy: &BucketPolicy,
         reserve: Reserve,
-        settles: &[Settle],
+        settles: Option<&SettleBatch>,
         prefetch: &str,
     ) -> Result<(Decision, Prefetch), BackendError> {
         self.run(key, policy, reserve, settles, Some(prefetch))
@@ -195,12 +199,13 @@ impl LimiterBackend for RedisLimiter {
         &self,
         key: &str,
         policy: &BucketPolicy,
-        settles: &[Settle],
+        settles: &SettleBatch,
         timeout: Duration,
     ) -> Result<(), BackendError> {
         let none = Reserve::default();
-        let call =
-            |command, script| Self::invocation(command, script, key, policy, 0, none, settles);
+        let call = |command, script| {
+            Self::invocation(command, script, key, policy, 0, none, Some(settles))
+        };
         match self
             .conn
             .write_soon(call("EVALSHA", &self.sha), 64, timeout)

@@ -10,30 +10,34 @@
 --
 -- With token limits (CONTRACT §13) the same key holds every limit of the client, so a
 -- call stays one key on one node: field `llm` (the LLM-token bucket, ARGV[5] per
--- minute, refilled from the same `last_refill` as the request bucket), `period` and `used` (the budget), and one field `r:<id>` per
--- reservation awaiting its settlement: "reserved:budget period (-1: none):1 if the token
--- bucket was charged". Then
+-- minute, refilled from the same `last_refill` as the request bucket), `period` and
+-- `used` (the budget), and one field `s:<instance>` per gateway instance that settled
+-- reservations here: the sequence number of the last batch of settlements it applied.
+-- Then
 -- ARGV[4]  the LLM tokens this request reserves
 -- ARGV[5]  tokens per minute (0: no token bucket)
 -- ARGV[6]  the budget (0: no budget)
 -- ARGV[7]  the budget's period: `day` or `month` (UTC)
--- ARGV[8]  this request's id, for its settlement
--- ARGV[9..] pairs (id, tokens used) of earlier requests to settle first: each surplus
---          goes back to the token bucket (up to its capacity) and the budget, each
---          shortfall is charged to both (the bucket may go below zero: a debt that
---          refills like the rest). A reservation is settled once: its field is deleted
---          as it is applied, so a settlement sent twice finds nothing the second time.
+-- ARGV[8..] optionally, a batch of earlier requests' settlements to apply first:
+--          the sending instance's id, the batch's sequence number (rising with every
+--          batch of that instance), the LLM tokens to give back to the token bucket (up
+--          to its capacity; negative: a debt, which may take the bucket below zero and
+--          refills like the rest), then pairs (budget period, tokens to give back to the
+--          budget of that period; negative: a debt). A batch is applied once: one whose
+--          number is not above the instance's `s:` field was applied already, and a
+--          batch re-sent after a call that failed (and may have run) changes nothing.
+--          A period that has ended no longer counts, so its pairs are dropped.
 -- With ARGV[3] (cost) 0 the call only settles, and returns {1}. Otherwise it returns the
 -- four values above, then {why (0 admitted, 1 requests, 2 tokens, 3 larger than the
 -- token bucket, 4 budget), LLM tokens left (floored, never below 0), ms until the token
 -- bucket is full, ms until the reservation fits (0 when it does or never can), budget
--- left, ms until the budget's period ends}.
+-- left, ms until the budget's period ends, the budget period (numbered; -1: no budget)}.
 -- All limits admit the request or none is charged.
 --
 -- The clock is Redis' own TIME, so gateway instances with skewed clocks cannot mint
 -- tokens. A missing bucket is a full one, so a bucket key expires exactly when the
 -- bucket would be full again: expiry never changes a decision. (With token limits it
--- lives at least as long as a reservation may wait, and past its budget's period.)
+-- lives at least an hour, and past its budget's period.)
 -- Text to number in one parse: Lua 5.1's `tonumber` parses a string twice (`lua_isnumber`,
 -- then `lua_tonumber`), and strtod was a tenth of this script's cost (callgrind on
 -- redis-server); arithmetic coerces a numeric string with one parse. `false` (a missing
@@ -96,22 +100,22 @@ local reserve = ARGV[4] + 0
 local per_minute = ARGV[5] + 0
 local budget = ARGV[6] + 0
 local nargs = #ARGV
--- How long an unsettled reservation is kept: longer than any answer takes.
-local RESERVATION_TTL_MS = 3600000
+-- How long a client's hash outlives its last write at least, and how long an instance's
+-- settlement watermark is kept without news from it: far longer than a batch's retries.
+local KEEP_MS = 3600000
 -- Locals, not globals: each global (`math.max`) is two table lookups per use, and this
 -- path uses them a few dozen times a call.
 local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
 
--- Everything the call needs in one read: the limits, and the reservations to settle.
+-- Everything the call needs in one read: the limits, and the sending instance's
+-- watermark when a batch of settlements rides along.
+local watermark = nil
 local state
-if nargs == 8 then
+if nargs == 7 then
   state = redis.call('HMGET', KEYS[1], 'tokens', 'last_refill', 'llm', 'period', 'used')
 else
-  local fields = {'tokens', 'last_refill', 'llm', 'period', 'used'}
-  for i = 9, nargs, 2 do
-    fields[#fields + 1] = 'r:' .. ARGV[i]
-  end
-  state = redis.call('HMGET', KEYS[1], unpack(fields))
+  watermark = 's:' .. ARGV[8]
+  state = redis.call('HMGET', KEYS[1], 'tokens', 'last_refill', 'llm', 'period', 'used', watermark)
 end
 
 -- Both buckets refill from one stored time (written together, so it is each one's);
@@ -146,30 +150,40 @@ local stored_period = num(state[4])
 local period_text = state[4]
 local stored_used = num(state[5]) or 0
 
--- Earlier requests' settlements, before this request is decided.
-local settled = nil
-for f = 6, #state do
-  local entry = state[f]
-  if entry then
-    local field = 'r:' .. ARGV[9 + (f - 6) * 2]
-    if settled then settled[#settled + 1] = field else settled = {field} end
-    local reserved, charged, bucket = string.match(entry, '^(%d+):(-?%d+):(%d)$')
-    if reserved then
-      local surplus = reserved - ARGV[9 + (f - 6) * 2 + 1]
-      if bucket == '1' and per_minute > 0 then
-        llm = min(per_minute, llm + surplus)
+-- Earlier requests' settlements, before this request is decided: applied when the batch
+-- is newer than the last one this instance had applied here, else dropped.
+if watermark then
+  local applied = num(state[6])
+  if applied == nil or applied < ARGV[9] + 0 then
+    if applied == nil then
+      -- The first batch of this instance here (or since the hash expired): a good
+      -- moment to drop the watermarks of instances silent for longer than KEEP_MS (their
+      -- numbers are microseconds since the epoch), so stopped instances leave nothing.
+      local all = redis.call('HGETALL', KEYS[1])
+      local horizon = (now * 1000 - KEEP_MS) * 1000
+      local stale = nil
+      for i = 1, #all, 2 do
+        if string.sub(all[i], 1, 2) == 's:' and all[i + 1] + 0 < horizon then
+          if stale then stale[#stale + 1] = all[i] else stale = {all[i]} end
+        end
       end
-      -- The budget is settled in the period the reservation was charged to; once that
-      -- period has ended, its count no longer matters.
-      charged = charged + 0
-      if charged >= 0 and charged == stored_period then
-        stored_used = max(0, stored_used - surplus)
+      if stale then
+        redis.call('HDEL', KEYS[1], unpack(stale))
       end
     end
+    if per_minute > 0 then
+      llm = min(per_minute, llm + ARGV[10])
+    end
+    if stored_period then
+      for i = 11, nargs - 1, 2 do
+        if ARGV[i] + 0 == stored_period then
+          stored_used = max(0, stored_used - ARGV[i + 1])
+        end
+      end
+    end
+  else
+    watermark = nil
   end
-end
-if settled then
-  redis.call('HDEL', KEYS[1], unpack(settled))
 end
 
 -- The budget's period, numbered, and when it ends, from Redis' clock (UTC).
@@ -208,15 +222,16 @@ if budget > 0 then
   end
 end
 
--- Writes the state back. The key lives as long as any of it matters: until both buckets
--- are full, the budget's period is over and any reservation could still be settled.
-local function store(extra_field, extra_value)
+-- Writes the state back, with the watermark of a batch just applied. The key lives as
+-- long as any of it matters: until both buckets are full, past the budget's period and
+-- at least KEEP_MS (so a batch's retries find its watermark).
+local function store()
   -- Numbers as they are, as above (~1 us of the ~10 us call, redis-benchmark).
-  -- The usual write (both token limits and a new reservation) passes its arguments
-  -- directly: building a table to unpack cost ~8k instructions of a 167k call (callgrind).
-  if per_minute > 0 and stored_period and extra_field then
+  -- The usual write (both token limits, no batch) passes its arguments directly:
+  -- building a table to unpack cost ~8k instructions of a 167k call (callgrind).
+  if per_minute > 0 and stored_period and not watermark then
     redis.call('HSET', KEYS[1], 'tokens', tokens, 'last_refill', last, 'llm', llm,
-      'period', period_text, 'used', stored_used, extra_field, extra_value)
+      'period', period_text, 'used', stored_used)
   else
     local values = {'tokens', tokens, 'last_refill', last}
     local n = 4
@@ -228,12 +243,12 @@ local function store(extra_field, extra_value)
       values[n + 1], values[n + 2], values[n + 3], values[n + 4] = 'period', period_text, 'used', stored_used
       n = n + 4
     end
-    if extra_field then
-      values[n + 1], values[n + 2] = extra_field, extra_value
+    if watermark then
+      values[n + 1], values[n + 2] = watermark, ARGV[9]
     end
     redis.call('HSET', KEYS[1], unpack(values))
   end
-  local ttl = max(RESERVATION_TTL_MS, ceil((capacity - tokens) / rate * 1000),
+  local ttl = max(KEEP_MS, ceil((capacity - tokens) / rate * 1000),
     ceil((period_end - now) * 1000) + 60000)
   if per_minute > 0 then
     ttl = max(ttl, ceil((per_minute - llm) / llm_rate * 1000))
@@ -247,7 +262,7 @@ local function store(extra_field, extra_value)
 end
 
 if cost == 0 then
-  if settled then
+  if watermark then
     store()
   end
   return {1}
@@ -276,9 +291,7 @@ elseif not requests_ok then
   why = 1
 end
 
-local allowed = 0
 if why == 0 then
-  allowed = 1
   tokens = max(0, tokens - cost)
   if per_minute > 0 then
     llm = llm - reserve
@@ -290,15 +303,8 @@ if why == 0 then
     end
     stored_period, stored_used = period, used
   end
-  if reserve > 0 and (per_minute > 0 or budget > 0) then
-    local bucket = (per_minute > 0) and '1' or '0'
-    local charged = '-1'
-    if budget > 0 then charged = period_text end
-    store('r:' .. ARGV[8], ARGV[4] .. ':' .. charged .. ':' .. bucket)
-  else
-    store()
-  end
-elseif settled then
+  store()
+elseif watermark then
   store()
 end
 
@@ -316,6 +322,10 @@ if budget > 0 then
   budget_left = max(0, budget - used)
   period_left = max(0, ceil((period_end - now) * 1000))
 end
+local allowed = 0
+if why == 0 then
+  allowed = 1
+end
 return {allowed, floor(tokens * 1000), ceil((capacity - tokens) / rate * 1000), ceil(retry * 1000),
   why, max(0, floor(llm)), ceil(llm_to_full * 1000), ceil(llm_retry * 1000),
-  budget_left, period_left}
+  budget_left, period_left, period}

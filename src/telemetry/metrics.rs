@@ -108,6 +108,9 @@ pub struct MetricSet {
     pub rate_limit_denials: Labelled<IntCounter>,
     /// Token reservations that could not be settled after every retry.
     pub limiter_reconcile_failures: IntCounter,
+    /// Token reservations made here and not yet settled in their store: answers still
+    /// running, and settlements waiting to be applied.
+    pub limiter_reservations_unsettled: IntGauge,
     /// Requests moved on from a provider to the route's next target, by the provider
     /// that failed them.
     pub provider_fallbacks: Labelled<IntCounter>,
@@ -367,6 +370,15 @@ impl Metrics {
                 "rate_limiter_reconcile_failures_total",
                 "Token reservations that could not be settled to their real usage after every retry",
             ),
+            limiter_reservations_unsettled: {
+                let g = IntGauge::new(
+                    "rate_limiter_reservations_unsettled",
+                    "Token reservations made by this instance and not yet settled in their store (answers under way, settlements waiting)",
+                )
+                .unwrap_or_else(|e| panic_metric("rate_limiter_reservations_unsettled", e));
+                register(r, "rate_limiter_reservations_unsettled", Box::new(g.clone()));
+                g
+            },
             registry,
         }))
     }

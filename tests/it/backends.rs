@@ -1,12 +1,14 @@
 //! One behaviour suite, run against every limiter backend (in-process, one Redis node and
 //! a Redis Cluster), so `memory://`, `redis://` and `redis+cluster://` cannot drift apart.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use llm_gateway::ratelimit::memory::MemoryLimiter;
 use llm_gateway::ratelimit::redis::RedisLimiter;
 use llm_gateway::ratelimit::{
-    BucketPolicy, Decision, Limit, LimiterBackend, Prefetch, Reserve, Settle, TokenLimits,
+    BucketPolicy, Decision, Limit, LimiterBackend, Prefetch, Reserve, SettleBatch, Settlement,
+    TokenLimits,
 };
 use llm_gateway::serve::redis::RedisConn;
 use llm_gateway::settings::BudgetPeriod;
@@ -25,7 +27,7 @@ fn policy(capacity: u64, refill_rate: f64) -> BucketPolicy {
 }
 
 /// A request that reserves no LLM tokens.
-const NO_TOKENS: Reserve = Reserve { tokens: 0, id: 0 };
+const NO_TOKENS: Reserve = Reserve { tokens: 0 };
 
 /// A roomy request bucket with a token bucket of `per_minute` and a daily `budget`.
 fn token_policy(per_minute: u64, budget: u64) -> BucketPolicy {
@@ -42,11 +44,27 @@ fn token_policy(per_minute: u64, budget: u64) -> BucketPolicy {
 
 /// One request's decision at `key` under `p`, reserving no LLM tokens.
 async fn plain(b: &dyn LimiterBackend, key: &str, p: &BucketPolicy) -> Decision {
-    b.check(key, p, NO_TOKENS, &[]).await.unwrap()
+    b.check(key, p, NO_TOKENS, None).await.unwrap()
 }
 
-fn reserve(tokens: u64, id: u64) -> Reserve {
-    Reserve { tokens, id }
+fn reserve(tokens: u64) -> Reserve {
+    Reserve { tokens }
+}
+
+/// A batch numbered `seq` from instance `instance`, settling a reservation of `reserved`
+/// tokens admitted as `admitted` to `used` tokens.
+fn batch(instance: &str, seq: u64, admitted: &Decision, reserved: u64, used: u64) -> SettleBatch {
+    let mut batch = SettleBatch {
+        instance: Arc::from(instance),
+        seq,
+        ..SettleBatch::default()
+    };
+    batch.add(Settlement {
+        surplus: reserved as i64 - used as i64,
+        bucket: admitted.tokens.is_some(),
+        period: admitted.budget_period,
+    });
+    batch
 }
 
 // Keys of the token scenarios carry a hash tag, as real bucket keys do: on a cluster a
@@ -55,11 +73,11 @@ fn reserve(tokens: u64, id: u64) -> Reserve {
 async fn reservations_take_every_limit_or_none(b: &dyn LimiterBackend) {
     let key = "{suite:tok}";
     let p = token_policy(600, 1000);
-    let first = b.check(key, &p, reserve(500, 1), &[]).await.unwrap();
+    let first = b.check(key, &p, reserve(500), None).await.unwrap();
     assert!(first.allowed, "{}", b.name());
     assert_eq!(first.tokens.unwrap().remaining, 100, "{}", b.name());
     assert_eq!(first.budget.unwrap().remaining, 500, "{}", b.name());
-    let refused = b.check(key, &p, reserve(200, 2), &[]).await.unwrap();
+    let refused = b.check(key, &p, reserve(200), None).await.unwrap();
     assert_eq!(refused.denied_by, Some(Limit::Tokens), "{}", b.name());
     // 100 tokens short at 10/s: ten seconds (a few ms of refill since may shave it).
     assert!(
@@ -76,7 +94,7 @@ async fn reservations_take_every_limit_or_none(b: &dyn LimiterBackend) {
         b.name()
     );
     let huge = b
-        .check("{suite:huge}", &p, reserve(601, 3), &[])
+        .check("{suite:huge}", &p, reserve(601), None)
         .await
         .unwrap();
     assert_eq!(huge.denied_by, Some(Limit::TooLarge), "{}", b.name());
@@ -86,49 +104,46 @@ async fn settling_refunds_charges_debt_and_applies_once(b: &dyn LimiterBackend) 
     let key = "{suite:settle}";
     let p = token_policy(600, 1000);
     let timeout = Duration::from_secs(1);
-    assert!(
-        b.check(key, &p, reserve(500, 7), &[])
-            .await
-            .unwrap()
-            .allowed
-    );
-    let refund = Settle { id: 7, used: 50 };
-    b.settle(key, &p, &[refund], timeout).await.unwrap();
-    b.settle(key, &p, &[refund], timeout).await.unwrap();
-    let next = b.check(key, &p, reserve(10, 8), &[]).await.unwrap();
+    let first = b.check(key, &p, reserve(500), None).await.unwrap();
+    assert!(first.allowed);
+    let refund = batch("gw-a", 7, &first, 500, 50);
+    b.settle(key, &p, &refund, timeout).await.unwrap();
+    b.settle(key, &p, &refund, timeout).await.unwrap();
+    let next = b.check(key, &p, reserve(10), None).await.unwrap();
     let left = next.tokens.unwrap().remaining;
     assert!((540..=541).contains(&left), "{}: {left}", b.name());
     assert_eq!(next.budget.unwrap().remaining, 940, "{}", b.name());
-    // A debt riding with the next request is applied before that request is decided
-    // (and the refund riding along again changes nothing).
-    let debt = Settle { id: 8, used: 310 };
-    let after = b
-        .check(key, &p, reserve(1, 9), &[debt, refund])
-        .await
-        .unwrap();
+    // A debt riding with the next request is applied before that request is decided;
+    // the refund sent once more, or a batch numbered below it, changes nothing.
+    let debt = batch("gw-a", 8, &next, 10, 310);
+    let after = b.check(key, &p, reserve(1), Some(&debt)).await.unwrap();
     let left = after.tokens.unwrap().remaining;
     assert!((239..=241).contains(&left), "{}: {left}", b.name());
     assert_eq!(after.budget.unwrap().remaining, 639, "{}", b.name());
+    for stale in [&refund, &debt, &batch("gw-a", 5, &next, 10, 0)] {
+        let again = b.check(key, &p, reserve(0), Some(stale)).await.unwrap();
+        assert_eq!(again.budget.unwrap().remaining, 639, "{}", b.name());
+    }
+    // Another instance's batches are its own, whatever their numbers.
+    let other = batch("gw-b", 1, &after, 1, 0);
+    b.settle(key, &p, &other, timeout).await.unwrap();
+    let seen = b.check(key, &p, reserve(0), None).await.unwrap();
+    assert_eq!(seen.budget.unwrap().remaining, 640, "{}", b.name());
     // A denied request still applies what rode with it.
     let refused = b
-        .check(key, &p, reserve(900, 10), &[Settle { id: 9, used: 0 }])
+        .check(key, &p, reserve(900), Some(&batch("gw-a", 9, &after, 1, 0)))
         .await
         .unwrap();
     assert_eq!(refused.denied_by, Some(Limit::TooLarge), "{}", b.name());
-    let last = b.check(key, &p, reserve(1, 11), &[]).await.unwrap();
-    assert_eq!(last.budget.unwrap().remaining, 639, "{}", b.name());
+    let last = b.check(key, &p, reserve(1), None).await.unwrap();
+    assert_eq!(last.budget.unwrap().remaining, 640, "{}", b.name());
 }
 
 async fn a_spent_budget_refuses_until_the_period_ends(b: &dyn LimiterBackend) {
     let key = "{suite:budget}";
     let p = token_policy(0, 300);
-    assert!(
-        b.check(key, &p, reserve(200, 1), &[])
-            .await
-            .unwrap()
-            .allowed
-    );
-    let spent = b.check(key, &p, reserve(200, 2), &[]).await.unwrap();
+    assert!(b.check(key, &p, reserve(200), None).await.unwrap().allowed);
+    let spent = b.check(key, &p, reserve(200), None).await.unwrap();
     assert_eq!(spent.denied_by, Some(Limit::Budget), "{}", b.name());
     assert!(spent.tokens.is_none());
     let now = std::time::SystemTime::now()
@@ -142,12 +157,7 @@ async fn a_spent_budget_refuses_until_the_period_ends(b: &dyn LimiterBackend) {
         "{}: {retry} vs {left}",
         b.name()
     );
-    assert!(
-        b.check(key, &p, reserve(100, 3), &[])
-            .await
-            .unwrap()
-            .allowed
-    );
+    assert!(b.check(key, &p, reserve(100), None).await.unwrap().allowed);
 }
 
 async fn a_new_bucket_is_full_and_drains_one_token_per_request(b: &dyn LimiterBackend) {
@@ -250,7 +260,49 @@ async fn the_redis_backend_passes_the_behaviour_suite() {
     let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1), 1)
         .unwrap()
         .unwrap();
-    run_suite(&RedisLimiter::new(conn, Metrics::new())).await;
+    let backend = RedisLimiter::new(conn, Metrics::new());
+    run_suite(&backend).await;
+
+    // Each instance keeps one watermark field in a client's hash; one silent for over an
+    // hour (its instance stopped) goes when a new instance first settles there.
+    let key = "{suite:watermarks}";
+    let p = token_policy(600, 1000);
+    let admitted = backend.check(key, &p, reserve(10), None).await.unwrap();
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let _: () = redis::cmd("HSET")
+        .arg(key)
+        .arg("s:stopped")
+        .arg(now_us - 7_200_000_000)
+        .arg("s:quiet")
+        .arg(now_us - 60_000_000)
+        .query(&mut redis.conn())
+        .unwrap();
+    let fresh = batch("gw-new", now_us, &admitted, 10, 5);
+    backend
+        .settle(key, &p, &fresh, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let mut fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(key)
+        .query(&mut redis.conn())
+        .unwrap();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "last_refill",
+            "llm",
+            "period",
+            "s:gw-new",
+            "s:quiet",
+            "tokens",
+            "used"
+        ],
+        "the limits, and a watermark per instance heard of within the hour"
+    );
 }
 
 #[tokio::test]
@@ -282,7 +334,7 @@ async fn the_redis_cluster_backend_passes_the_behaviour_suite_and_reads_the_cach
                 &format!("suite:prefetch:{n}"),
                 &policy(5, 1.0),
                 Default::default(),
-                &[],
+                None,
                 &cache_key,
             )
             .await
@@ -297,7 +349,7 @@ async fn the_redis_cluster_backend_passes_the_behaviour_suite_and_reads_the_cach
                 "suite:prefetch",
                 &policy(5, 1.0),
                 Default::default(),
-                &[],
+                None,
                 "cache:absent",
             )
             .await

@@ -273,7 +273,7 @@ async fn a_waiting_cache_write_rides_with_the_next_limiter_call_which_already_re
             "ratelimit:ride",
             &roomy_bucket(),
             Default::default(),
-            &[],
+            None,
             "cache:ride",
         )
         .await
@@ -324,7 +324,7 @@ async fn a_riding_write_survives_a_script_reload_and_a_broken_cache_read_fails_o
             "ratelimit:reload",
             &roomy_bucket(),
             Default::default(),
-            &[],
+            None,
             "cache:hash",
         )
         .await

@@ -99,19 +99,19 @@ fn budget_used(redis: &RedisServer) -> u64 {
     used.unwrap_or(0)
 }
 
-/// Reservations not yet settled: the hash's `r:<id>` fields.
-fn unsettled(conn: &mut redis::Connection) -> u64 {
-    let fields: Vec<String> = redis::cmd("HKEYS").arg(bucket()).query(conn).unwrap();
-    fields.iter().filter(|f| f.starts_with("r:")).count() as u64
+/// Reservations `app` made and has not yet settled in Redis.
+async fn unsettled(app: &TestApp) -> f64 {
+    app.metric("rate_limiter_reservations_unsettled").await
 }
 
-/// Waits until every reservation is settled (5 s at most), so the counts are final.
-async fn settled(conn: &mut redis::Connection) {
+/// Waits until every reservation `app` made is settled in Redis (5 s at most), so the
+/// counts are final.
+async fn settled(app: &TestApp) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while unsettled(conn) > 0 && Instant::now() < deadline {
+    while unsettled(app).await > 0.0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(unsettled(conn), 0, "every reservation was settled");
+    assert_eq!(unsettled(app).await, 0.0, "every reservation was settled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +146,7 @@ async fn each_door_shows_its_token_headers_and_a_reservation_is_settled_to_real_
     );
     let real = used(first).await;
     assert_eq!(real, 5 + 6, "five words asked, six answered");
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     assert_eq!(
         budget_used(&redis),
         real,
@@ -156,7 +156,7 @@ async fn each_door_shows_its_token_headers_and_a_reservation_is_settled_to_real_
     // The same question again: a hit, which costs no tokens.
     let hit = openai(&app, &body(content, 100)).await;
     assert_eq!(hit.headers()["x-cache"], "HIT");
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     assert_eq!(budget_used(&redis), real, "a hit costs nothing");
 
     let anthropic = app
@@ -186,7 +186,7 @@ async fn each_door_shows_its_token_headers_and_a_reservation_is_settled_to_real_
     let answer: Value = anthropic.json().await.unwrap();
     let anthropic_used = answer["usage"]["input_tokens"].as_u64().unwrap()
         + answer["usage"]["output_tokens"].as_u64().unwrap();
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     assert_eq!(budget_used(&redis), real + anthropic_used);
 
     // The original door counts too, and its 200 keeps the original's headers.
@@ -200,7 +200,7 @@ async fn each_door_shows_its_token_headers_and_a_reservation_is_settled_to_real_
     assert!(original.headers().get("x-ratelimit-limit").is_some());
     let answer: Value = original.json().await.unwrap();
     let original_used = answer["usage"]["total_tokens"].as_u64().unwrap();
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     assert_eq!(budget_used(&redis), real + anthropic_used + original_used);
     assert!(
         app.metric("tokens_total{kind=\"prompt\",provider=\"ollama\"}")
@@ -371,8 +371,8 @@ async fn three_instances_on_one_redis_admit_no_more_tokens_than_the_bucket() {
         apps.push(Arc::new(exact_gateway(&mock, &redis.url()).spawn().await));
     }
     admitted_tokens_are_exact(apps.clone(), "one Redis").await;
-    settled(&mut redis.conn()).await;
     for app in &apps {
+        settled(app).await;
         assert_eq!(
             app.metric("rate_limiter_reconcile_failures_total").await,
             0.0
@@ -389,22 +389,8 @@ async fn three_instances_on_a_cluster_with_the_cache_on_admit_no_more_tokens_tha
         apps.push(Arc::new(exact_gateway(&mock, &cluster.url()).spawn().await));
     }
     admitted_tokens_are_exact(apps.clone(), "3-master cluster").await;
-    // One key holds the client's limits and reservations, on the node owning its slot.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // Nodes that do not own the slot answer MOVED.
-    let unsettled: u64 = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            redis::cmd("HKEYS")
-                .arg(bucket())
-                .query::<Vec<String>>(&mut n.conn())
-                .map(|fields| fields.iter().filter(|f| f.starts_with("r:")).count() as u64)
-                .unwrap_or(0)
-        })
-        .sum();
-    assert_eq!(unsettled, 0, "every reservation settled on the cluster");
     for app in &apps {
+        settled(app).await;
         assert_eq!(
             app.metric("rate_limiter_fallback_decisions_total{mode=\"local\"}")
                 .await,
@@ -456,7 +442,7 @@ async fn a_reconciliation_whose_first_attempts_time_out_is_applied_once() {
     assert_eq!(response.status(), 200);
     let real = used(response).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     assert_eq!(
         budget_used(&redis),
         real,
@@ -481,7 +467,7 @@ async fn a_reconciliation_whose_first_attempts_time_out_is_applied_once() {
         .query(&mut redis.conn())
         .unwrap();
     let second = used(request.await.unwrap()).await;
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     assert_eq!(budget_used(&redis), real + second);
     assert!(app.metric("rate_limiter_script_reloads_total").await > reloads);
 }
@@ -508,14 +494,14 @@ async fn commands_around_a_miss(mock: &MockLlm, token_limits: bool, content: &st
     let app = builder.spawn().await;
     // The first request loads the scripts and opens the connections.
     assert_eq!(openai(&app, &body("warm up", 10)).await.status(), 200);
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     let start = decisions_and_reads(&redis);
     let request = in_background(&app, body(content, 10));
     // mock-llm holds the request 600 ms; at 300 ms it is at the upstream.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = decisions_and_reads(&redis) - start;
     assert_eq!(request.await.unwrap().status(), 200);
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     tokio::time::sleep(Duration::from_millis(200)).await; // the cache write, also after it
     (before, decisions_and_reads(&redis) - start)
 }
@@ -547,7 +533,7 @@ async fn a_settlement_rides_with_the_same_clients_next_request() {
         .spawn()
         .await;
     assert_eq!(openai(&app, &body("warm up", 10)).await.status(), 200);
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     let (evalsha_before, spent_before) = (redis.command_calls("evalsha"), budget_used(&redis));
     let mut real = 0;
     for n in 0..10 {
@@ -570,7 +556,7 @@ async fn a_settlement_rides_with_the_same_clients_next_request() {
         );
         real += used(response).await;
     }
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     assert_eq!(budget_used(&redis), spent_before + real);
     // Ten requests, one script call each; a settlement sent on its own only when the next
     // request came later than the wait (the last one, and any delayed by a busy machine).
@@ -586,7 +572,7 @@ async fn the_answer_does_not_wait_for_its_reconciliation() {
     let mock = MockLlm::start(&["--latency-ms", "300"]);
     let redis = RedisServer::start();
     let content = "answer me first";
-    let (_app, request) = reserved_in_flight(&mock, &redis, "5000", content).await;
+    let (app, request) = reserved_in_flight(&mock, &redis, "5000", content).await;
     // Writes wait 2 s: an answer that waited for its reconciliation (a write) would come
     // after the pause, with the budget already settled.
     let _: () = redis::cmd("CLIENT")
@@ -603,7 +589,7 @@ async fn the_answer_does_not_wait_for_its_reconciliation() {
         "the answer came while its reconciliation still waited"
     );
     let real = used(response).await;
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     assert_eq!(budget_used(&redis), real, "then it was settled");
 }
 
@@ -637,7 +623,7 @@ async fn a_stream_is_charged_at_its_end_and_also_when_its_client_cuts_it() {
         .expect("a usage chunk");
     let real = usage["total_tokens"].as_u64().unwrap();
     assert_eq!(real, 8 + 9);
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     assert_eq!(
         budget_used(&redis),
         real,
@@ -650,7 +636,7 @@ async fn a_stream_is_charged_at_its_end_and_also_when_its_client_cuts_it() {
     let first = cut.chunk().await.unwrap().expect("a first chunk");
     assert!(!first.is_empty());
     drop(cut);
-    settled(&mut redis.conn()).await;
+    settled(&app).await;
     let charged = budget_used(&redis) - real;
     let reserved = reservation("cut me off early please", 100);
     assert!(
