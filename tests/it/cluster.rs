@@ -80,7 +80,17 @@ async fn identities_spread_over_nodes_and_each_keeps_one_slot() {
     let cluster = RedisCluster::start();
     let upstream = upstream_ok().await;
     let keys: Vec<String> = (0..30).map(|i| format!("sk-spread-{i}")).collect();
-    let app = cluster_app(&cluster, &upstream, &keys.join(",")).await;
+    // Buckets that refill slowly: a bucket key expires once its bucket is full again, and
+    // every one must still be there when they are counted, however slow the machine.
+    let app = TestApp::builder()
+        .store(&cluster.url())
+        .ollama(&upstream)
+        .keys(&keys.join(","))
+        .set("RATE_LIMITER_CAPACITY", "10")
+        .set("RATE_LIMITER_REFILL_RATE", "0.01")
+        .set("REDIS_TIMEOUT_MS", "1000")
+        .spawn()
+        .await;
     for key in &keys {
         let response = app
             .chat_at("/v1/chat", Some(key), &chat_body("spread"))
