@@ -340,6 +340,12 @@ pub struct Ticket {
     pub place: Place,
 }
 
+/// A token count as a signed one (no count comes near `i64::MAX`; one that did would
+/// saturate rather than wrap).
+fn signed(tokens: u64) -> i64 {
+    i64::try_from(tokens).unwrap_or(i64::MAX)
+}
+
 /// The bucket readiness checks use: not a digest, so no client's bucket is ever this one.
 /// Its one token refills in a millisecond, so the key is gone at once.
 const READINESS_BUCKET: &str = "ratelimit:v1:{readiness}";
@@ -676,7 +682,7 @@ impl RateLimiter {
     /// after [`settlements::SETTLE_WAIT`].
     pub fn settle(self: &Arc<Self>, key: Arc<str>, ticket: &Ticket, used: u64) {
         let settlement = Settlement {
-            surplus: ticket.reserved as i64 - used.min(i64::MAX as u64) as i64,
+            surplus: signed(ticket.reserved) - signed(used),
             bucket: ticket.policy.tokens.per_minute > 0,
             period: ticket.period,
         };
@@ -709,14 +715,13 @@ impl RateLimiter {
 
     /// The call carrying `batch` for the bucket at `key` ended with `outcome`.
     fn batch_done(self: &Arc<Self>, key: &str, batch: &SettleBatch, outcome: settlements::Outcome) {
-        if self.waiting.done(key, batch, outcome) {
+        let done = self.waiting.done(key, batch, outcome);
+        if done.flush {
             self.schedule_flush();
         }
-        if outcome != settlements::Outcome::Failed {
-            self.metrics
-                .limiter_reservations_unsettled
-                .sub(batch.count as i64);
-        }
+        self.metrics
+            .limiter_reservations_unsettled
+            .sub(done.finished as i64);
     }
 
     /// Sends, after [`settlements::SETTLE_WAIT`], every batch still waiting that no call

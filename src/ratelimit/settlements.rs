@@ -193,22 +193,29 @@ impl Settlements {
         inner.sendable(key, &self.instance)
     }
 
-    /// The call carrying `batch` for the bucket at `key` ended: `applied` when the store
-    /// answered (it applied the batch, now or before), else the batch waits to be sent
-    /// again, unchanged. `abandon` drops it unapplied (every retry failed). Returns true
-    /// when the caller must schedule a flush: something still waits.
-    pub fn done(&self, key: &str, batch: &SettleBatch, outcome: Outcome) -> bool {
+    /// The call carrying `batch` for the bucket at `key` ended with `outcome`: once
+    /// applied or abandoned the batch is done with, once failed it waits to be sent again,
+    /// unchanged. Says how many reservations are done with, and whether the caller must
+    /// schedule a flush (something still waits and none is scheduled).
+    pub fn done(&self, key: &str, batch: &SettleBatch, outcome: Outcome) -> Done {
         let mut inner = self.lock();
+        let nothing = Done {
+            finished: 0,
+            flush: false,
+        };
         let Some(waiting) = inner.by_key.get_mut(key) else {
-            return false;
+            return nothing;
         };
         if waiting.batch.as_ref().map(|b| b.seq) != Some(batch.seq) {
-            return false;
+            return nothing;
         }
         waiting.out = false;
         if outcome == Outcome::Failed {
             drop(inner);
-            return !self.flush_scheduled.swap(true, Ordering::AcqRel);
+            return Done {
+                finished: 0,
+                flush: !self.flush_scheduled.swap(true, Ordering::AcqRel),
+            };
         }
         waiting.batch = None;
         let more = waiting.pending.count > 0;
@@ -216,7 +223,10 @@ impl Settlements {
             inner.by_key.remove(key);
         }
         drop(inner);
-        more && !self.flush_scheduled.swap(true, Ordering::AcqRel)
+        Done {
+            finished: batch.count,
+            flush: more && !self.flush_scheduled.swap(true, Ordering::AcqRel),
+        }
     }
 
     /// Every bucket's batch that no call carries, for a flush, with the bucket's limits;
@@ -233,6 +243,15 @@ impl Settlements {
             })
             .collect()
     }
+}
+
+/// What [`Settlements::done`] leaves to its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    /// Reservations settled for good (applied, or given up on).
+    pub finished: u64,
+    /// Whether to schedule a flush.
+    pub flush: bool,
 }
 
 /// How a call carrying a batch ended.
@@ -299,11 +318,22 @@ mod tests {
         assert!(!waiting.push(key.clone(), &policy(), refund(1)));
         assert_eq!(waiting.take("k"), None, "a call carries the batch");
 
-        waiting.done("k", &first, Outcome::Failed);
+        let failed = waiting.done("k", &first, Outcome::Failed);
+        assert_eq!(failed.finished, 0);
+        assert!(
+            !failed.flush,
+            "the flush the first push scheduled is still to come, and will send it"
+        );
         let again = waiting.take("k").expect("sent again");
         assert_eq!(again, first, "unchanged, under the same number");
 
-        waiting.done("k", &again, Outcome::Applied);
+        let applied = waiting.done("k", &again, Outcome::Applied);
+        assert_eq!(applied.finished, 1);
+        assert_eq!(
+            waiting.done("k", &again, Outcome::Applied).finished,
+            0,
+            "done with once"
+        );
         let next = waiting.take("k").expect("what waited meanwhile");
         assert!(next.seq > first.seq);
         assert_eq!((next.llm, next.count), (1, 1));
@@ -325,7 +355,7 @@ mod tests {
             waiting.push(Arc::from("a"), &policy(), refund(3)),
             "scheduled again after the flush"
         );
-        waiting.done("a", &riding, Outcome::Abandoned);
+        assert_eq!(waiting.done("a", &riding, Outcome::Abandoned).finished, 1);
         assert_eq!(
             waiting.take("a").map(|b| b.llm),
             Some(3),
