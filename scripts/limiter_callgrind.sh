@@ -14,8 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-2000}
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+. scripts/processes.sh
 
 calls() { # kind count sha
   python3 - "$@" <<'PY'
@@ -36,7 +35,7 @@ PY
 
 total() { # kind count -> instructions of the whole redis-server run
   local port out
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  port=$(free_port)
   out="$WORK/callgrind.$port"
   valgrind --tool=callgrind --callgrind-out-file="$out" redis-server --port "$port" \
     --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >/dev/null 2>&1 &
