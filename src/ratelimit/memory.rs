@@ -202,7 +202,7 @@ impl MemoryLimiter {
         // Watermarks silent for an hour go, as the script drops them (their numbers are
         // microseconds since the epoch).
         if marks.len() >= SWEEP_FLOOR && marks.len().is_power_of_two() {
-            let horizon = (unix_now() * 1e6) as u64 - 3_600_000_000;
+            let horizon = ((unix_now() * 1e6) as u64).saturating_sub(3_600_000_000);
             marks.retain(|_, seq| *seq >= horizon);
         }
         let mark = marks

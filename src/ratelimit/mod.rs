@@ -551,7 +551,7 @@ impl RateLimiter {
                 Ok(_) => settlements::Outcome::Applied,
                 Err(_) => settlements::Outcome::Failed,
             };
-            self.batch_done(key, batch, outcome);
+            self.batch_done(key, batch, settlements::Carrier::Ride, outcome);
         }
         match outcome {
             Ok((decision, prefetched)) => {
@@ -713,9 +713,15 @@ impl RateLimiter {
         }
     }
 
-    /// The call carrying `batch` for the bucket at `key` ended with `outcome`.
-    fn batch_done(self: &Arc<Self>, key: &str, batch: &SettleBatch, outcome: settlements::Outcome) {
-        let done = self.waiting.done(key, batch, outcome);
+    /// The `carrier` of `batch` for the bucket at `key` ended with `outcome`.
+    fn batch_done(
+        self: &Arc<Self>,
+        key: &str,
+        batch: &SettleBatch,
+        carrier: settlements::Carrier,
+        outcome: settlements::Outcome,
+    ) {
+        let done = self.waiting.done(key, batch, carrier, outcome);
         if done.flush {
             self.schedule_flush();
         }
@@ -737,7 +743,7 @@ impl RateLimiter {
                 let limiter = limiter.clone();
                 tokio::spawn(async move {
                     let outcome = limiter.send_settles(&key, &policy, &batch).await;
-                    limiter.batch_done(&key, &batch, outcome);
+                    limiter.batch_done(&key, &batch, settlements::Carrier::Flush, outcome);
                 });
             }
         });

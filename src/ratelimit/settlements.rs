@@ -13,7 +13,9 @@
 //! again unchanged, under the same number, until a call carrying it answers; the script
 //! applies a batch only when its number is above the last one it applied from this
 //! instance (the field `s:<instance>` of the client's hash). New settlements wait for the
-//! next batch meanwhile, so a batch never changes once sent.
+//! next batch meanwhile, so a batch never changes once sent. For the same reason a batch
+//! a flush is sending may ride with the client's next request all the same: whichever
+//! call comes first applies it, and that request is decided with it applied.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -81,8 +83,20 @@ struct Waiting {
     pending: SettleBatch,
     /// The batch sent and not yet answered (or whose call failed, to send again).
     batch: Option<SettleBatch>,
-    /// Whether a call carrying `batch` is under way.
-    out: bool,
+    /// Whether a request's call carrying `batch` is under way (one at a time, so most
+    /// calls carry none).
+    riding: bool,
+    /// Whether a flush is sending `batch`.
+    flushing: bool,
+}
+
+/// Which kind of call carries a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// A request's own limiter call.
+    Ride,
+    /// A flush, sending it on its own.
+    Flush,
 }
 
 #[derive(Debug, Default)]
@@ -126,10 +140,16 @@ fn next_seq(last: &mut u64) -> u64 {
 }
 
 impl Inner {
-    /// The batch of `key` to send now, if there is one and no call carries it.
-    fn sendable(&mut self, key: &str, instance: &Arc<str>) -> Option<SettleBatch> {
+    /// The batch of `key` for `carrier` to send now, if there is one: none for a ride
+    /// while another ride carries it, none for a flush while any call does.
+    fn sendable(
+        &mut self,
+        key: &str,
+        instance: &Arc<str>,
+        carrier: Carrier,
+    ) -> Option<SettleBatch> {
         let waiting = self.by_key.get_mut(key)?;
-        if waiting.out {
+        if waiting.riding || (carrier == Carrier::Flush && waiting.flushing) {
             return None;
         }
         if waiting.batch.is_none() {
@@ -142,17 +162,15 @@ impl Inner {
             batch.seq = next_seq(&mut self.last_seq);
             waiting.batch = Some(batch);
         }
-        waiting.out = true;
+        match carrier {
+            Carrier::Ride => waiting.riding = true,
+            Carrier::Flush => waiting.flushing = true,
+        }
         waiting.batch.clone()
     }
 }
 
 impl Settlements {
-    /// This instance's id in the stores' watermarks.
-    pub fn instance(&self) -> Arc<str> {
-        self.instance.clone()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A poisoned lock only means another thread panicked between plain updates.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -177,7 +195,8 @@ impl Settlements {
             policy: policy.clone(),
             pending: SettleBatch::default(),
             batch: None,
-            out: false,
+            riding: false,
+            flushing: false,
         });
         waiting.policy = policy.clone();
         waiting.pending.add(settlement);
@@ -185,18 +204,19 @@ impl Settlements {
         !self.flush_scheduled.swap(true, Ordering::AcqRel)
     }
 
-    /// The batch to ride with a call for the bucket at `key`: none when nothing waits or
-    /// a call under way carries the bucket's batch. Every batch taken must be given back
+    /// The batch to ride with a request's call for the bucket at `key`: none when nothing
+    /// waits or another request's call carries it. Every batch taken must be given back
     /// to [`Settlements::done`].
     pub fn take(&self, key: &str) -> Option<SettleBatch> {
-        self.lock().sendable(key, &self.instance)
+        self.lock().sendable(key, &self.instance, Carrier::Ride)
     }
 
-    /// The call carrying `batch` for the bucket at `key` ended with `outcome`: once
-    /// applied or abandoned the batch is done with, once failed it waits to be sent again,
-    /// unchanged. Says how many reservations are done with, and whether the caller must
-    /// schedule a flush (something still waits and none is scheduled).
-    pub fn done(&self, key: &str, batch: &SettleBatch, outcome: Outcome) -> Done {
+    /// The `carrier` of `batch` for the bucket at `key` ended with `outcome`: once
+    /// applied or abandoned the batch is done with (a flush or ride still under way with
+    /// it finds it gone), once failed it waits to be sent again, unchanged. Says how many
+    /// reservations are done with, and whether the caller must schedule a flush
+    /// (something still waits and none is scheduled).
+    pub fn done(&self, key: &str, batch: &SettleBatch, carrier: Carrier, outcome: Outcome) -> Done {
         let mut inner = self.lock();
         let nothing = Done {
             finished: 0,
@@ -208,15 +228,20 @@ impl Settlements {
         if waiting.batch.as_ref().map(|b| b.seq) != Some(batch.seq) {
             return nothing;
         }
-        waiting.out = false;
+        match carrier {
+            Carrier::Ride => waiting.riding = false,
+            Carrier::Flush => waiting.flushing = false,
+        }
         if outcome == Outcome::Failed {
+            let carried = waiting.riding || waiting.flushing;
             drop(inner);
             return Done {
                 finished: 0,
-                flush: !self.flush_scheduled.swap(true, Ordering::AcqRel),
+                flush: !carried && !self.flush_scheduled.swap(true, Ordering::AcqRel),
             };
         }
         waiting.batch = None;
+        (waiting.riding, waiting.flushing) = (false, false);
         let more = waiting.pending.count > 0;
         if !more {
             inner.by_key.remove(key);
@@ -229,14 +254,15 @@ impl Settlements {
     }
 
     /// Every bucket's batch that no call carries, for a flush, with the bucket's limits;
-    /// the next push (or failed call) schedules the next flush.
+    /// the next push (or failed call) schedules the next flush. Every batch returned must
+    /// be given back to [`Settlements::done`] as [`Carrier::Flush`].
     pub fn due(&self) -> Vec<(Arc<str>, BucketPolicy, SettleBatch)> {
         self.flush_scheduled.store(false, Ordering::Release);
         let mut inner = self.lock();
         let keys: Vec<Arc<str>> = inner.by_key.keys().cloned().collect();
         keys.into_iter()
             .filter_map(|key| {
-                let batch = inner.sendable(&key, &self.instance)?;
+                let batch = inner.sendable(&key, &self.instance, Carrier::Flush)?;
                 let policy = inner.by_key.get(&key)?.policy.clone();
                 Some((key, policy, batch))
             })
@@ -313,11 +339,11 @@ mod tests {
         assert!(waiting.push(key.clone(), &policy(), refund(5)));
         let first = waiting.take("k").expect("a batch");
         assert_eq!((first.llm, first.count), (5, 1));
-        assert_eq!(first.instance, waiting.instance());
+        assert_eq!(first.instance, waiting.instance);
         assert!(!waiting.push(key.clone(), &policy(), refund(1)));
         assert_eq!(waiting.take("k"), None, "a call carries the batch");
 
-        let failed = waiting.done("k", &first, Outcome::Failed);
+        let failed = waiting.done("k", &first, Carrier::Ride, Outcome::Failed);
         assert_eq!(failed.finished, 0);
         assert!(
             !failed.flush,
@@ -326,17 +352,19 @@ mod tests {
         let again = waiting.take("k").expect("sent again");
         assert_eq!(again, first, "unchanged, under the same number");
 
-        let applied = waiting.done("k", &again, Outcome::Applied);
+        let applied = waiting.done("k", &again, Carrier::Ride, Outcome::Applied);
         assert_eq!(applied.finished, 1);
         assert_eq!(
-            waiting.done("k", &again, Outcome::Applied).finished,
+            waiting
+                .done("k", &again, Carrier::Ride, Outcome::Applied)
+                .finished,
             0,
             "done with once"
         );
         let next = waiting.take("k").expect("what waited meanwhile");
         assert!(next.seq > first.seq);
         assert_eq!((next.llm, next.count), (1, 1));
-        waiting.done("k", &next, Outcome::Applied);
+        waiting.done("k", &next, Carrier::Ride, Outcome::Applied);
         assert_eq!(waiting.take("k"), None);
     }
 
@@ -354,11 +382,34 @@ mod tests {
             waiting.push(Arc::from("a"), &policy(), refund(3)),
             "scheduled again after the flush"
         );
-        assert_eq!(waiting.done("a", &riding, Outcome::Abandoned).finished, 1);
+        assert_eq!(
+            waiting
+                .done("a", &riding, Carrier::Ride, Outcome::Abandoned)
+                .finished,
+            1
+        );
         assert_eq!(
             waiting.take("a").map(|b| b.llm),
             Some(3),
             "dropped; the next one"
         );
+    }
+
+    #[test]
+    fn a_request_carries_the_batch_a_flush_is_sending_and_whichever_answers_first_ends_it() {
+        let waiting = Settlements::default();
+        waiting.push(Arc::from("k"), &policy(), refund(5));
+        let due = waiting.due();
+        let flushed = due[0].2.clone();
+        let riding = waiting
+            .take("k")
+            .expect("a flush does not hold a request back");
+        assert_eq!(riding, flushed, "the same batch, under the same number");
+        assert_eq!(waiting.take("k"), None, "one request at a time");
+        assert!(waiting.due().is_empty(), "nor a second flush");
+        let applied = waiting.done("k", &riding, Carrier::Ride, Outcome::Applied);
+        assert_eq!(applied.finished, 1);
+        let late = waiting.done("k", &flushed, Carrier::Flush, Outcome::Applied);
+        assert_eq!(late.finished, 0, "the flush finds it done with");
     }
 }

@@ -124,6 +124,12 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     c
 }
 
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic_metric(name, e));
+    register(registry, name, Box::new(g.clone()));
+    g
+}
+
 fn counter_vec(
     registry: &Registry,
     name: &str,
@@ -243,12 +249,7 @@ impl Metrics {
                 "status",
                 &STATUS_CLASSES,
             ),
-            active_requests: {
-                let g = IntGauge::new("active_requests", "Number of requests being served")
-                    .unwrap_or_else(|e| panic_metric("active_requests", e));
-                register(r, "active_requests", Box::new(g.clone()));
-                g
-            },
+            active_requests: gauge(r, "active_requests", "Number of requests being served"),
             request_latency: histogram_vec(
                 r,
                 "request_latency_seconds",
@@ -344,15 +345,11 @@ impl Metrics {
                 register(r, "provider_breaker_state", Box::new(g.clone()));
                 g
             },
-            limiter_breaker_state: {
-                let g = IntGauge::new(
-                    "rate_limiter_breaker_state",
-                    "Rate limiter circuit breaker: 0 closed, 1 open, 2 half-open",
-                )
-                .unwrap_or_else(|e| panic_metric("rate_limiter_breaker_state", e));
-                register(r, "rate_limiter_breaker_state", Box::new(g.clone()));
-                g
-            },
+            limiter_breaker_state: gauge(
+                r,
+                "rate_limiter_breaker_state",
+                "Rate limiter circuit breaker: 0 closed, 1 open, 2 half-open",
+            ),
             limiter_local_denials: counter(
                 r,
                 "rate_limiter_local_denials_total",
@@ -370,15 +367,11 @@ impl Metrics {
                 "rate_limiter_reconcile_failures_total",
                 "Token reservations that could not be settled to their real usage after every retry",
             ),
-            limiter_reservations_unsettled: {
-                let g = IntGauge::new(
-                    "rate_limiter_reservations_unsettled",
-                    "Token reservations made by this instance and not yet settled in their store (answers under way, settlements waiting)",
-                )
-                .unwrap_or_else(|e| panic_metric("rate_limiter_reservations_unsettled", e));
-                register(r, "rate_limiter_reservations_unsettled", Box::new(g.clone()));
-                g
-            },
+            limiter_reservations_unsettled: gauge(
+                r,
+                "rate_limiter_reservations_unsettled",
+                "Token reservations made by this instance and not yet settled in their store (answers under way, settlements waiting)",
+            ),
             registry,
         }))
     }

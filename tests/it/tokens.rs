@@ -391,6 +391,39 @@ async fn three_instances_on_a_cluster_with_the_cache_on_admit_no_more_tokens_tha
     admitted_tokens_are_exact(apps.clone(), "3-master cluster").await;
     for app in &apps {
         settled(app).await;
+    }
+    // One key holds the client's limits and each instance's settlement watermark, on the
+    // node owning its slot (the others answer MOVED).
+    let fields: Vec<Vec<String>> = cluster
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            redis::cmd("HKEYS")
+                .arg(bucket())
+                .query::<Vec<String>>(&mut n.conn())
+                .ok()
+                .filter(|fields| !fields.is_empty())
+        })
+        .collect();
+    assert_eq!(
+        fields.len(),
+        1,
+        "one node holds the client's hash: {fields:?}"
+    );
+    let watermarks = fields[0].iter().filter(|f| f.starts_with("s:")).count();
+    assert!(
+        (1..=3).contains(&watermarks),
+        "a watermark per instance that settled there, no field per reservation: {:?}",
+        fields[0]
+    );
+    let mut limits: Vec<&str> = fields[0]
+        .iter()
+        .map(String::as_str)
+        .filter(|f| !f.starts_with("s:"))
+        .collect();
+    limits.sort();
+    assert_eq!(limits, ["last_refill", "llm", "tokens"]);
+    for app in &apps {
         assert_eq!(
             app.metric("rate_limiter_fallback_decisions_total{mode=\"local\"}")
                 .await,
