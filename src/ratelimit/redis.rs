@@ -77,6 +77,13 @@ fn missing_reply() -> RedisError {
     RedisError::from((ErrorKind::UnexpectedReturnType, "pipeline reply too short"))
 }
 
+fn unexpected_reply() -> RedisError {
+    RedisError::from((
+        ErrorKind::UnexpectedReturnType,
+        "unexpected limiter script reply",
+    ))
+}
+
 fn backend_error(error: RedisError) -> BackendError {
     if error.is_timeout() {
         BackendError::Timeout
@@ -85,26 +92,45 @@ fn backend_error(error: RedisError) -> BackendError {
     }
 }
 
-/// The script's reply: allowed, milli-tokens left, ms until full, ms until a token;
-/// with token limits, seven numbers more (see the script).
-fn decision(reply: &[i64], policy: &BucketPolicy) -> Result<Decision, RedisError> {
-    let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
-    if reply.len() < 4 || (policy.tokens.any() && reply.len() < 11) {
-        return Err(missing_reply());
+/// The script's reply. For the request bucket alone: allowed, milli-tokens left, ms
+/// until full, ms until a token. With token limits, ten little-endian doubles in one
+/// string: those three without `allowed`, then seven for the token limits (see the
+/// script; one string because the client parses each integer of an array reply at
+/// ~700 instructions).
+fn decision(reply: Value, policy: &BucketPolicy) -> Result<Decision, RedisError> {
+    if !policy.tokens.any() {
+        let reply: Vec<i64> = redis::from_redis_value(reply)?;
+        if reply.len() < 4 {
+            return Err(unexpected_reply());
+        }
+        let at = |i: usize| reply[i].max(0) as u64;
+        return Ok(Decision::from_millis(reply[0] == 1, at(1), at(2), at(3)));
     }
-    let mut decision = Decision::from_millis(reply[0] == 1, at(1), at(2), at(3));
-    if policy.tokens.any() {
-        let tokens = ScriptReply {
-            why: ScriptReply::limit(reply[4]),
-            llm_left: at(5),
-            llm_to_full_ms: at(6),
-            llm_retry_ms: at(7),
-            budget_left: at(8),
-            period_left_ms: at(9),
-            period: reply[10],
-        };
-        tokens.complete(&mut decision, policy);
+    let packed = match reply {
+        Value::BulkString(packed) if packed.len() == 10 * 8 => packed,
+        _ => return Err(unexpected_reply()),
+    };
+    let mut numbers = [0.0f64; 10];
+    for (number, bytes) in numbers.iter_mut().zip(packed.chunks_exact(8)) {
+        let mut le = [0u8; 8];
+        le.copy_from_slice(bytes);
+        *number = f64::from_le_bytes(le);
     }
+    // Whole numbers within 2^53 as the script computes them; `as` saturates (and maps
+    // NaN to 0), so no reply can wrap.
+    let at = |i: usize| numbers[i].max(0.0) as u64;
+    let why = ScriptReply::limit(numbers[3] as i64);
+    let mut decision = Decision::from_millis(why.is_none(), at(0), at(1), at(2));
+    let tokens = ScriptReply {
+        why,
+        llm_left: at(4),
+        llm_to_full_ms: at(5),
+        llm_retry_ms: at(6),
+        budget_left: at(7),
+        period_left_ms: at(8),
+        period: numbers[9] as i64,
+    };
+    tokens.complete(&mut decision, policy);
     Ok(decision)
 }
 
@@ -146,8 +172,8 @@ impl RedisLimiter {
     ) -> Result<(Decision, Prefetch), RedisError> {
         let Some(cache_key) = prefetch else {
             let mut conn = self.conn.connection();
-            let reply: Vec<i64> = call.query_async(&mut conn).await?;
-            return Ok((decision(&reply, policy)?, Prefetch::NotFetched));
+            let reply: Value = call.query_async(&mut conn).await?;
+            return Ok((decision(reply, policy)?, Prefetch::NotFetched));
         };
         // Every reply on its own, so a failed read never fails the decision. On one node
         // the round trip also carries the writes waiting on this thread, ahead of the
@@ -156,7 +182,6 @@ impl RedisLimiter {
         get.arg(cache_key);
         let mut replies = self.conn.round_trip(vec![call, get]).await?.into_iter();
         let script_reply = replies.next().unwrap_or_else(|| Err(missing_reply()))?;
-        let reply: Vec<i64> = redis::from_redis_value(script_reply)?;
         let prefetched = match replies.next() {
             Some(Ok(Value::Nil)) => Prefetch::Missing,
             Some(Ok(value)) => redis::from_redis_value::<Vec<u8>>(value)
@@ -164,7 +189,7 @@ impl RedisLimiter {
                 .unwrap_or(Prefetch::Failed),
             Some(Err(_)) | None => Prefetch::Failed,
         };
-        Ok((decision(&reply, policy)?, prefetched))
+        Ok((decision(script_reply, policy)?, prefetched))
     }
 }
 
@@ -230,5 +255,92 @@ impl LimiterBackend for RedisLimiter {
 
     fn name(&self) -> &'static str {
         "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::{Left, Limit, TokenLimits};
+    use crate::settings::BudgetPeriod;
+
+    fn policy(per_minute: u64, budget: u64) -> BucketPolicy {
+        BucketPolicy {
+            tier: "t".into(),
+            capacity: 10,
+            refill_rate: 1.0,
+            tokens: TokenLimits {
+                per_minute,
+                budget,
+                period: BudgetPeriod::Day,
+                default_max_tokens: 16,
+            },
+        }
+    }
+
+    fn packed(numbers: &[f64]) -> Value {
+        Value::BulkString(numbers.iter().flat_map(|n| n.to_le_bytes()).collect())
+    }
+
+    #[test]
+    fn a_packed_reply_reads_as_a_decision_with_token_limits() {
+        let reply = packed(&[
+            9000.0, 1000.0, 0.0, 0.0, 700.0, 18000.0, 0.0, 99700.0, 3600000.0, 20789.0,
+        ]);
+        let admitted = decision(reply, &policy(1000, 100000)).unwrap();
+        assert!(admitted.allowed);
+        assert_eq!((admitted.remaining, admitted.reset_ms), (9, 1000));
+        assert_eq!(
+            admitted.tokens,
+            Some(Left {
+                remaining: 700,
+                reset_ms: 18000
+            })
+        );
+        assert_eq!(
+            admitted.budget,
+            Some(Left {
+                remaining: 99700,
+                reset_ms: 3600000
+            })
+        );
+        assert_eq!(admitted.budget_period, Some(20789));
+
+        let denied = packed(&[
+            9000.0, 1000.0, 0.0, 2.0, 100.0, 54000.0, 12000.0, 0.0, 0.0, -1.0,
+        ]);
+        let refused = decision(denied, &policy(1000, 0)).unwrap();
+        assert!(!refused.allowed);
+        assert_eq!(refused.denied_by, Some(Limit::Tokens));
+        assert_eq!(refused.retry_after_ms, 12000);
+        assert_eq!(refused.budget, None);
+    }
+
+    #[test]
+    fn a_reply_of_the_wrong_shape_is_an_error_not_a_panic() {
+        let tokens = policy(1000, 0);
+        for reply in [
+            packed(&[1.0; 9]),
+            Value::BulkString(vec![0; 81]),
+            Value::Array(vec![Value::Int(1); 4]),
+            Value::Nil,
+        ] {
+            assert!(decision(reply, &tokens).is_err());
+        }
+        let requests = policy(0, 0);
+        assert!(decision(Value::Array(vec![Value::Int(1); 3]), &requests).is_err());
+        assert!(decision(packed(&[1.0; 10]), &requests).is_err());
+        let admitted = decision(
+            Value::Array(vec![
+                Value::Int(1),
+                Value::Int(4000),
+                Value::Int(6000),
+                Value::Int(0),
+            ]),
+            &requests,
+        )
+        .unwrap();
+        assert!(admitted.allowed);
+        assert_eq!(admitted.remaining, 4);
     }
 }

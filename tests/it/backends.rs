@@ -254,13 +254,18 @@ async fn the_memory_backend_passes_the_behaviour_suite() {
     run_suite(&MemoryLimiter::new()).await;
 }
 
-#[tokio::test]
-async fn the_redis_backend_passes_the_behaviour_suite() {
-    let redis = RedisServer::start();
+/// The Redis backend on its own connection to `redis`.
+fn redis_backend(redis: &RedisServer) -> RedisLimiter {
     let conn = RedisConn::open(&StoreUrl::Redis(redis.url()), Duration::from_secs(1), 1)
         .unwrap()
         .unwrap();
-    let backend = RedisLimiter::new(conn, Metrics::new());
+    RedisLimiter::new(conn, Metrics::new())
+}
+
+#[tokio::test]
+async fn the_redis_backend_passes_the_behaviour_suite() {
+    let redis = RedisServer::start();
+    let backend = redis_backend(&redis);
     run_suite(&backend).await;
 
     // Each instance keeps one watermark field in a client's hash; one silent for over an
@@ -292,17 +297,65 @@ async fn the_redis_backend_passes_the_behaviour_suite() {
     fields.sort();
     assert_eq!(
         fields,
-        [
-            "last_refill",
-            "llm",
-            "period",
-            "s:gw-new",
-            "s:quiet",
-            "tokens",
-            "used"
-        ],
+        ["last_refill", "s:gw-new", "s:quiet", "t", "tokens"],
         "the limits, and a watermark per instance heard of within the hour"
     );
+}
+
+/// The key's expiry, in ms since the epoch, and the one the script recorded in field `t`
+/// (the fourth of its packed doubles).
+fn expiries(redis: &RedisServer, key: &str) -> (i64, i64) {
+    let mut conn = redis.conn();
+    let actual: i64 = redis::cmd("PEXPIRETIME").arg(key).query(&mut conn).unwrap();
+    let t: Vec<u8> = redis::cmd("HGET")
+        .arg(key)
+        .arg("t")
+        .query(&mut conn)
+        .unwrap();
+    let recorded = f64::from_le_bytes(t[24..32].try_into().unwrap()) as i64;
+    (actual, recorded)
+}
+
+#[tokio::test]
+async fn a_token_limited_key_outlives_its_budget_period_and_no_call_shortens_its_expiry() {
+    let redis = RedisServer::start();
+    let backend = redis_backend(&redis);
+    let key = "{suite:expiry}";
+    let tokens = token_policy(600, 1000);
+    let admit = || async {
+        backend
+            .check(key, &tokens, reserve(10), None)
+            .await
+            .unwrap()
+    };
+    assert!(admit().await.allowed);
+    let (first, recorded) = expiries(&redis, key);
+    assert_eq!(first, recorded, "field `t` knows the key's expiry");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let day_ends_ms = (now_ms / 86_400_000 + 1) * 86_400_000;
+    assert!(
+        first >= day_ends_ms.max(now_ms + 3_600_000),
+        "past the budget's day and at least an hour: {first} vs now {now_ms}"
+    );
+
+    // Later calls find the expiry far enough and leave it; the same key used without
+    // token limits (a tier changed, or an instance not yet reloaded) does not shorten
+    // it, though its own bucket would be full again in a few milliseconds.
+    assert!(admit().await.allowed);
+    assert!(plain(&backend, key, &policy(100, 100.0)).await.allowed);
+    assert_eq!(expiries(&redis, key), (first, first));
+
+    // A key the script did not write expires when its request bucket is full again.
+    let fresh = "{suite:expiry-fresh}";
+    assert!(plain(&backend, fresh, &policy(100, 100.0)).await.allowed);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(fresh)
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!((1..=10).contains(&ttl), "one token at 100/s: {ttl} ms");
 }
 
 #[tokio::test]
