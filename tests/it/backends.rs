@@ -317,7 +317,7 @@ fn expiries(redis: &RedisServer, key: &str) -> (i64, i64) {
 }
 
 #[tokio::test]
-async fn a_token_limited_key_outlives_its_budget_period_and_no_call_shortens_its_expiry() {
+async fn a_token_limited_key_outlives_its_budget_period_even_after_a_call_without_them() {
     let redis = RedisServer::start();
     let backend = redis_backend(&redis);
     let key = "{suite:expiry}";
@@ -341,12 +341,23 @@ async fn a_token_limited_key_outlives_its_budget_period_and_no_call_shortens_its
         "past the budget's day and at least an hour: {first} vs now {now_ms}"
     );
 
-    // Later calls find the expiry far enough and leave it; the same key used without
-    // token limits (a tier changed, or an instance not yet reloaded) does not shorten
-    // it, though its own bucket would be full again in a few milliseconds.
+    // A later call finds the expiry far enough and leaves it.
     assert!(admit().await.allowed);
-    assert!(plain(&backend, key, &policy(100, 100.0)).await.allowed);
     assert_eq!(expiries(&redis, key), (first, first));
+
+    // The same key used without token limits (a tier changed, or an instance not yet
+    // reloaded) sets the expiry to its request bucket's time to full (2 tokens at
+    // 0.01/s: 200 s); the next call with token limits notices and lengthens it again.
+    assert!(plain(&backend, key, &policy(100, 0.01)).await.allowed);
+    let (shortened, _) = expiries(&redis, key);
+    assert!(shortened < now_ms + 300_000, "{shortened} vs now {now_ms}");
+    assert!(admit().await.allowed);
+    let (restored, recorded) = expiries(&redis, key);
+    assert_eq!(restored, recorded);
+    assert!(
+        restored >= day_ends_ms.max(now_ms + 3_600_000),
+        "{restored}"
+    );
 
     // A key the script did not write expires when its request bucket is full again.
     let fresh = "{suite:expiry-fresh}";

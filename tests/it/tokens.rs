@@ -89,7 +89,7 @@ fn bucket() -> String {
     llm_gateway::ratelimit::bucket_key(&format!("key:{KEY}"))
 }
 
-/// The budget spent so far, as Redis holds it: the third of the four little-endian
+/// The budget spent so far, as Redis holds it: the third of the five little-endian
 /// doubles packed in field `t` (see token_bucket.lua).
 fn budget_used(redis: &RedisServer) -> u64 {
     let packed: Option<Vec<u8>> = redis::cmd("HGET")
@@ -98,7 +98,7 @@ fn budget_used(redis: &RedisServer) -> u64 {
         .query(&mut redis.conn())
         .unwrap();
     packed.map_or(0, |t| {
-        assert_eq!(t.len(), 32, "four doubles");
+        assert_eq!(t.len(), 40, "five doubles");
         f64::from_le_bytes(t[16..24].try_into().unwrap()) as u64
     })
 }
