@@ -39,7 +39,7 @@
 -- Redis client spends ~700 instructions on each integer of an array reply. Packing the
 -- token state into one field and the reply into one string took the token call from
 -- 122k to 90k instructions in Redis (the request-only call: 78k), and the gateway's
--- extra work for token limits from 13.4k to 3.4k instructions a request
+-- extra work for token limits from 13.4k to 4.2k instructions a request
 -- (scripts/limiter_callgrind.sh, scripts/gateway_callgrind.sh).
 --
 -- The clock is Redis' own TIME, so gateway instances with skewed clocks cannot mint
