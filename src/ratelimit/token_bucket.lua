@@ -141,6 +141,7 @@ end
 -- inlined rather than `refilled` above: a closure call per bucket costs more here.
 local tokens, last = state[1], state[2]
 local llm_rate = per_minute / 60
+local expiry_unknown = false
 if tokens and last then
   tokens, last = tokens + 0, last + 0
   if written and written ~= last then
@@ -149,6 +150,7 @@ if tokens and last then
     -- the real one, then, to lengthen below if it is too short for the token limits.
     local pttl = redis.call('PTTL', KEYS[1])
     expires = (pttl > 0) and (now * 1000 + pttl) or 0
+    expiry_unknown = true
   end
   local elapsed = 0
   if now > last then
@@ -274,7 +276,11 @@ end
 -- period and at least KEEP_MS (so a batch's retries find its watermark). Its expiry is
 -- only ever lengthened: a key living longer than needed changes no decision (a missing
 -- bucket is a full one, and a longer-lived bucket refills to full all the same).
-if (cost > 0 and why == 0) or watermark then
+-- A denial writes nothing, but when the expiry was found shortened it lengthens it all
+-- the same: a spent budget, with only denials since, must not expire with the request
+-- bucket.
+local write = (cost > 0 and why == 0) or watermark
+if write or expiry_unknown then
   local now_ms = now * 1000
   local ttl = max(KEEP_MS, (capacity - tokens) / rate * 1000, (period_end - now) * 1000 + 60000)
   if per_minute > 0 then
@@ -286,12 +292,14 @@ if (cost > 0 and why == 0) or watermark then
   end
   -- `tokens` and `last_refill` as numbers (the request-only path reads them), the rest
   -- packed: no number formatted or parsed as text.
-  local packed = struct.pack('<ddddd', llm, stored_period, stored_used, expires, last)
-  if watermark then
-    redis.call('HSET', KEYS[1], 'tokens', tokens, 'last_refill', last, 't', packed,
-      watermark, ARGV[9])
-  else
-    redis.call('HSET', KEYS[1], 'tokens', tokens, 'last_refill', last, 't', packed)
+  if write then
+    local packed = struct.pack('<ddddd', llm, stored_period, stored_used, expires, last)
+    if watermark then
+      redis.call('HSET', KEYS[1], 'tokens', tokens, 'last_refill', last, 't', packed,
+        watermark, ARGV[9])
+    else
+      redis.call('HSET', KEYS[1], 'tokens', tokens, 'last_refill', last, 't', packed)
+    end
   end
   if extend then
     redis.call('PEXPIREAT', KEYS[1], expires)

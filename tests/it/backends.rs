@@ -346,18 +346,28 @@ async fn a_token_limited_key_outlives_its_budget_period_even_after_a_call_withou
     assert_eq!(expiries(&redis, key), (first, first));
 
     // The same key used without token limits (a tier changed, or an instance not yet
-    // reloaded) sets the expiry to its request bucket's time to full (2 tokens at
-    // 0.01/s: 200 s); the next call with token limits notices and lengthens it again.
-    assert!(plain(&backend, key, &policy(100, 0.01)).await.allowed);
-    let (shortened, _) = expiries(&redis, key);
-    assert!(shortened < now_ms + 300_000, "{shortened} vs now {now_ms}");
+    // reloaded) sets the expiry to its request bucket's time to full (a few tokens at
+    // 0.01/s: minutes); the next call with token limits notices and lengthens it again,
+    // even one it refuses (600 tokens asked, ~580 in the bucket).
+    let long_enough = |expiry: i64| expiry >= day_ends_ms.max(now_ms + 3_600_000);
+    let shorten = || async {
+        assert!(plain(&backend, key, &policy(100, 0.01)).await.allowed);
+        let (shortened, _) = expiries(&redis, key);
+        assert!(!long_enough(shortened), "{shortened} vs now {now_ms}");
+    };
+    shorten().await;
     assert!(admit().await.allowed);
     let (restored, recorded) = expiries(&redis, key);
     assert_eq!(restored, recorded);
-    assert!(
-        restored >= day_ends_ms.max(now_ms + 3_600_000),
-        "{restored}"
-    );
+    assert!(long_enough(restored), "{restored}");
+    shorten().await;
+    let refused = backend
+        .check(key, &tokens, reserve(600), None)
+        .await
+        .unwrap();
+    assert_eq!(refused.denied_by, Some(Limit::Tokens));
+    let (restored, _) = expiries(&redis, key);
+    assert!(long_enough(restored), "{restored}");
 
     // A key the script did not write expires when its request bucket is full again.
     let fresh = "{suite:expiry-fresh}";
