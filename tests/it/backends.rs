@@ -302,17 +302,13 @@ async fn the_redis_backend_passes_the_behaviour_suite() {
     );
 }
 
-/// The key's expiry, in ms since the epoch, and the one the script recorded in field `t`
-/// (the fourth of its packed doubles).
+/// The key's expiry, in ms since the epoch, and the one the script recorded in field `t`.
 fn expiries(redis: &RedisServer, key: &str) -> (i64, i64) {
-    let mut conn = redis.conn();
-    let actual: i64 = redis::cmd("PEXPIRETIME").arg(key).query(&mut conn).unwrap();
-    let t: Vec<u8> = redis::cmd("HGET")
+    let actual: i64 = redis::cmd("PEXPIRETIME")
         .arg(key)
-        .arg("t")
-        .query(&mut conn)
+        .query(&mut redis.conn())
         .unwrap();
-    let recorded = f64::from_le_bytes(t[24..32].try_into().unwrap()) as i64;
+    let recorded = redis.token_state(key).expect("field `t`")[3] as i64;
     (actual, recorded)
 }
 

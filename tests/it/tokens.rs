@@ -89,18 +89,9 @@ fn bucket() -> String {
     llm_gateway::ratelimit::bucket_key(&format!("key:{KEY}"))
 }
 
-/// The budget spent so far, as Redis holds it: the third of the five little-endian
-/// doubles packed in field `t` (see token_bucket.lua).
+/// The budget spent so far, as Redis holds it.
 fn budget_used(redis: &RedisServer) -> u64 {
-    let packed: Option<Vec<u8>> = redis::cmd("HGET")
-        .arg(bucket())
-        .arg("t")
-        .query(&mut redis.conn())
-        .unwrap();
-    packed.map_or(0, |t| {
-        assert_eq!(t.len(), 40, "five doubles");
-        f64::from_le_bytes(t[16..24].try_into().unwrap()) as u64
-    })
+    redis.token_state(&bucket()).map_or(0, |t| t[2] as u64)
 }
 
 /// Reservations `app` made and has not yet settled in Redis.

@@ -527,4 +527,22 @@ impl RedisServer {
     pub fn command_calls(&self, command: &str) -> u64 {
         command_calls(&mut self.conn(), command)
     }
+
+    /// The token limits' state of the client hash at `key`, as `token_bucket.lua` packs
+    /// it in field `t`: token bucket, budget period, budget used, the expiry the script
+    /// set (ms since the epoch), the `last_refill` it wrote. `None` when there is no `t`.
+    pub fn token_state(&self, key: &str) -> Option<[f64; 5]> {
+        let packed: Option<Vec<u8>> = redis::cmd("HGET")
+            .arg(key)
+            .arg("t")
+            .query(&mut self.conn())
+            .unwrap();
+        let packed = packed?;
+        assert_eq!(packed.len(), 40, "five little-endian doubles");
+        let mut state = [0.0; 5];
+        for (value, bytes) in state.iter_mut().zip(packed.chunks_exact(8)) {
+            *value = f64::from_le_bytes(bytes.try_into().unwrap());
+        }
+        Some(state)
+    }
 }
