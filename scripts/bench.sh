@@ -17,7 +17,6 @@ if ! need wrk || ! need redis-server; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk redis-server >/dev/null
 fi
 
-
 echo "building (release)..." >&2
 cargo build --release --quiet --bins --example bound_relay
 
